@@ -1,0 +1,127 @@
+"""gpu-health-exporter: parse flags, pick the backend, start the collection loop, serve HTTP."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .backends import Nvml
+from .config import ExporterConfig, parse
+from .errors import ConfigError
+from .poller import Poller, PollerConfig
+from .registry import CollectorOptions, create, discover
+from .server import create_app
+from .state import ExpectedGpus, read_boot_id
+
+log = logging.getLogger("gpu_health_exporter")
+
+
+def make_backend(config: ExporterConfig) -> Nvml:
+    if config.backend == "sim":
+        from .backends.sim import SimulatedNvml, SimConfig, load_sim_config
+
+        return SimulatedNvml(load_sim_config(config.sim_config) if config.sim_config else SimConfig())
+    # auto means NVML. If libnvidia-ml is missing, nvmlInit fails, gpu_nvml_up says 0 and we keep retrying:
+    # a silent fallback to simulated GPUs would report a healthy fleet that does not exist.
+    import pynvml
+
+    return pynvml  # type: ignore[return-value]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["scan-log"]:
+        from .xid.scan import main as scan_main
+
+        return scan_main(args[1:])
+    available = discover()
+    try:
+        config = parse(args, available)
+        web_config = None
+        if config.web_config_file:
+            from .webconfig import load_web_config
+
+            web_config = load_web_config(config.web_config_file)
+        nvml = make_backend(config)
+    except ConfigError as exc:
+        print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
+        return 2
+
+    from . import logs
+
+    logs.setup(config.log_level, config.log_format)
+    expected = ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id())
+    # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
+    holder: list[Poller] = []
+    options = CollectorOptions(
+        node=config.node,
+        state_dir=config.state_dir,
+        nvml=nvml,
+        pci_map=lambda: holder[0].pci_map() if holder else {},
+        settings=config.settings,
+    )
+    poller = Poller(
+        nvml,
+        [create(available[name], options) for name in config.collectors],
+        PollerConfig(
+            node=config.node,
+            interval=config.collect_interval,
+            slow_interval=config.slow_interval,
+            deadline=config.collect_timeout,
+            version=__version__,
+        ),
+        expected,
+    )
+    holder.append(poller)
+    # One cycle before listening, so the first scrape already has data.
+    poller.run_cycle()
+    poller.start()
+
+    middlewares = []
+    ssl_context = None
+    if web_config is not None:
+        from .webconfig import middleware
+
+        middlewares.append(middleware(web_config))
+        ssl_context = web_config.ssl_context()
+    app = create_app(
+        poller,
+        telemetry_path=config.telemetry_path,
+        interval=config.collect_interval,
+        timeout=config.collect_timeout,
+        middlewares=middlewares,
+    )
+    log.info(
+        "listening",
+        extra={
+            "address": f"{config.listen.host or '0.0.0.0'}:{config.listen.port}",
+            "tls": ssl_context is not None,
+            "backend": config.backend,
+            "node": config.node,
+            "collectors": ",".join(config.collectors),
+        },
+    )
+    try:
+        web.run_app(
+            app,
+            host=config.listen.host or None,
+            port=config.listen.port,
+            ssl_context=ssl_context,
+            print=None,
+            access_log=None,
+            handle_signals=True,
+        )
+    except OSError as exc:
+        log.error("cannot listen", extra={"error": str(exc)})
+        return 1
+    finally:
+        poller.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per collector; exporter.registry.discover() finds them, so nothing here lists them."""

@@ -1,0 +1,166 @@
+"""One GPU as the collectors see it: NVML calls with NotSupported, lost-GPU and hang bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pynvml
+
+from .backends import Nvml
+from .errors import GpuLost
+
+log = logging.getLogger(__name__)
+
+
+class _Unsupported:
+    """Sentinel for a call or field the GPU or driver does not support."""
+
+    _instance: _Unsupported | None = None
+
+    def __repr__(self) -> str:
+        return "UNSUPPORTED"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSUPPORTED: Final = _Unsupported()
+
+# A missing function (old driver) is as much "not supported" as NotSupported itself.
+UNSUPPORTED_CODES: Final = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
+# These mean the GPU is gone until a reset or reboot; every later call would fail the same way.
+LOST_CODES: Final = frozenset(
+    {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED, pynvml.NVML_ERROR_GPU_NOT_FOUND}
+)
+
+_FIELD_NAMES: Final = {
+    value: name for name, value in vars(pynvml).items() if name.startswith("NVML_FI_DEV_") and isinstance(value, int)
+}
+
+_VALUE_DECODERS: Final[dict[int, Callable[[Any], float]]] = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: lambda v: v.dVal,
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: lambda v: v.uiVal,
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: lambda v: v.ulVal,
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: lambda v: v.ullVal,
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: lambda v: v.sllVal,
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: lambda v: v.siVal,
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT: lambda v: v.usVal,
+}
+
+
+def field_name(field_id: int) -> str:
+    """pynvml's constant name for a field id, for logs and the unsupported series."""
+    return _FIELD_NAMES.get(field_id, f"field_{field_id}")
+
+
+def to_str(value: str | bytes) -> str:
+    """pynvml returns str from functions but bytes from struct char arrays."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+@dataclass
+class CallTrace:
+    """Per-function latencies in seconds; used by the real-GPU check, off in production."""
+
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.latencies.setdefault(name, []).append(seconds)
+
+
+class Device:
+    """A GPU handle plus the bookkeeping the poller needs to report on it.
+
+    Every NVML call for a GPU goes through here, on that GPU's worker thread only. The poller reads
+    `current_call` from its own thread to tell a stuck call from a slow one; a tuple swap is atomic.
+    """
+
+    def __init__(self, nvml: Nvml, index: int, *, trace: CallTrace | None = None) -> None:
+        self.nvml = nvml
+        self.index = index
+        self.handle: Any = None
+        self.uuid = "unknown"
+        self.pci_bus_id = ""
+        self.trace = trace
+        self.current_call: tuple[str, float] | None = None
+        self.unsupported: set[str] = set()
+        self.cache: dict[str, Any] = {}
+
+    def open(self) -> None:
+        """Get the handle and the identity every series carries."""
+        self.handle = self._invoke("nvmlDeviceGetHandleByIndex", (self.index,), with_handle=False)
+        self.uuid = to_str(self._invoke("nvmlDeviceGetUUID", ()))
+        self.pci_bus_id = to_str(self._invoke("nvmlDeviceGetPciInfo_v3", ()).busId)
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call `pynvml.<name>(handle, *args)`; NVMLError propagates, a lost GPU raises GpuLost."""
+        return self._invoke(name, args)
+
+    def optional(self, name: str, *args: Any) -> Any:
+        """Like call(), but NotSupported returns UNSUPPORTED and is remembered (and logged once)."""
+        try:
+            return self._invoke(name, args)
+        except pynvml.NVMLError as exc:
+            if exc.value in UNSUPPORTED_CODES:
+                self._mark_unsupported(name)
+                return UNSUPPORTED
+            raise
+
+    def fields(self, field_ids: Sequence[int | tuple[int, int]]) -> list[Any]:
+        """Batch read with nvmlDeviceGetFieldValues; each entry is a number or UNSUPPORTED.
+
+        A field that fails with anything but NotSupported is reported as UNSUPPORTED too only when
+        its code says so; other per-field failures raise, as a plain call would.
+        """
+        values = self.optional("nvmlDeviceGetFieldValues", list(field_ids))
+        if values is UNSUPPORTED:
+            return [UNSUPPORTED] * len(field_ids)
+        out: list[Any] = []
+        for fv in values:
+            ret = fv.nvmlReturn
+            if ret == pynvml.NVML_SUCCESS:
+                out.append(_VALUE_DECODERS[fv.valueType](fv.value))
+            elif ret in UNSUPPORTED_CODES or ret == pynvml.NVML_ERROR_NO_DATA:
+                self._mark_unsupported(field_name(fv.fieldId))
+                out.append(UNSUPPORTED)
+            else:
+                self._raise(pynvml.NVMLError(ret), f"nvmlDeviceGetFieldValues({field_name(fv.fieldId)})")
+        return out
+
+    def cached(self, key: str, load: Callable[[], Any]) -> Any:
+        """Values that never change while the driver is loaded (thresholds, limits) are read once."""
+        if key not in self.cache:
+            self.cache[key] = load()
+        return self.cache[key]
+
+    def _invoke(self, name: str, args: Iterable[Any], *, with_handle: bool = True) -> Any:
+        fn = getattr(self.nvml, name)
+        started = time.monotonic()
+        self.current_call = (name, started)
+        try:
+            return fn(self.handle, *args) if with_handle else fn(*args)
+        except pynvml.NVMLError as exc:
+            if exc.value in LOST_CODES:
+                self._raise(exc, name)
+            raise
+        finally:
+            self.current_call = None
+            if self.trace is not None:
+                self.trace.add(name, time.monotonic() - started)
+
+    def _raise(self, exc: pynvml.NVMLError, what: str) -> None:
+        if exc.value in LOST_CODES:
+            raise GpuLost(self.index, exc.value, f"{what}: {exc}") from exc
+        raise exc
+
+    def _mark_unsupported(self, what: str) -> None:
+        if what not in self.unsupported:
+            self.unsupported.add(what)
+            log.info("not supported on this GPU, skipped", extra={"gpu": self.index, "call": what})

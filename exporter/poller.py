@@ -1,0 +1,426 @@
+"""Collection, decoupled from scrapes.
+
+A loop thread wakes every --collect-interval, hands each GPU's due collectors to that GPU's own
+worker thread, waits a bounded time, renders every family once, and publishes the result as a
+pre-rendered snapshot. Scrapes only ever read the latest snapshot.
+
+A stuck NVML call cannot be cancelled (a 45 s hang was seen with Xid 119). So each GPU has exactly
+one worker: while it is stuck, it gets no new work (no thread pile-up), its GPU is reported stale
+with the stuck call counted, and every other GPU keeps being collected.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pynvml
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .backends import Nvml
+from .device import CallTrace, Device, to_str
+from .errors import GpuLost
+from .registry import Collector, FleetView, GpuKey, RenderContext, Tier
+from .render import Snapshot, exposition
+from .state import ExpectedGpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PollerConfig:
+    node: str
+    interval: float = 5.0
+    slow_interval: float = 30.0
+    # How long a cycle waits for workers before publishing what it has; a call running longer is stuck.
+    deadline: float = 1.0
+    version: str = "dev"
+
+
+def kernel_pci_id(nvml_bus_id: str) -> str:
+    """NVML's "00000000:3B:00.0" as the kernel prints it in Xid lines: "0000:3b:00"."""
+    domain, _, rest = nvml_bus_id.lower().partition(":")
+    return f"{domain[-4:]}:{rest.split('.')[0]}"
+
+
+class Worker:
+    """One daemon thread running one job at a time. A job that never returns blocks only this worker."""
+
+    def __init__(self, name: str, on_done: Callable[[], None]) -> None:
+        self.name = name
+        self.busy = False
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._on_done = on_done
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        if self.busy:
+            return False
+        self.busy = True
+        self._jobs.put(job)
+        return True
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job records its own errors; this only keeps the worker alive
+                log.exception("worker job failed", extra={"worker": self.name})
+            finally:
+                self.busy = False
+                self._on_done()
+
+
+@dataclass
+class GpuState:
+    """What the poller knows about one GPU; written by its worker, read by the loop."""
+
+    device: Device
+    worker: Worker
+    readings: dict[str, Any] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    errors: dict[str, int] = field(default_factory=dict)
+    read_seconds: dict[str, float] = field(default_factory=dict)
+    # Bumped on every read or failure of a collector; unchanged means its rendered text is still good.
+    generation: dict[str, int] = field(default_factory=dict)
+    last_success: float = 0.0
+    duration: float = 0.0
+    lost: bool = False
+    stuck_calls: int = 0
+    stuck_counted: float | None = None
+    slow_done: bool = False
+
+    @property
+    def key(self) -> GpuKey:
+        return GpuKey(self.device.index, self.device.uuid)
+
+
+class Poller:
+    """Owns the workers and the loop; `snapshot` is the only thing the HTTP side reads."""
+
+    def __init__(
+        self,
+        nvml: Nvml,
+        collectors: Sequence[Collector],
+        config: PollerConfig,
+        expected: ExpectedGpus,
+        *,
+        wall: Callable[[], float] = time.time,
+        trace: CallTrace | None = None,
+    ) -> None:
+        self.nvml = nvml
+        self.collectors = list(collectors)
+        self.config = config
+        self.expected = expected
+        self.wall = wall
+        self.trace = trace
+        self.snapshot = Snapshot.empty()
+        self.cycles = 0
+        self.last_cycle_monotonic = 0.0
+        self._cond = threading.Condition()
+        self._system = Worker("nvml-system", self._notify)
+        self._gpus: dict[int, GpuState] = {}
+        self._nvml_up = False
+        self._nvml_error = ""
+        self._initialized = False
+        self._visible = 0
+        self._driver = ""
+        self._next_slow = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rendered: dict[str, tuple[object, str, bool]] = {}
+        # Kept after a GPU disappears: its XIDs must still land on the right gpu and uuid.
+        self._pci: dict[str, GpuKey] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="collection-loop", daemon=True)
+        self._thread.start()
+
+    def pci_map(self) -> dict[str, GpuKey]:
+        """Kernel-style PCI id ("0000:3b:00") to GPU, as last seen on the slow tier."""
+        return self._pci
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.config.deadline + 1)
+        for state in self._gpus.values():
+            state.worker.stop()
+        self._system.stop()
+        for collector in self.collectors:
+            close = getattr(collector, "close", None)
+            if close is not None:
+                close()
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.run_cycle()
+            except Exception:
+                log.exception("collection cycle failed")
+            next_at += self.config.interval
+            # After a long stall, skip the missed ticks instead of running them back to back.
+            next_at = max(next_at, time.monotonic())
+            self._stop.wait(next_at - time.monotonic())
+
+    # --- one cycle -----------------------------------------------------------------------
+
+    def run_cycle(self) -> Snapshot:
+        """Collect what is due, wait at most `deadline`, publish a new snapshot, and return it."""
+        now = time.monotonic()
+        slow_due = now >= self._next_slow
+        if slow_due:
+            self._next_slow = now + self.config.slow_interval
+        if (slow_due or not self._nvml_up) and self._system.submit(self._system_job):
+            self._wait(lambda: not self._system.busy, now + self.config.deadline)
+        self._sync_gpus()
+        for state in self._gpus.values():
+            due = [c for c in self.collectors if c.tier is Tier.FAST or (c.tier is Tier.SLOW and (slow_due or not state.slow_done))]
+            if not state.worker.submit(lambda s=state, d=due, sd=slow_due: self._gpu_job(s, d, sd)):
+                self._note_stuck(state, now)
+        self._wait(lambda: not any(s.worker.busy for s in self._gpus.values()), now + self.config.deadline)
+        for state in self._gpus.values():
+            if state.worker.busy:
+                self._note_stuck(state, time.monotonic())
+        self.snapshot = self._render()
+        self.cycles += 1
+        self.last_cycle_monotonic = time.monotonic()
+        return self.snapshot
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait(self, done: Callable[[], bool], until: float) -> None:
+        with self._cond:
+            while not done():
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    def _note_stuck(self, state: GpuState, now: float) -> None:
+        current = state.device.current_call
+        if current is None:
+            return
+        name, started = current
+        if now - started >= self.config.deadline and state.stuck_counted != started:
+            state.stuck_counted = started
+            state.stuck_calls += 1
+            log.warning("NVML call stuck", extra={"gpu": state.device.index, "call": name})
+
+    # --- jobs, on worker threads ---------------------------------------------------------
+
+    def _system_job(self) -> None:
+        try:
+            if not self._initialized:
+                self.nvml.nvmlInit()
+                self._initialized = True
+            self._visible = int(self.nvml.nvmlDeviceGetCount())
+            self._driver = to_str(self.nvml.nvmlSystemGetDriverVersion())
+            self._nvml_up, self._nvml_error = True, ""
+        except pynvml.NVMLError as exc:
+            if self._nvml_up or not self._nvml_error:
+                log.error("NVML unavailable", extra={"error": str(exc)})
+            self._nvml_up, self._nvml_error = False, str(exc)
+        if self._nvml_up:
+            self.expected.observe(self._visible)
+
+    def _sync_gpus(self) -> None:
+        if not self._nvml_up:
+            return
+        for index in range(self._visible):
+            if index not in self._gpus:
+                device = Device(self.nvml, index, trace=self.trace)
+                self._gpus[index] = GpuState(device, Worker(f"nvml-gpu{index}", self._notify))
+        for index in [i for i in self._gpus if i >= self._visible]:
+            # Gone from enumeration (fell off the bus and out of PCI): gpu_devices_visible shows it.
+            self._gpus.pop(index).worker.stop()
+
+    def _gpu_job(self, state: GpuState, due: Iterable[Collector], slow: bool) -> None:
+        dev = state.device
+        started = time.monotonic()
+        try:
+            if dev.handle is None or slow or state.lost:
+                dev.open()
+                pci = kernel_pci_id(dev.pci_bus_id)
+                if self._pci.get(pci) != state.key:
+                    # Copy-on-write: readers on other threads only ever see a complete map.
+                    self._pci = {**self._pci, pci: state.key}
+            for collector in due:
+                t0 = time.monotonic()
+                try:
+                    state.readings[collector.name] = collector.read(dev)  # type: ignore[attr-defined]
+                    state.failed.discard(collector.name)
+                except GpuLost:
+                    raise
+                except Exception as exc:
+                    # Costs this collector's series for this GPU only.
+                    state.readings.pop(collector.name, None)
+                    state.failed.add(collector.name)
+                    state.errors[collector.name] = state.errors.get(collector.name, 0) + 1
+                    log.warning(
+                        "collector failed", extra={"gpu": dev.index, "collector": collector.name, "error": repr(exc)}
+                    )
+                finally:
+                    state.read_seconds[collector.name] = time.monotonic() - t0
+                    state.generation[collector.name] = state.generation.get(collector.name, 0) + 1
+            if slow:
+                state.slow_done = True
+            state.lost = False
+            state.last_success = self.wall()
+        except GpuLost as exc:
+            if not state.lost:
+                log.error("GPU lost", extra={"gpu": dev.index, "uuid": dev.uuid, "error": str(exc)})
+            state.lost = True
+            dev.handle = None
+            # A lost GPU's last temperatures and counters would read as a live, healthy GPU.
+            state.readings = {k: v for k, v in state.readings.items() if k == "identity"}
+            for name in state.generation:
+                state.generation[name] += 1
+        except pynvml.NVMLError as exc:
+            log.warning("GPU open failed", extra={"gpu": dev.index, "error": str(exc)})
+            dev.handle = None
+        finally:
+            state.duration = time.monotonic() - started
+
+    # --- rendering -----------------------------------------------------------------------
+
+    def _render(self) -> Snapshot:
+        node = self.config.node
+        now_wall = self.wall()
+        fleet = FleetView(self._nvml_up, self._visible if self._nvml_up else 0, self.expected.value, self._driver)
+        states = sorted(self._gpus.values(), key=lambda s: s.device.index)
+        texts: list[str] = []
+        success = GaugeMetricFamily(
+            "gpu_exporter_collector_success", "1 if the collector's last run succeeded on every GPU, else 0.",
+            labels=["node", "collector"],
+        )
+        duration = GaugeMetricFamily(
+            "gpu_exporter_collector_duration_seconds",
+            "Seconds the collector's last run took, summed over GPUs, rendering included.",
+            labels=["node", "collector"],
+        )
+        for collector in self.collectors:
+            t0 = time.monotonic()
+            text, ok = self._render_collector(collector, node, fleet, states)
+            texts.append(text)
+            spent = time.monotonic() - t0 + sum(s.read_seconds.get(collector.name, 0.0) for s in states)
+            success.add_metric([node, collector.name], 1 if ok else 0)
+            duration.add_metric([node, collector.name], spent)
+        texts.append(exposition([success, duration, *self._core_families(node, fleet, states, now_wall)]))
+        return Snapshot(
+            body="".join(texts).encode(),
+            created=now_wall,
+            gpus=[self._summary(s, now_wall) for s in states],
+            fleet=fleet,
+        )
+
+    def _render_collector(
+        self, collector: Collector, node: str, fleet: FleetView, states: list[GpuState]
+    ) -> tuple[str, bool]:
+        # Slow-tier text is reused until one of its readings changes: most cycles re-render only fast data.
+        key: object = (
+            fleet if collector.tier is Tier.NODE else None,
+            tuple((s.device.index, s.device.uuid, s.generation.get(collector.name, 0)) for s in states),
+        )
+        cached = self._rendered.get(collector.name)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        ok = not any(collector.name in s.failed for s in states)
+        readings = [(s.key, s.readings[collector.name]) for s in states if collector.name in s.readings]
+        try:
+            text = exposition(collector.families(RenderContext(node, readings, fleet)))
+        except Exception as exc:
+            ok, text = False, ""
+            log.warning("collector render failed", extra={"collector": collector.name, "error": repr(exc)})
+        self._rendered[collector.name] = (key, text, ok)
+        return text, ok
+    def _core_families(
+        self, node: str, fleet: FleetView, states: list[GpuState], now_wall: float
+    ) -> Iterable[Metric]:
+        def node_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            fam = GaugeMetricFamily(name, doc, labels=["node"])
+            fam.add_metric([node], value)
+            return fam
+
+        yield node_gauge("gpu_nvml_up", "1 if NVML initialised and enumerates GPUs, else 0.", int(fleet.nvml_up))
+        yield node_gauge("gpu_devices_visible", "GPUs NVML enumerates now.", fleet.visible)
+        yield node_gauge(
+            "gpu_devices_expected",
+            "GPUs this node should have: --expected-gpus, else the most seen since boot.",
+            fleet.expected,
+        )
+        build = GaugeMetricFamily(
+            "gpu_exporter_build_info", "Exporter version and driver, always 1.", labels=["node", "version", "driver_version"]
+        )
+        build.add_metric([node, self.config.version, fleet.driver_version], 1)
+        yield build
+        yield node_gauge(
+            "gpu_exporter_last_collection_timestamp_seconds", "When the collection loop last published.", now_wall
+        )
+
+        labels = ["node", "gpu", "uuid"]
+        lost = GaugeMetricFamily("gpu_lost", "1 if NVML reports the GPU lost or needing a reset, else 0.", labels=labels)
+        fresh = GaugeMetricFamily(
+            "gpu_collection_last_success_timestamp_seconds", "When this GPU was last fully collected.", labels=labels
+        )
+        took = GaugeMetricFamily(
+            "gpu_collection_duration_seconds", "Seconds this GPU's last collection took.", labels=labels
+        )
+        stale = GaugeMetricFamily(
+            "gpu_collection_stale",
+            "1 if this GPU's data is older than two collection intervals or an NVML call is stuck, else 0.",
+            labels=labels,
+        )
+        stuck = CounterMetricFamily("gpu_nvml_stuck_calls", "NVML calls that ran past the deadline.", labels=labels)
+        errors = CounterMetricFamily(
+            "gpu_nvml_errors", "Collector reads that failed with an unexpected error.", labels=[*labels, "collector"]
+        )
+        unsupported = GaugeMetricFamily(
+            "gpu_nvml_unsupported",
+            "1 for each NVML call or field this GPU or driver does not support; its signal is absent, not healthy.",
+            labels=[*labels, "call"],
+        )
+        for s in states:
+            key = [node, str(s.device.index), s.device.uuid]
+            lost.add_metric(key, int(s.lost))
+            fresh.add_metric(key, s.last_success)
+            took.add_metric(key, s.duration)
+            stale.add_metric(key, int(self._is_stale(s, now_wall)))
+            stuck.add_metric(key, s.stuck_calls)
+            for name, count in sorted(s.errors.copy().items()):
+                errors.add_metric([*key, name], count)
+            for call in sorted(s.device.unsupported.copy()):
+                unsupported.add_metric([*key, call], 1)
+        yield from (f for f in (lost, fresh, took, stale, stuck, errors, unsupported) if f.samples)
+
+    def _is_stale(self, state: GpuState, now_wall: float) -> bool:
+        current = state.device.current_call
+        stuck = current is not None and time.monotonic() - current[1] >= self.config.deadline
+        return stuck or now_wall - state.last_success > 2 * self.config.interval
+
+    def _summary(self, s: GpuState, now_wall: float) -> dict[str, Any]:
+        identity = s.readings.get("identity")
+        return {
+            "gpu": s.device.index,
+            "uuid": s.device.uuid,
+            "pci_bus_id": s.device.pci_bus_id,
+            "model": getattr(identity, "model", ""),
+            "lost": s.lost,
+            "stale": self._is_stale(s, now_wall),
+            "age_seconds": round(now_wall - s.last_success, 1) if s.last_success else None,
+            "unsupported": sorted(s.device.unsupported.copy()),
+        }

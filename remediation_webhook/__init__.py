@@ -1,0 +1,1 @@
+"""Alertmanager webhook receiver that turns GPU health alerts into safe remediation (not built yet)."""
