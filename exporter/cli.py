@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import web
 
@@ -13,7 +14,7 @@ from .backends import Nvml
 from .config import ExporterConfig, parse
 from .errors import ConfigError
 from .poller import Poller, PollerConfig
-from .registry import CollectorOptions, create, discover
+from .registry import Collector, CollectorOptions, create, discover
 from .server import create_app
 from .state import ExpectedGpus, read_boot_id
 
@@ -30,6 +31,41 @@ def make_backend(config: ExporterConfig) -> Nvml:
     import pynvml
 
     return pynvml  # type: ignore[return-value]
+
+
+def build_poller(
+    config: ExporterConfig,
+    nvml: Nvml,
+    available: Mapping[str, type[Collector]],
+    *,
+    boot_id: str | None = None,
+    wall: Callable[[], float] = time.time,
+) -> Poller:
+    """The collection side, exactly as the exporter runs it; tests and tools build it the same way."""
+    # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
+    holder: list[Poller] = []
+    options = CollectorOptions(
+        node=config.node,
+        state_dir=config.state_dir,
+        nvml=nvml,
+        pci_map=lambda: holder[0].pci_map() if holder else {},
+        settings=config.settings,
+    )
+    poller = Poller(
+        nvml,
+        [create(available[name], options) for name in config.collectors],
+        PollerConfig(
+            node=config.node,
+            interval=config.collect_interval,
+            slow_interval=config.slow_interval,
+            deadline=config.collect_timeout,
+            version=__version__,
+        ),
+        ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id() if boot_id is None else boot_id),
+        wall=wall,
+    )
+    holder.append(poller)
+    return poller
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,29 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import logs
 
     logs.setup(config.log_level, config.log_format)
-    expected = ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id())
-    # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
-    holder: list[Poller] = []
-    options = CollectorOptions(
-        node=config.node,
-        state_dir=config.state_dir,
-        nvml=nvml,
-        pci_map=lambda: holder[0].pci_map() if holder else {},
-        settings=config.settings,
-    )
-    poller = Poller(
-        nvml,
-        [create(available[name], options) for name in config.collectors],
-        PollerConfig(
-            node=config.node,
-            interval=config.collect_interval,
-            slow_interval=config.slow_interval,
-            deadline=config.collect_timeout,
-            version=__version__,
-        ),
-        expected,
-    )
-    holder.append(poller)
+    poller = build_poller(config, nvml, available)
     # One cycle before listening, so the first scrape already has data.
     poller.run_cycle()
     poller.start()

@@ -157,5 +157,7 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         collectors=enabled,
         log_level="warning" if ns.log_level == "warn" else ns.log_level,
         log_format=ns.log_format,
-        settings={k: v for k, v in vars(ns).items() if k.split("_")[0] in available and not k.startswith("c_")},
+        settings={
+            k: v for k, v in vars(ns).items() if any(k.startswith(f"{name}_") for name in available)
+        },
     )

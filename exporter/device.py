@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 class _Unsupported:
     """Sentinel for a call or field the GPU or driver does not support."""
 
-    _instance: _Unsupported | None = None
-
     def __repr__(self) -> str:
         return "UNSUPPORTED"
 
@@ -90,14 +88,34 @@ class Device:
         self.pci_bus_id = ""
         self.trace = trace
         self.current_call: tuple[str, float] | None = None
-        self.unsupported: set[str] = set()
+        # NotSupported calls per collector, replaced after each of its reads: support can come back
+        # (MIG turned off again), and then the series must say so.
+        self.unsupported_by: dict[str, frozenset[str]] = {}
+        self._collector = ""
+        self._pending: set[str] = set()
+        self._logged: set[str] = set()
         self.cache: dict[str, Any] = {}
+
+    @property
+    def unsupported(self) -> frozenset[str]:
+        return frozenset().union(*self.unsupported_by.copy().values())
+
+    def begin(self, collector: str) -> None:
+        """Start a collector's read: NotSupported seen from now on is attributed to it."""
+        self._collector, self._pending = collector, set()
+
+    def end(self) -> None:
+        self.unsupported_by[self._collector] = frozenset(self._pending)
 
     def open(self) -> None:
         """Get the handle and the identity every series carries."""
         self.handle = self._invoke("nvmlDeviceGetHandleByIndex", (self.index,), with_handle=False)
         self.uuid = to_str(self._invoke("nvmlDeviceGetUUID", ()))
         self.pci_bus_id = to_str(self._invoke("nvmlDeviceGetPciInfo_v3", ()).busId)
+
+    def system(self, name: str, *args: Any) -> Any:
+        """A pynvml call without a device handle (driver version), tracked like any other for hangs."""
+        return self._invoke(name, args, with_handle=False)
 
     def call(self, name: str, *args: Any) -> Any:
         """Call `pynvml.<name>(handle, *args)`; NVMLError propagates, a lost GPU raises GpuLost."""
@@ -116,8 +134,8 @@ class Device:
     def fields(self, field_ids: Sequence[int | tuple[int, int]]) -> list[Any]:
         """Batch read with nvmlDeviceGetFieldValues; each entry is a number or UNSUPPORTED.
 
-        A field that fails with anything but NotSupported is reported as UNSUPPORTED too only when
-        its code says so; other per-field failures raise, as a plain call would.
+        Each field carries its own return code: NotSupported or NoData makes that entry UNSUPPORTED,
+        any other failure raises as the equivalent single call would.
         """
         values = self.optional("nvmlDeviceGetFieldValues", list(field_ids))
         if values is UNSUPPORTED:
@@ -161,6 +179,7 @@ class Device:
         raise exc
 
     def _mark_unsupported(self, what: str) -> None:
-        if what not in self.unsupported:
-            self.unsupported.add(what)
+        self._pending.add(what)
+        if what not in self._logged:
+            self._logged.add(what)
             log.info("not supported on this GPU, skipped", extra={"gpu": self.index, "call": what})

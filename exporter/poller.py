@@ -48,6 +48,12 @@ def kernel_pci_id(nvml_bus_id: str) -> str:
     return f"{domain[-4:]}:{rest.split('.')[0]}"
 
 
+_MISSING = object()
+_REINIT_CODES = frozenset(
+    {pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH}
+)
+
+
 class Worker:
     """One daemon thread running one job at a time. A job that never returns blocks only this worker."""
 
@@ -97,6 +103,8 @@ class GpuState:
     lost: bool = False
     stuck_calls: int = 0
     stuck_counted: float | None = None
+    # The worker was still busy when a cycle's deadline expired; cleared when its job ends.
+    overran: bool = False
     slow_done: bool = False
 
     @property
@@ -138,6 +146,14 @@ class Poller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rendered: dict[str, tuple[object, str, bool]] = {}
+        self._collectors_started = False
+        # The last published render (fleet, GPU states, per-collector texts + core text), for republish().
+        self._publish_lock = threading.Lock()
+        self._published: tuple[FleetView, list[GpuState], list[str]] | None = None
+        for collector in self.collectors:
+            bind = getattr(collector, "bind_republish", None)
+            if bind is not None:
+                bind(lambda name=collector.name: self.republish(name))
         # Kept after a GPU disappears: its XIDs must still land on the right gpu and uuid.
         self._pci: dict[str, GpuKey] = {}
 
@@ -180,21 +196,31 @@ class Poller:
     def run_cycle(self) -> Snapshot:
         """Collect what is due, wait at most `deadline`, publish a new snapshot, and return it."""
         now = time.monotonic()
-        slow_due = now >= self._next_slow
+        # Half an interval of slack: cycles start with jitter, and a slow tier missed by microseconds
+        # would otherwise slip a whole fast interval every time.
+        slow_due = now >= self._next_slow - self.config.interval / 2
         if slow_due:
             self._next_slow = now + self.config.slow_interval
-        if (slow_due or not self._nvml_up) and self._system.submit(self._system_job):
+        # Enumeration every cycle (one cheap call), so a GPU that leaves is noticed within one interval.
+        if self._system.submit(lambda sd=slow_due: self._system_job(sd)):
             self._wait(lambda: not self._system.busy, now + self.config.deadline)
         self._sync_gpus()
         for state in self._gpus.values():
             due = [c for c in self.collectors if c.tier is Tier.FAST or (c.tier is Tier.SLOW and (slow_due or not state.slow_done))]
-            if not state.worker.submit(lambda s=state, d=due, sd=slow_due: self._gpu_job(s, d, sd)):
-                self._note_stuck(state, now)
+            state.worker.submit(lambda s=state, d=due, sd=slow_due: self._gpu_job(s, d, sd))
         self._wait(lambda: not any(s.worker.busy for s in self._gpus.values()), now + self.config.deadline)
         for state in self._gpus.values():
             if state.worker.busy:
-                self._note_stuck(state, time.monotonic())
-        self.snapshot = self._render()
+                self._note_stuck(state)
+        if not self._collectors_started:
+            # Event-driven collectors (XID) start once the GPUs are enumerated and the PCI map is filled.
+            self._collectors_started = True
+            for collector in self.collectors:
+                start = getattr(collector, "start", None)
+                if start is not None:
+                    start()
+        with self._publish_lock:
+            self.snapshot = self._render()
         self.cycles += 1
         self.last_cycle_monotonic = time.monotonic()
         return self.snapshot
@@ -211,30 +237,36 @@ class Poller:
                     return
                 self._cond.wait(remaining)
 
-    def _note_stuck(self, state: GpuState, now: float) -> None:
+    def _note_stuck(self, state: GpuState) -> None:
+        """The GPU's job outlived this cycle's deadline: stale now, and the call it is in counted once."""
+        state.overran = True
         current = state.device.current_call
         if current is None:
             return
         name, started = current
-        if now - started >= self.config.deadline and state.stuck_counted != started:
+        if state.stuck_counted != started:
             state.stuck_counted = started
             state.stuck_calls += 1
             log.warning("NVML call stuck", extra={"gpu": state.device.index, "call": name})
 
     # --- jobs, on worker threads ---------------------------------------------------------
 
-    def _system_job(self) -> None:
+    def _system_job(self, slow: bool) -> None:
         try:
             if not self._initialized:
                 self.nvml.nvmlInit()
                 self._initialized = True
             self._visible = int(self.nvml.nvmlDeviceGetCount())
-            self._driver = to_str(self.nvml.nvmlSystemGetDriverVersion())
+            if slow or not self._driver:
+                self._driver = to_str(self.nvml.nvmlSystemGetDriverVersion())
             self._nvml_up, self._nvml_error = True, ""
         except pynvml.NVMLError as exc:
             if self._nvml_up or not self._nvml_error:
                 log.error("NVML unavailable", extra={"error": str(exc)})
             self._nvml_up, self._nvml_error = False, str(exc)
+            if exc.value in _REINIT_CODES:
+                # The driver was unloaded or replaced under us: a fresh nvmlInit is the only way back.
+                self._initialized = False
         if self._nvml_up:
             self.expected.observe(self._visible)
 
@@ -254,15 +286,22 @@ class Poller:
         started = time.monotonic()
         try:
             if dev.handle is None or slow or state.lost:
+                before = dev.uuid
                 dev.open()
+                if before not in ("unknown", dev.uuid):
+                    # The GPU that had this index left enumeration; the index now names another GPU.
+                    self._forget(state)
+                    due = [c for c in self.collectors if c.tier is not Tier.NODE]
                 pci = kernel_pci_id(dev.pci_bus_id)
                 if self._pci.get(pci) != state.key:
                     # Copy-on-write: readers on other threads only ever see a complete map.
                     self._pci = {**self._pci, pci: state.key}
             for collector in due:
                 t0 = time.monotonic()
+                dev.begin(collector.name)
                 try:
                     state.readings[collector.name] = collector.read(dev)  # type: ignore[attr-defined]
+                    dev.end()
                     state.failed.discard(collector.name)
                 except GpuLost:
                     raise
@@ -285,6 +324,7 @@ class Poller:
             if not state.lost:
                 log.error("GPU lost", extra={"gpu": dev.index, "uuid": dev.uuid, "error": str(exc)})
             state.lost = True
+            state.failed.clear()
             dev.handle = None
             # A lost GPU's last temperatures and counters would read as a live, healthy GPU.
             state.readings = {k: v for k, v in state.readings.items() if k == "identity"}
@@ -295,6 +335,19 @@ class Poller:
             dev.handle = None
         finally:
             state.duration = time.monotonic() - started
+            state.overran = False
+
+    @staticmethod
+    def _forget(state: GpuState) -> None:
+        dev = state.device
+        dev.cache.clear()
+        dev.unsupported_by.clear()
+        state.readings.clear()
+        state.failed.clear()
+        state.errors.clear()
+        state.slow_done = False
+        for name in state.generation:
+            state.generation[name] += 1
 
     # --- rendering -----------------------------------------------------------------------
 
@@ -321,6 +374,7 @@ class Poller:
             success.add_metric([node, collector.name], 1 if ok else 0)
             duration.add_metric([node, collector.name], spent)
         texts.append(exposition([success, duration, *self._core_families(node, fleet, states, now_wall)]))
+        self._published = (fleet, states, texts)
         return Snapshot(
             body="".join(texts).encode(),
             created=now_wall,
@@ -332,15 +386,20 @@ class Poller:
         self, collector: Collector, node: str, fleet: FleetView, states: list[GpuState]
     ) -> tuple[str, bool]:
         # Slow-tier text is reused until one of its readings changes: most cycles re-render only fast data.
+        version = getattr(collector, "version", None)
         key: object = (
             fleet if collector.tier is Tier.NODE else None,
             tuple((s.device.index, s.device.uuid, s.generation.get(collector.name, 0)) for s in states),
+            # A node collector whose data changes between cycles (XID events) says so with version().
+            version() if version is not None else None,
         )
         cached = self._rendered.get(collector.name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         ok = not any(collector.name in s.failed for s in states)
-        readings = [(s.key, s.readings[collector.name]) for s in states if collector.name in s.readings]
+        # get() once per GPU: a worker finishing late may replace a reading while we render.
+        got = [(s.key, s.readings.get(collector.name, _MISSING)) for s in states]
+        readings = [(key, r) for key, r in got if r is not _MISSING]
         try:
             text = exposition(collector.families(RenderContext(node, readings, fleet)))
         except Exception as exc:
@@ -348,6 +407,29 @@ class Poller:
             log.warning("collector render failed", extra={"collector": collector.name, "error": repr(exc)})
         self._rendered[collector.name] = (key, text, ok)
         return text, ok
+
+    def republish(self, name: str) -> None:
+        """Publish a snapshot in which only collector `name` is re-rendered and everything else is as last published.
+
+        For node collectors whose data changes between cycles (XID events reach /metrics in milliseconds, not at
+        the next --collect-interval). Any thread; no NVML call and no waiting on workers, so a stuck GPU cannot
+        delay it; serialised with the loop's own publishing.
+        """
+        with self._publish_lock:
+            if self._published is None:
+                return  # nothing published yet: the first cycle renders everything anyway
+            fleet, states, texts = self._published
+            index = next((i for i, c in enumerate(self.collectors) if c.name == name), None)
+            if index is None:
+                return
+            text, _ok = self._render_collector(self.collectors[index], self.config.node, fleet, states)
+            if text == texts[index]:
+                return
+            texts = [*texts]
+            texts[index] = text
+            self._published = (fleet, states, texts)
+            old = self.snapshot
+            self.snapshot = Snapshot(body="".join(texts).encode(), created=old.created, gpus=old.gpus, fleet=old.fleet)
     def _core_families(
         self, node: str, fleet: FleetView, states: list[GpuState], now_wall: float
     ) -> Iterable[Metric]:
@@ -408,9 +490,7 @@ class Poller:
         yield from (f for f in (lost, fresh, took, stale, stuck, errors, unsupported) if f.samples)
 
     def _is_stale(self, state: GpuState, now_wall: float) -> bool:
-        current = state.device.current_call
-        stuck = current is not None and time.monotonic() - current[1] >= self.config.deadline
-        return stuck or now_wall - state.last_success > 2 * self.config.interval
+        return (state.overran and state.worker.busy) or now_wall - state.last_success > 2 * self.config.interval
 
     def _summary(self, s: GpuState, now_wall: float) -> dict[str, Any]:
         identity = s.readings.get("identity")

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import InfoMetricFamily, Metric
 
 from .device import UNSUPPORTED
+from .render import TextFamily, label_prefix
 
 
 class Tier(enum.Enum):
@@ -47,7 +48,7 @@ class Collector(Protocol):
     tier: ClassVar[Tier]
     default_enabled: ClassVar[bool]
 
-    def families(self, ctx: RenderContext) -> Iterable[Metric]: ...
+    def families(self, ctx: RenderContext) -> Iterable[Metric | TextFamily]: ...
 
 
 def create(cls: type[Collector], options: CollectorOptions) -> Collector:
@@ -83,20 +84,25 @@ class RenderContext:
     fleet: FleetView
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
-        return GaugeMetricFamily(name, doc, labels=["node", "gpu", "uuid", *labels])
+    _prefixes: dict[GpuKey, str] = field(default_factory=dict)
 
-    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, labels=["node", "gpu", "uuid", *labels])
+    def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> TextFamily:
+        return TextFamily(name, doc, "gauge", ["node", "gpu", "uuid", *labels])
+
+    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> TextFamily:
+        return TextFamily(name, doc, "counter", ["node", "gpu", "uuid", *labels])
 
     def info(self, name: str, doc: str, labels: Iterable[str]) -> InfoMetricFamily:
         return InfoMetricFamily(name, doc, labels=["node", "gpu", "uuid", *labels])
 
-    def add(self, family: GaugeMetricFamily | CounterMetricFamily, gpu: GpuKey, value: Any, *labels: str) -> None:
+    def add(self, family: TextFamily, gpu: GpuKey, value: Any, *labels: str) -> None:
         """Add one sample; UNSUPPORTED and None are skipped, so a missing signal is absent, not zero."""
         if value is UNSUPPORTED or value is None:
             return
-        family.add_metric([self.node, str(gpu.index), gpu.uuid, *labels], value)
+        prefix = self._prefixes.get(gpu)
+        if prefix is None:
+            prefix = self._prefixes[gpu] = label_prefix(("node", "gpu", "uuid"), (self.node, str(gpu.index), gpu.uuid))
+        family.add_line(prefix, labels, value)
 
 
 def discover() -> dict[str, type[Collector]]:

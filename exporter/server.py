@@ -31,11 +31,10 @@ def create_app(
 
     async def metrics(request: web.Request) -> web.Response:
         snap = source.snapshot
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            resp = web.Response(body=snap.gzipped(), headers={"Content-Type": CONTENT_TYPE, "Content-Encoding": "gzip"})
-        else:
-            resp = web.Response(body=snap.body, headers={"Content-Type": CONTENT_TYPE})
-        return resp
+        headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding"}
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            return web.Response(body=snap.gzipped(), headers={**headers, "Content-Encoding": "gzip"})
+        return web.Response(body=snap.body, headers=headers)
 
     async def healthz(request: web.Request) -> web.Response:
         # GPU and NVML trouble is reported as metrics, never here: restarting the exporter fixes neither.
@@ -51,6 +50,22 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
     return app
+
+
+def accepts_gzip(header: str) -> bool:
+    """RFC 9110 content negotiation, reduced to the one coding we offer: "gzip;q=0" means no."""
+    for item in header.split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip()
+        if q.startswith("q="):
+            try:
+                return float(q[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
 
 
 def _status_page(snap: Snapshot, telemetry_path: str) -> str:

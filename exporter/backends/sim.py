@@ -105,9 +105,10 @@ _FAULT_KEYS: Mapping[str, frozenset[str]] = {
     "gpu_lost": frozenset({"remove"}),
     "hang": frozenset({"call"}),
     "not_supported": frozenset({"call"}),
+    "nvml_error": frozenset({"call", "code"}),
     "mig": frozenset({"enabled"}),
     "fabric": frozenset({"state"}),
-    "utilization": frozenset({"gpu", "memory"}),
+    "utilization": frozenset({"percent", "memory_percent"}),
 }
 _COMMON_KEYS = frozenset({"at", "until", "gpu", "kind"})
 
@@ -216,7 +217,7 @@ def _parse_fault(raw: Any, i: int, gpus: int) -> Fault:
             raise ConfigError(f"{where}.reasons: unknown reason {bad[0]!r}; choose from {', '.join(_REASONS)}")
     if kind == "fabric" and params.get("state") not in _FABRIC_STATES:
         raise ConfigError(f"{where}.state: expected one of {', '.join(_FABRIC_STATES)}")
-    if kind in ("hang", "not_supported") and not str(params.get("call", "")).startswith("nvml"):
+    if kind in ("hang", "not_supported", "nvml_error") and not str(params.get("call", "")).startswith("nvml"):
         raise ConfigError(f"{where}.call: expected a pynvml function name such as nvmlDeviceGetPowerUsage")
     until = raw.get("until")
     return Fault(
@@ -314,12 +315,15 @@ class SimulatedNvml:
         for f in self._active(gpu, "not_supported"):
             if f.params.get("call") == call:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        for f in self._active(gpu, "nvml_error"):
+            if f.params.get("call") == call:
+                raise pynvml.NVMLError(int(f.params.get("code", pynvml.NVML_ERROR_UNKNOWN)))
         return gpu
 
     def _busy(self, gpu: _Gpu) -> float:
         """Utilisation 0..1, steady per GPU with a slow wobble, overridable by a fault."""
         for f in self._active(gpu, "utilization"):
-            return float(f.params.get("gpu", 100)) / 100
+            return float(f.params.get("percent", 100)) / 100
         return min(1.0, max(0.0, gpu.util / 100 + 0.05 * math.sin(self.elapsed() / 47 + gpu.phase)))
 
     # --- system ------------------------------------------------------------------------
@@ -440,7 +444,7 @@ class SimulatedNvml:
         util.gpu = int(100 * self._busy(gpu))
         util.memory = int(60 * self._busy(gpu))
         for f in self._active(gpu, "utilization"):
-            util.memory = int(f.params.get("memory", util.memory))
+            util.memory = int(f.params.get("memory_percent", util.memory))
         return util
 
     def nvmlDeviceGetMemoryInfo(self, handle: SimHandle, version: int | None = None) -> Any:
@@ -503,7 +507,7 @@ class SimulatedNvml:
 
     def nvmlDeviceGetRemappedRows(self, handle: SimHandle) -> tuple[int, int, int, int]:
         gpu = self._gpu(handle, "nvmlDeviceGetRemappedRows")
-        if any(self.nvmlDeviceGetMigMode(handle)) and self.model.name != "NVIDIA L4":
+        if self.model.name != "NVIDIA L4" and any(self.nvmlDeviceGetMigMode(handle)):
             # nvml.h: "On MIG-enabled GPUs with active instances, querying the number of remapped rows is not supported"
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         pending = bool(self._active(gpu, "row_remap_pending"))
@@ -552,8 +556,10 @@ class SimulatedNvml:
         self._gpu(handle, "nvmlDeviceGetMaxPcieLinkWidth")
         return self.model.pcie_width
 
-    def nvmlDeviceGetGpuFabricInfoV(self, handle: SimHandle, info: Any) -> int:
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: SimHandle, ref: Any) -> int:
         gpu = self._gpu(handle, "nvmlDeviceGetGpuFabricInfoV")
+        # Like the C function, this takes a pointer (ctypes.byref) to a versioned struct.
+        info = ref._obj
         if not self.model.fabric:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         state = _FABRIC_STATES["completed"]

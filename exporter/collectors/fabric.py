@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ class FabricCollector:
 
     def read(self, dev: Device) -> Fabric | Any:
         info = pynvml.c_nvmlGpuFabricInfo_v3_t()
-        if dev.optional("nvmlDeviceGetGpuFabricInfoV", info) is UNSUPPORTED:
+        # pynvml hands this argument straight to C, which wants a pointer.
+        if dev.optional("nvmlDeviceGetGpuFabricInfoV", ctypes.byref(info)) is UNSUPPORTED:
             # Single GPUs and boards without NVSwitch: no series, and gpu_nvml_unsupported says so.
             return UNSUPPORTED
         return Fabric(state=int(info.state), status=int(info.status), health_summary=int(info.healthSummary))
@@ -39,7 +41,7 @@ class FabricCollector:
         )
         status = ctx.gauge("gpu_fabric_status", "NVML return code of the fabric registration; 0 means success.")
         health = ctx.gauge(
-            "gpu_fabric_health_summary",
+            "gpu_fabric_health",
             "Fabric health summary: 0 not supported, 1 healthy, 2 unhealthy, 3 limited capacity.",
         )
         for gpu, r in ctx.readings:

@@ -56,9 +56,9 @@ class IdentityCollector:
             serial=_text(dev.optional("nvmlDeviceGetSerial")),
             pci_bus_id=dev.pci_bus_id,
             model=_text(dev.optional("nvmlDeviceGetName")),
-            driver_version=to_str(dev.nvml.nvmlSystemGetDriverVersion()),
+            driver_version=to_str(dev.system("nvmlSystemGetDriverVersion")),
             vbios_version=_text(dev.optional("nvmlDeviceGetVbiosVersion")),
-            cuda_version=_cuda(dev.nvml.nvmlSystemGetCudaDriverVersion()),
+            cuda_version=_cuda(dev.system("nvmlSystemGetCudaDriverVersion")),
             mig_mode=_mode(UNSUPPORTED if mig is UNSUPPORTED else mig[0]),
             persistence_mode=_mode(dev.optional("nvmlDeviceGetPersistenceMode")),
         )

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Real-GPU check: the NVML collectors against the installed driver, then the exporter end to end.
+
+Run on a machine with an NVIDIA GPU and driver, from the repository root:
+
+    python3 tools/real_gpu_check.py          # on a GPU node
+    python3 tools/real_gpu_check.py --sim    # the same checks against the simulator (tests the script)
+
+1. Runs the collection loop in-process on pynvml with call tracing, two cycles (both tiers), and
+   prints every NVML function's call count and p50 / max latency.
+2. Starts `python -m exporter --backend nvml` on a loopback port, scrapes /metrics, and checks that
+   every family is present for each GPU, or that the calls behind it are reported in
+   gpu_nvml_unsupported (NotSupported is an answer; silence is not).
+Exits 1 if a family is missing without an explanation.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Each per-GPU family and the NVML calls (or fields) whose NotSupported explains its absence.
+FAMILY_CALLS: dict[str, tuple[str, ...]] = {
+    "gpu_info": (),
+    "gpu_temperature_celsius": ("nvmlDeviceGetTemperature",),
+    "gpu_memory_temperature_celsius": ("NVML_FI_DEV_MEMORY_TEMP", "nvmlDeviceGetFieldValues"),
+    "gpu_temperature_threshold_celsius": ("nvmlDeviceGetTemperatureThreshold",),
+    "gpu_power_usage_watts": ("nvmlDeviceGetPowerUsage",),
+    "gpu_power_limit_watts": ("nvmlDeviceGetEnforcedPowerLimit",),
+    "gpu_energy_consumption_joules_total": ("nvmlDeviceGetTotalEnergyConsumption",),
+    "gpu_utilization_ratio": ("nvmlDeviceGetUtilizationRates",),
+    "gpu_memory_bandwidth_utilization_ratio": ("nvmlDeviceGetUtilizationRates",),
+    "gpu_memory_used_bytes": ("nvmlDeviceGetMemoryInfo",),
+    "gpu_memory_total_bytes": ("nvmlDeviceGetMemoryInfo",),
+    "gpu_memory_reserved_bytes": ("nvmlDeviceGetMemoryInfo",),
+    "gpu_clock_hertz": ("nvmlDeviceGetClockInfo",),
+    "gpu_clock_event_reason_active": ("nvmlDeviceGetCurrentClocksThrottleReasons",),
+    "gpu_performance_state": ("nvmlDeviceGetPerformanceState",),
+    "gpu_ecc_enabled": ("nvmlDeviceGetEccMode",),
+    "gpu_ecc_errors_total": ("nvmlDeviceGetEccMode", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "nvmlDeviceGetFieldValues"),
+    "gpu_retired_pages": ("NVML_FI_DEV_RETIRED_SBE", "NVML_FI_DEV_RETIRED_DBE", "nvmlDeviceGetFieldValues"),
+    "gpu_retired_pages_pending": ("NVML_FI_DEV_RETIRED_PENDING", "nvmlDeviceGetFieldValues"),
+    "gpu_remapped_rows": ("nvmlDeviceGetRemappedRows",),
+    "gpu_row_remap_pending": ("nvmlDeviceGetRemappedRows",),
+    "gpu_row_remap_failure": ("nvmlDeviceGetRemappedRows",),
+    "gpu_nvlink_up": ("nvmlDeviceGetNvLinkState",),
+    "gpu_nvlink_errors_total": ("nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkErrorCounter"),
+    "gpu_pcie_replays_total": ("nvmlDeviceGetPcieReplayCounter",),
+    "gpu_pcie_link_generation": ("nvmlDeviceGetCurrPcieLinkGeneration",),
+    "gpu_pcie_link_max_generation": ("nvmlDeviceGetMaxPcieLinkGeneration",),
+    "gpu_pcie_link_width_lanes": ("nvmlDeviceGetCurrPcieLinkWidth",),
+    "gpu_pcie_link_max_width_lanes": ("nvmlDeviceGetMaxPcieLinkWidth",),
+    "gpu_fabric_state": ("nvmlDeviceGetGpuFabricInfoV",),
+    "gpu_fabric_status": ("nvmlDeviceGetGpuFabricInfoV",),
+    "gpu_fabric_health": ("nvmlDeviceGetGpuFabricInfoV",),
+    "gpu_lost": (),
+    "gpu_collection_last_success_timestamp_seconds": (),
+    "gpu_collection_stale": (),
+}
+
+
+def in_process_latency(backend: str) -> None:
+    import pynvml
+
+    from exporter.backends.sim import SimulatedNvml
+
+    from exporter.device import CallTrace
+    from exporter.poller import Poller, PollerConfig
+    from exporter.registry import CollectorOptions, Tier, create, discover
+    from exporter.state import ExpectedGpus
+
+    nvml = SimulatedNvml() if backend == "sim" else pynvml
+    trace = CallTrace()
+    options = CollectorOptions(node="check", nvml=nvml, settings={"xid_source": "none"})
+    collectors = [create(cls, options) for cls in discover().values() if cls.tier is not Tier.NODE]
+    poller = Poller(nvml, collectors, PollerConfig(node="check", deadline=5.0), ExpectedGpus(None, None, "x"),
+                    trace=trace)
+    t0 = time.process_time()
+    poller.run_cycle()  # both tiers
+    first = time.process_time() - t0
+    t0 = time.process_time()
+    poller.run_cycle()  # fast tier only
+    fast = time.process_time() - t0
+    poller.stop()
+    print(f"GPUs visible: {poller.snapshot.fleet.visible if poller.snapshot.fleet else 0}")
+    print(f"CPU per cycle: both tiers {first * 1e3:.2f} ms, fast tier {fast * 1e3:.2f} ms")
+    print(f"{'NVML function':50} {'calls':>6} {'p50 ms':>9} {'max ms':>9}")
+    for name, samples in sorted(trace.latencies.items()):
+        print(f"{name:50} {len(samples):6d} {statistics.median(samples) * 1e3:9.3f} {max(samples) * 1e3:9.3f}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape_exporter(backend: str) -> int:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as state:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--backend", backend, "--web.listen-address", f"127.0.0.1:{port}",
+             "--state-dir", state, "--xid.source", "none", "--collect-timeout", "2s"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            body = ""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    t0 = time.monotonic()
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                    print(f"/metrics answered in {(time.monotonic() - t0) * 1e3:.1f} ms, {len(body)} bytes")
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            else:
+                print("exporter did not answer within 60 s")
+                return 1
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    present: dict[str, set[str]] = defaultdict(set)
+    unsupported: dict[str, set[str]] = defaultdict(set)
+    gpus: set[str] = set()
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            gpu = s.labels.get("gpu")
+            if gpu is None:
+                continue
+            gpus.add(gpu)
+            present[s.name].add(gpu)
+            if s.name == "gpu_nvml_unsupported":
+                unsupported[gpu].add(s.labels["call"])
+    failures = 0
+    for gpu in sorted(gpus, key=int):
+        for family, calls in FAMILY_CALLS.items():
+            if gpu in present[family]:
+                continue
+            why = unsupported[gpu] & set(calls)
+            if why:
+                print(f"GPU {gpu}: {family} absent, not supported: {', '.join(sorted(why))}")
+            else:
+                print(f"GPU {gpu}: {family} MISSING without a NotSupported explanation")
+                failures += 1
+    print(f"{len(gpus)} GPUs checked, {len(FAMILY_CALLS)} families each, {failures} unexplained gaps")
+    return 1 if failures or not gpus else 0
+
+
+def main() -> int:
+    backend = "sim" if "--sim" in sys.argv[1:] else "nvml"
+    in_process_latency(backend)
+    return scrape_exporter(backend)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
