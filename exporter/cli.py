@@ -12,7 +12,7 @@ from aiohttp import web
 from . import __version__
 from .backends import Nvml
 from .config import ExporterConfig, parse
-from .errors import ConfigError
+from .errors import BackendUnavailable, ConfigError
 from .poller import Poller, PollerConfig
 from .registry import Collector, CollectorOptions, create, discover
 from .server import create_app
@@ -26,6 +26,11 @@ def make_backend(config: ExporterConfig) -> Nvml:
         from .backends.sim import SimulatedNvml, SimConfig, load_sim_config
 
         return SimulatedNvml(load_sim_config(config.sim_config) if config.sim_config else SimConfig())
+    if config.backend == "dcgm":
+        from .backends.dcgm import make_dcgm_backend
+
+        # Raises BackendUnavailable (bindings or libdcgm missing), naming the paths and the package.
+        return make_dcgm_backend(config.settings, config.collect_interval)  # type: ignore[return-value]
     # auto means NVML. If libnvidia-ml is missing, nvmlInit fails, gpu_nvml_up says 0 and we keep retrying:
     # a silent fallback to simulated GPUs would report a healthy fleet that does not exist.
     import pynvml
@@ -86,11 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
         return 2
+    except BackendUnavailable as exc:
+        print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
+        return 1
 
     from . import logs
 
     logs.setup(config.log_level, config.log_format)
-    poller = build_poller(config, nvml, available)
+    try:
+        # dcgm_health beside NVML loads DCGM's bindings here.
+        poller = build_poller(config, nvml, available)
+    except BackendUnavailable as exc:
+        print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
+        return 1
     # One cycle before listening, so the first scrape already has data.
     poller.run_cycle()
     poller.start()
@@ -134,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         poller.stop()
+        shutdown = getattr(nvml, "nvmlShutdown", None) if config.backend == "dcgm" else None
+        if shutdown is not None:
+            shutdown()  # disconnect from nv-hostengine, or stop the embedded one
     return 0
 
 

@@ -49,7 +49,7 @@ class ExporterConfig:
 
 
 DEFAULT_PORT = 9835
-BACKENDS = ("auto", "nvml", "sim")
+BACKENDS = ("auto", "nvml", "sim", "dcgm")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,8 +122,17 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         name for name, cls in available.items()
         if (explicit := getattr(ns, f"c_{name}")) is True or (explicit is None and cls.default_enabled and not ns.disable_defaults)
     )
+    # DCGM: its backend brings the connection (dcgm) and health (dcgm_health) collectors; health beside
+    # NVML brings the connection collector. An explicit --no-collector.<name> still wins.
+    implied = {"dcgm", "dcgm_health"} if ns.backend == "dcgm" else {"dcgm"} if "dcgm_health" in enabled else set()
+    implied = {n for n in implied if n in available and getattr(ns, f"c_{n}") is not False}
+    enabled = tuple(n for n in available if n in enabled or n in implied)
     if ns.expected_gpus is not None and ns.expected_gpus < 0:
         raise ConfigError(f"--expected-gpus: must be 0 or more, got {ns.expected_gpus}")
+    if {"dcgm", "dcgm_health"} & set(enabled):
+        from .collectors.dcgm_health import validate_settings
+
+        validate_settings(vars(ns))
     if ns.sim_config and ns.backend != "sim":
         raise ConfigError("--sim-config: only applies with --backend sim")
     if not ns.telemetry_path.startswith("/") or ns.telemetry_path in ("/", "/healthz"):

@@ -129,6 +129,8 @@ class Device:
             if exc.value in UNSUPPORTED_CODES:
                 self._mark_unsupported(name)
                 return UNSUPPORTED
+            if exc.value == pynvml.NVML_ERROR_NO_DATA:
+                return UNSUPPORTED  # no sample yet (a DCGM blank): absent this cycle, not unsupported
             raise
 
     def fields(self, field_ids: Sequence[int | tuple[int, int]]) -> list[Any]:

@@ -41,7 +41,7 @@ BAD_IN_PROCESS = {
                                 ["--sim-config", "nowhere.yaml"]),
     "sim_config_bad_gpu_index": (lambda d: ["--backend", "sim", "--sim-config", str(d / "bad-gpu.yaml")],
                                  ["faults[0].gpu", "below 2"]),
-    "bad_backend": (lambda d: ["--backend", "dcgm"], ["--backend", "dcgm"]),
+    "bad_backend": (lambda d: ["--backend", "nope"], ["--backend", "nope"]),
     "timeout_longer_than_interval": (lambda d: ["--backend", "sim", "--collect-interval", "1s",
                                                 "--collect-timeout", "2s"], ["--collect-timeout"]),
     "slow_shorter_than_interval": (lambda d: ["--backend", "sim", "--collect-interval", "10s",
