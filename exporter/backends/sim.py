@@ -288,10 +288,14 @@ class SimulatedNvml:
     # --- helpers -------------------------------------------------------------------------
 
     def _active(self, gpu: _Gpu, kind: str) -> list[Fault]:
+        if not gpu.faults:
+            return []
         t = self.elapsed()
         return [f for f in gpu.faults if f.kind == kind and f.active(t)]
 
     def _total(self, gpu: _Gpu, kind: str, **match: Any) -> int:
+        if not gpu.faults:
+            return 0
         t = self.elapsed()
         return sum(
             f.amount(t)
@@ -305,6 +309,8 @@ class SimulatedNvml:
         if not isinstance(handle, SimHandle) or handle.index >= len(self._gpus):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu = self._gpus[handle.index]
+        if not gpu.faults:
+            return gpu
         if self._active(gpu, "gpu_lost"):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         for f in self._active(gpu, "hang"):

@@ -1,0 +1,113 @@
+"""Every metric a rule reads exists: in the exporter's real output, as a recording rule, or in the webhook contract.
+
+A rule over a misspelt or renamed metric is silently always empty: the alert never fires, and no promtool test can
+tell, because the test's input series are spelt the same way as the rule. This test ties the names to what the
+exporter really emits (tests/golden/*.prom) and to what the webhook promises (docs/webhook-metrics-contract.md).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+RULES = ROOT / "rules"
+
+# Series Prometheus itself writes: `up` per target, ALERTS per alert.
+PROMETHEUS_SERIES = {"up", "ALERTS"}
+
+_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or", "unless",
+    "inf", "nan",
+}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_MATCHERS = re.compile(r"\{[^}]*\}")
+_RANGE = re.compile(r"\[[^\]]*\]")
+_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_OFFSET = re.compile(r"\boffset\s+-?[0-9a-z]+")
+_IDENT = re.compile(r"(?<![\w:.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects: identifiers that are not functions, keywords or label names."""
+    expr = _STRING.sub('""', expr)
+    expr = _MATCHERS.sub(" ", expr)
+    expr = _RANGE.sub(" ", expr)
+    expr = _LABEL_LIST.sub(" ", expr)
+    expr = _OFFSET.sub(" ", expr)
+    names = set()
+    for name, call in _IDENT.findall(expr):
+        if call or name.lower() in _KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def _rules() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(RULES.glob("*.yaml")):
+        if path.name == "xid-policy.yaml":
+            continue
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                out.append((rule.get("alert") or rule["record"], rule["expr"]))
+    return out
+
+
+def exporter_metrics() -> set[str]:
+    names: set[str] = set()
+    for golden in (ROOT / "tests" / "golden").glob("*.prom"):
+        names |= set(re.findall(r"^# TYPE (\S+)", golden.read_text(encoding="utf-8"), re.M))
+    return names
+
+
+def webhook_metrics() -> set[str]:
+    """The metrics listed in the contract's table (first column)."""
+    text = (ROOT / "docs" / "webhook-metrics-contract.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^\| `(gpu_remediation_[a-z_]+)` \|", text, re.M))
+
+
+RULES_AND_EXPRS = _rules()
+RECORDS = {
+    rule["record"]
+    for path in RULES.glob("*.rules.yaml")
+    for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+    for rule in group["rules"]
+}
+
+
+def test_tokenizer() -> None:
+    expr = (
+        'max by (node, gpu) (rate(gpu_pcie_replays_total{node=~"a|b", counter="x"}[5m] offset 1h)) * 60 > 8 '
+        'unless on(node) label_replace(up{job="j"}, "policy", "none", "", "") or ALERTS{alertstate="firing"} '
+        "and ignoring(uuid) group_left() node:foo:max"
+    )
+    assert metric_names(expr) == {"gpu_pcie_replays_total", "up", "ALERTS", "node:foo:max"}
+
+
+def test_sources_are_not_empty() -> None:
+    assert len(exporter_metrics()) > 40
+    assert webhook_metrics() == {
+        "gpu_remediation_actions_total", "gpu_remediation_last_success_timestamp_seconds",
+    }
+    assert RULES_AND_EXPRS and RECORDS
+
+
+@pytest.mark.parametrize(("name", "expr"), RULES_AND_EXPRS, ids=[n for n, _ in RULES_AND_EXPRS])
+def test_every_metric_a_rule_uses_exists(name: str, expr: str) -> None:
+    known = exporter_metrics() | RECORDS | webhook_metrics() | PROMETHEUS_SERIES
+    used = metric_names(expr)
+    assert used, f"{name}: no metric found in its expression"
+    unknown = used - known
+    assert not unknown, (
+        f"{name} reads {sorted(unknown)}: not in the exporter's golden output, not a recording rule and not in "
+        "docs/webhook-metrics-contract.md"
+    )
+
+
+def test_every_webhook_metric_is_used() -> None:
+    used = set().union(*(metric_names(expr) for _, expr in RULES_AND_EXPRS))
+    assert webhook_metrics() <= used

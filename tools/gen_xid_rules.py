@@ -1,0 +1,233 @@
+"""Generate ``rules/xid.rules.yaml`` from the XID policy table ``rules/xid-policy.yaml`` and the Xid catalog.
+
+The policy table is the reviewed decision of what to do about each Xid; the rules must say exactly what it says.
+Writing them by hand would let the two drift, so the classification rules are generated: one regex of codes per
+class on the ``xid`` label, never the exporter's ``action`` label, so the reviewed table decides. ``--check`` fails
+(exit 1) when the file on disk is not what the table gives, and the test suite runs it.
+
+Usage: python tools/gen_xid_rules.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from exporter.xid.catalog import XID_CATALOG  # noqa: E402  (needs ROOT on sys.path)
+
+POLICY_PATH = ROOT / "rules" / "xid-policy.yaml"
+OUT_PATH = ROOT / "rules" / "xid.rules.yaml"
+COMMAND = "python tools/gen_xid_rules.py"
+
+XID_CLASSES = ("none", "reset_gpu", "reboot", "human", "recovery")
+RECOVERY_CLASSES = ("none", "reset_gpu", "reboot", "drain", "human")
+# Classes whose fault a reset of the GPU fixes; a reboot (or replace) of the node fixes every class.
+NOT_FIXED_BY_GPU_RESET = ("reboot",)
+
+
+def load_policy(path: Path = POLICY_PATH) -> dict[str, Any]:
+    """Read the policy table and check its shape; a malformed table stops the generator with the reason."""
+    policy = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key in ("classes", "buckets", "unused", "unknown", "codes", "recovery_actions"):
+        if key not in policy:
+            raise ValueError(f"{path.name}: missing top-level key {key!r}")
+    for name, row in policy["buckets"].items():
+        _check_row(f"buckets.{name}", row, XID_CLASSES)
+    for key in ("unused", "unknown"):
+        _check_row(key, policy[key], XID_CLASSES)
+    for code, row in policy["codes"].items():
+        if not isinstance(code, int):
+            raise ValueError(f"codes: key {code!r} is not an Xid number")
+        if not row.get("reason"):
+            raise ValueError(f"codes.{code}: no reason")
+        if ("class" in row) == ("bucket" in row):
+            raise ValueError(f"codes.{code}: give exactly one of class or bucket")
+        if "bucket" in row and row["bucket"] not in policy["buckets"]:
+            raise ValueError(f"codes.{code}: bucket {row['bucket']} has no row in buckets")
+        if "class" in row and row["class"] not in XID_CLASSES:
+            raise ValueError(f"codes.{code}: unknown class {row['class']!r}")
+    for value, row in policy["recovery_actions"].items():
+        if not isinstance(value, int):
+            raise ValueError(f"recovery_actions: key {value!r} is not a number")
+        _check_row(f"recovery_actions.{value}", row, RECOVERY_CLASSES)
+    return policy
+
+
+def _check_row(where: str, row: Mapping[str, Any], classes: tuple[str, ...]) -> None:
+    if row.get("class") not in classes:
+        raise ValueError(f"{where}: class {row.get('class')!r} is not one of {', '.join(classes)}")
+    if not row.get("reason"):
+        raise ValueError(f"{where}: no reason")
+
+
+def classify(policy: Mapping[str, Any], code: int) -> str:
+    """The class of Xid ``code``: a per-code row, else unused, else the catalog bucket's row, else unknown."""
+    row = policy["codes"].get(code)
+    if row is not None:
+        return row["class"] if "class" in row else policy["buckets"][row["bucket"]]["class"]
+    info = XID_CATALOG.get(code)
+    if info is None:
+        return policy["unknown"]["class"]
+    if info.unused:
+        return policy["unused"]["class"]
+    bucket = policy["buckets"].get(info.action)
+    if bucket is None:
+        raise ValueError(f"Xid {code}: catalog bucket {info.action} has no row in {POLICY_PATH.name}")
+    return bucket["class"]
+
+
+def codes_by_class(policy: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Every catalog code, grouped by class (classes without codes are left out)."""
+    out: dict[str, list[int]] = {}
+    for code in sorted(XID_CATALOG):
+        out.setdefault(classify(policy, code), []).append(code)
+    return out
+
+
+def _regex(codes: list[int]) -> str:
+    return "|".join(str(c) for c in codes)
+
+
+def _xid_branch(cls: str, selector: str) -> str:
+    return (
+        f'label_replace(max by (node, gpu, uuid, xid) (gpu_xid_last_timestamp_seconds{{{selector}}}), '
+        f'"policy", "{cls}", "", "")'
+    )
+
+
+def render(policy: Mapping[str, Any]) -> str:
+    """The text of rules/xid.rules.yaml."""
+    by_class = codes_by_class(policy)
+    unknown_class = policy["unknown"]["class"]
+    all_codes = _regex(sorted(XID_CATALOG))
+    branches = [_xid_branch(cls, f'xid=~"{_regex(by_class[cls])}"') for cls in XID_CLASSES if cls in by_class]
+    branches.append(_xid_branch(unknown_class, f'xid!~"{all_codes}"'))
+    xid_expr = "\nor\n".join(branches)
+
+    action = "node_gpu:gpu_recovery_action:max"
+    announced = "node_gpu:gpu_xid_154_last_timestamp_seconds:max"
+    rec_branches = []
+    values = sorted(policy["recovery_actions"])
+    for value in values:
+        row = policy["recovery_actions"][value]
+        rec_branches.append(
+            f'label_replace(label_replace({announced} and on(node, gpu, uuid) {action} == {value}, '
+            f'"policy", "{row["class"]}", "", ""), "recovery_action", "{row["name"]}", "", "")'
+        )
+    unlisted = " ".join(f"!= {v}" for v in values)
+    rec_branches.append(
+        f'label_replace(label_replace({announced} and on(node, gpu, uuid) {action} {unlisted}, '
+        f'"policy", "{unknown_class}", "", ""), "recovery_action", "UNKNOWN", "", "")'
+    )
+    rec_expr = "\nor\n".join(rec_branches)
+
+    not_by_reset = "|".join(NOT_FIXED_BY_GPU_RESET)
+    table = "\n".join(
+        f"#   {cls:<10} {_short(codes)}"
+        for cls, codes in ((c, by_class[c]) for c in XID_CLASSES if c in by_class)
+    )
+    return f"""\
+# GENERATED by `{COMMAND}` from rules/xid-policy.yaml and exporter/xid/catalog.py. DO NOT EDIT.
+# Edit the policy table and rerun the command; `--check` fails (exit 1) when this file is stale.
+#
+# Classes of the catalog's codes (codes newer than the catalog: {unknown_class}):
+{table}
+groups:
+  - name: gpu-health.xid.rules
+    rules:
+      # Newest successful reset of each GPU (by uuid: indexes can change across boots) and newest successful
+      # reboot or replace of each node, from the webhook (docs/webhook-metrics-contract.md). A fault older than
+      # the action that fixes it no longer stands.
+      - record: node_uuid:gpu_remediation_last_success_timestamp_seconds:max
+        expr: max by (node, uuid) (gpu_remediation_last_success_timestamp_seconds{{action="reset_gpu"}})
+      - record: node:gpu_remediation_last_success_timestamp_seconds:max
+        expr: max by (node) (gpu_remediation_last_success_timestamp_seconds{{action=~"reboot|replace"}})
+
+      # Every Xid seen this boot, labelled with its policy class; value: when it last happened. The series
+      # exists from the first occurrence on (whatever the count), so a counter that first appears above zero
+      # is caught, and it keeps existing until the node reboots (counts are per boot).
+      - record: node_gpu_xid:gpu_xid_last_timestamp_seconds:max
+        expr: |
+{_indent(xid_expr, 10)}
+
+      # The recovery action the last Xid 154 announced (NVML's value), and when it was announced (0 if the
+      # exporter lost that time).
+      - record: node_gpu:gpu_recovery_action:max
+        expr: max by (node, gpu, uuid) (gpu_recovery_action)
+      - record: node_gpu:gpu_xid_154_last_timestamp_seconds:max
+        expr: |
+          max by (node, gpu, uuid) (gpu_xid_last_timestamp_seconds{{xid="154"}})
+          or node_gpu:gpu_recovery_action:max * 0
+      # The same, labelled with the recovery action's policy class and NVML name; value: when it was announced.
+      - record: node_gpu:gpu_recovery_action_announced_timestamp_seconds:max
+        expr: |
+{_indent(rec_expr, 10)}
+
+      # The faults that still stand: newer than the last successful action that fixes them. A GPU reset fixes
+      # every class but {not_by_reset}; a node reboot or replace fixes all. A missing action series means no action yet.
+      - record: node_gpu_xid:gpu_xid_last_timestamp_seconds:uncleared
+        expr: |
+          node_gpu_xid:gpu_xid_last_timestamp_seconds:max
+          unless on(node, gpu, uuid, xid)
+            (node_gpu_xid:gpu_xid_last_timestamp_seconds:max{{policy!~"{not_by_reset}"}}
+              <= on(node, uuid) group_left() node_uuid:gpu_remediation_last_success_timestamp_seconds:max)
+          unless on(node, gpu, uuid, xid)
+            (node_gpu_xid:gpu_xid_last_timestamp_seconds:max
+              <= on(node) group_left() node:gpu_remediation_last_success_timestamp_seconds:max)
+      - record: node_gpu:gpu_recovery_action_announced_timestamp_seconds:uncleared
+        expr: |
+          node_gpu:gpu_recovery_action_announced_timestamp_seconds:max
+          unless on(node, gpu, uuid)
+            (node_gpu:gpu_recovery_action_announced_timestamp_seconds:max{{policy!~"{not_by_reset}"}}
+              <= on(node, uuid) group_left() node_uuid:gpu_remediation_last_success_timestamp_seconds:max)
+          unless on(node, gpu, uuid)
+            (node_gpu:gpu_recovery_action_announced_timestamp_seconds:max
+              <= on(node) group_left() node:gpu_remediation_last_success_timestamp_seconds:max)
+"""
+
+
+def _short(codes: list[int]) -> str:
+    """Codes as ranges (1-7, 9, ...) so the comment stays readable."""
+    parts: list[str] = []
+    start = prev = codes[0]
+    for code in [*codes[1:], None]:
+        if code is not None and code == prev + 1:
+            prev = code
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if code is not None:
+            start = prev = code
+    return ", ".join(parts)
+
+
+def _indent(text: str, spaces: int) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line if line else line for line in text.splitlines())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the rules file is stale; write nothing")
+    args = parser.parse_args(argv)
+    text = render(load_policy())
+    if args.check:
+        current = OUT_PATH.read_text(encoding="utf-8") if OUT_PATH.exists() else ""
+        if current != text:
+            print(f"{OUT_PATH.relative_to(ROOT)} is stale: run `{COMMAND}`", file=sys.stderr)
+            return 1
+        return 0
+    OUT_PATH.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT_PATH.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
