@@ -12,6 +12,7 @@ from aiohttp import web
 from . import __version__
 from .backends import Nvml
 from .config import ExporterConfig, parse
+from .device import CallTrace
 from .errors import BackendUnavailable, ConfigError
 from .poller import Poller, PollerConfig
 from .registry import Collector, CollectorOptions, create, discover
@@ -45,6 +46,7 @@ def build_poller(
     *,
     boot_id: str | None = None,
     wall: Callable[[], float] = time.time,
+    trace: CallTrace | None = None,
 ) -> Poller:
     """The collection side, exactly as the exporter runs it; tests and tools build it the same way."""
     # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
@@ -68,6 +70,7 @@ def build_poller(
         ),
         ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id() if boot_id is None else boot_id),
         wall=wall,
+        trace=trace,
     )
     holder.append(poller)
     return poller

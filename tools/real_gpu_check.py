@@ -74,18 +74,18 @@ def in_process_latency(backend: str) -> None:
     import pynvml
 
     from exporter.backends.sim import SimulatedNvml
-
+    from exporter.cli import build_poller
+    from exporter.config import parse
     from exporter.device import CallTrace
-    from exporter.poller import Poller, PollerConfig
-    from exporter.registry import CollectorOptions, Tier, create, discover
-    from exporter.state import ExpectedGpus
+    from exporter.registry import discover
 
     nvml = SimulatedNvml() if backend == "sim" else pynvml
+    available = discover()
+    # The exporter's default collectors, as `--backend nvml` runs them, minus the kernel log.
+    config = parse(["--backend", backend, "--node-name", "check", "--state-dir", "", "--xid.source", "none",
+                    "--xid.nvml-events", "off", "--collect-timeout", "5s"], available)
     trace = CallTrace()
-    options = CollectorOptions(node="check", nvml=nvml, settings={"xid_source": "none"})
-    collectors = [create(cls, options) for cls in discover().values() if cls.tier is not Tier.NODE]
-    poller = Poller(nvml, collectors, PollerConfig(node="check", deadline=5.0), ExpectedGpus(None, None, "x"),
-                    trace=trace)
+    poller = build_poller(config, nvml, available, boot_id="check", trace=trace)
     t0 = time.process_time()
     poller.run_cycle()  # both tiers
     first = time.process_time() - t0
