@@ -1,1 +1,3 @@
-"""Alertmanager webhook receiver that turns GPU health alerts into safe remediation (not built yet)."""
+"""Alertmanager webhook receiver that turns GPU health alerts into safe, journaled Kubernetes remediation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The action seam: one module per action, each defining ACTION (a class with from_config).
+
+An action does one thing to one node, is safe to run twice (`idempotent`), says whether a crash left it
+done (`observe`) and reports its outcome; the engine does verification, journaling, metrics and Events.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from ..inventory.base import NodeIdentity
+from ..kube import RecordingKube
+from ..models import Target
+
+# Every action the policy may name. The last three arrive with the providers issue: a ladder that uses
+# one of them fails check-config until an executor module for it exists here.
+KNOWN_ACTIONS = ("cordon", "taint", "drain", "reset_gpu", "reboot", "replace")
+
+# Node metadata we write. A cordon or taint is only ever undone if these say we placed it.
+PREFIX = "gpu-health.io"
+LABEL_REMEDIATION_ID = f"{PREFIX}/remediation-id"
+ANN_REMEDIATION_ID = f"{PREFIX}/remediation-id"
+ANN_REASON = f"{PREFIX}/remediation-reason"
+ANN_ACTION = f"{PREFIX}/remediation-action"
+ANN_CORDONED_BY = f"{PREFIX}/cordoned-by"
+ANN_TAINTED_BY = f"{PREFIX}/tainted-by"
+ANN_PRIOR_UNSCHEDULABLE = f"{PREFIX}/prior-unschedulable"
+OWNER = "gpu-health-webhook"
+
+
+class Outcome(str, enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DRY_RUN = "dry_run"
+    INTERRUPTED = "interrupted"  # stopped by a pause or a cancel; the step is re-run later
+
+
+class Observation(str, enum.Enum):
+    DONE = "done"
+    NOT_DONE = "not_done"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outcome: Outcome
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    """Everything an action may use. `kube` records every call; in dry-run it performs only reads."""
+
+    remediation_id: str
+    node: NodeIdentity
+    target: Target
+    reason: str
+    kube: RecordingKube
+    dry_run: bool
+    should_stop: Callable[[], str | None]
+    sleep: Callable[[float], Awaitable[None]]
+    clock: Callable[[], float]
+
+
+class Action(Protocol):
+    name: ClassVar[str]
+    scope: ClassVar[str]  # "node" or "gpu": gpu/uuid metric labels are empty for node actions
+    idempotent: ClassVar[bool]  # False: an interrupted run whose effect cannot be observed goes to a human
+    cordons: ClassVar[bool]  # leaves the node unschedulable: counts against the fleet cap
+    internal: ClassVar[bool]  # not usable in policy ladders (uncordon)
+
+    async def run(self, ctx: ActionContext) -> StepResult: ...
+
+    async def observe(self, ctx: ActionContext) -> Observation: ...
+
+
+class ActionFactory(Protocol):
+    name: ClassVar[str]
+    internal: ClassVar[bool]
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], key: str) -> Action: ...
+
+
+def our_metadata(ctx: ActionContext, action: str) -> dict[str, dict[str, str]]:
+    """Labels and annotations that carry the remediation id and reason onto the node."""
+    return {
+        "labels": {LABEL_REMEDIATION_ID: ctx.remediation_id},
+        "annotations": {ANN_REMEDIATION_ID: ctx.remediation_id, ANN_REASON: ctx.reason[:1000],
+                        ANN_ACTION: action},
+    }
+
+
+def annotations(node: Mapping[str, Any]) -> dict[str, str]:
+    return dict((node.get("metadata") or {}).get("annotations") or {})
+
+
+def no_options(raw: Mapping[str, Any], key: str) -> None:
+    if raw:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{key}: takes no options, got {', '.join(sorted(map(str, raw)))}")

@@ -1,0 +1,107 @@
+"""Alertmanager API v2 client: is this alert occurrence still active, and not silenced or inhibited?
+
+A silence added in Alertmanager between delivery and action is a human veto: the step is cancelled.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import ssl
+from typing import Any, Protocol
+
+import aiohttp
+
+from .config import AlertmanagerConfig
+from .errors import AlertmanagerUnavailable
+
+
+class AlertState(str, enum.Enum):
+    ACTIVE = "active"
+    GONE = "gone"  # resolved, expired, or never seen by this Alertmanager
+    SILENCED = "silenced"
+    INHIBITED = "inhibited"
+    UNPROCESSED = "unprocessed"  # just arrived; Alertmanager has not run silences and inhibitions yet
+
+
+class AlertChecker(Protocol):
+    async def state(self, fingerprint: str, alertname: str, node: str) -> AlertState: ...
+
+    async def active_for_node(self, node: str) -> list[dict[str, Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _matcher(name: str, value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'{name}="{escaped}"'
+
+
+class AlertmanagerClient:
+    def __init__(self, config: AlertmanagerConfig) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        headers = {}
+        if config.bearer_token:
+            headers["Authorization"] = f"Bearer {config.bearer_token}"
+        elif config.basic_auth:
+            user, pw = config.basic_auth
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
+        self._headers = headers
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if self._config.insecure_skip_verify:
+            return False
+        if self._config.ca_file:
+            return ssl.create_default_context(cafile=self._config.ca_file)
+        return True
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._config.timeout), headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=8))
+        return self._session
+
+    async def _alerts(self, filters: list[str]) -> list[dict[str, Any]]:
+        params = [("active", "true"), ("silenced", "true"), ("inhibited", "true"), ("unprocessed", "true")]
+        params += [("filter", f) for f in filters]
+        try:
+            async with self._get_session().get(f"{self._config.url}/api/v2/alerts", params=params,
+                                               allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise AlertmanagerUnavailable(f"GET /api/v2/alerts: HTTP {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AlertmanagerUnavailable(f"GET /api/v2/alerts: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(data, list):
+            raise AlertmanagerUnavailable("GET /api/v2/alerts: expected a list")
+        return [a for a in data if isinstance(a, dict)]
+
+    async def state(self, fingerprint: str, alertname: str, node: str) -> AlertState:
+        for alert in await self._alerts([_matcher("alertname", alertname), _matcher("node", node)]):
+            if alert.get("fingerprint") != fingerprint:
+                continue
+            status = alert.get("status") or {}
+            if status.get("silencedBy"):
+                return AlertState.SILENCED
+            if status.get("inhibitedBy"):
+                return AlertState.INHIBITED
+            if status.get("state") == "active":
+                return AlertState.ACTIVE
+            if status.get("state") == "unprocessed":
+                return AlertState.UNPROCESSED
+            return AlertState.SILENCED  # "suppressed" without a reason we know: treat as a veto
+        return AlertState.GONE
+
+    async def active_for_node(self, node: str) -> list[dict[str, Any]]:
+        return [a for a in await self._alerts([_matcher("node", node)])
+                if (a.get("status") or {}).get("state") in ("active", "unprocessed")]
+
+    async def ready(self) -> None:
+        await self._alerts(['alertname="gpu-health-webhook-readiness-probe"'])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,159 @@
+"""The receiver: POST /v1/alerts (Alertmanager v4 body), GET /healthz, /readyz, /metrics.
+
+Accept path: parse strictly, judge every alert by its own status with the (pure) policy, journal the
+occurrences and planned remediations in one group-committed transaction, answer 200, wake the engine.
+400 for a malformed body, 401 without valid credentials, 413 over the body limit, 503 only when the
+journal cannot commit. Policy refusals are 200 and journaled: Alertmanager must not retry them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .auth import middleware as auth_middleware
+from .config import Config
+from .engine import Engine
+from .errors import InventoryError, JournalError, PayloadError
+from .journal import AcceptIn, AlertIn, Journal, accept, ping
+from .metrics import CONTENT_TYPE, Metrics
+from .models import Notification, Target, parse_notification, printable
+from .policy import Judgement, judge, metric_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    journal: Journal
+    engine: Engine
+    metrics: Metrics
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def _labels_json(judgement: Judgement) -> str:
+    labels = dict(judgement.alert.labels)
+    if judgement.decision == "reject":  # hostile input: keep it bounded and printable in the journal
+        labels = {printable(k, 64): printable(v, 256) for k, v in list(labels.items())[:64]}
+    return json.dumps(labels, sort_keys=True)
+
+
+def _fault_ts(judgement: Judgement) -> float | None:
+    raw = judgement.alert.annotations.get("fault_timestamp")
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def alert_in(j: Judgement) -> AlertIn:
+    a, t = j.alert, j.target
+    node = t.node if isinstance(t, Target) else None
+    blocked = None
+    if j.decision == "refuse" and node is not None and j.wants:
+        blocked = (*metric_target(j.wants, t), j.wants, "blocked") if t else None
+    return AlertIn(
+        fingerprint=a.fingerprint, starts_key=a.starts_key, starts_ts=a.starts_at.timestamp(), status=a.status,
+        alertname=a.alertname if j.decision != "reject" else printable(a.alertname, 200),
+        labels_json=_labels_json(j), node=node, gpu=t.gpu if t else "", uuid=t.uuid if t else "",
+        decision=j.decision, reason=j.reason, wants=j.wants, rule=j.rule.name if j.rule else "", ladder=j.ladder,
+        target_index=j.target_index, dry_run=j.dry_run,
+        requires_approval=tuple(sorted(j.rule.requires_approval)) if j.rule else (), fault_ts=_fault_ts(j),
+        blocked_event=blocked)
+
+
+def judge_all(notification: Notification, config: Config, now: datetime) -> list[Judgement]:
+    return [judge(a, config.policy, now) for a in notification.alerts]
+
+
+async def receive(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    t0 = time.perf_counter()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        s.metrics.requests.labels("413").inc()
+        raise
+    try:
+        notification = parse_notification(json.loads(body))
+    except (ValueError, RecursionError, PayloadError) as exc:
+        s.metrics.requests.labels("400").inc()
+        msg = str(exc) if isinstance(exc, PayloadError) else "body is not valid JSON"
+        return web.json_response({"error": msg}, status=400)
+    now = time.time()
+    judgements = judge_all(notification, s.config, datetime.fromtimestamp(now, UTC))
+    batch = AcceptIn(alerts=tuple(alert_in(j) for j in judgements), group_key=notification.group_key,
+                     truncated=notification.truncated_alerts, now=now, pool=s.engine.pool,
+                     policy_hash=s.config.policy_hash, safety=s.config.safety)
+    try:
+        result = await s.journal.run(accept, batch)
+    except JournalError as exc:
+        log.error("journal unavailable; answering 503 so Alertmanager retries", extra={"error": str(exc)})
+        s.metrics.requests.labels("503").inc()
+        return web.json_response({"error": "journal unavailable"}, status=503)
+    s.metrics.accept_seconds.observe(time.perf_counter() - t0)
+    s.metrics.requests.labels("200").inc()
+    for decision, n in (("planned", result.accepted), ("duplicate", result.duplicates), ("ignored", result.ignored),
+                        ("refused", result.refused), ("rejected", result.rejected), ("merged", result.merged)):
+        if n:
+            s.metrics.alerts.labels(decision).inc(n)
+    if result.duplicates:
+        s.metrics.duplicates.inc(result.duplicates)
+    if notification.truncated_alerts:
+        s.metrics.truncated.inc(notification.truncated_alerts)
+    if result.breaker_tripped:
+        s.metrics.breaker_trips.inc()
+        s.metrics.breaker_open.set(1)
+        log.warning("circuit breaker tripped", extra={"reason": result.breaker_tripped})
+    for event in result.metric_events:
+        s.metrics.action_finished(*event, now)
+    if result.remediation_ids or result.undo_scheduled or result.breaker_tripped:
+        s.engine.wake()
+    return web.json_response(result.as_dict())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    problems = []
+    try:
+        await s.journal.run(ping, time.time())
+    except JournalError as exc:
+        problems.append(f"journal: {exc}")
+    try:
+        await s.engine.inventory.ready()
+    except InventoryError as exc:
+        problems.append(f"inventory {s.engine.inventory.kind}: {exc}")
+    if problems:
+        return web.Response(status=503, text="\n".join(problems) + "\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    return web.Response(body=s.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def create_app(services: Services) -> web.Application:
+    listener = services.config.web
+    app = web.Application(
+        client_max_size=listener.max_body_bytes,
+        middlewares=[auth_middleware(listener, open_paths=frozenset({"/healthz", "/readyz"}),
+                                     realm="gpu-health-webhook")])
+    app[SERVICES] = services
+    app.router.add_post("/v1/alerts", receive)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

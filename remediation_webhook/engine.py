@@ -1,0 +1,438 @@
+"""The executor: one asyncio task per node, driving its remediation rung by rung.
+
+For each rung: gates (pause, breaker, fleet cap, rate limit), approval, verification against Alertmanager
+and the inventory, then the intent row (committed), then the action, then the completion row, the metric
+and a Kubernetes Event. On start, remediations left RUNNING with an open intent row are reconciled by
+reading the node: done steps are completed without being repeated; idempotent ones are re-run; a
+non-idempotent one whose effect cannot be observed goes to a human (NEEDS_HUMAN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from .actions.base import Action, ActionContext, Observation, Outcome, StepResult
+from .alertmanager import AlertChecker
+from .config import Config
+from .errors import InventoryUnavailable, KubeApiError, KubeUnavailable, NodeNotFound
+from .inventory.base import Inventory, NodeIdentity
+from .journal import (Journal, MetricEvent, Remediation, begin_step, finish_step, load, open_step, runnable,
+                      save_identity, state_counts, transition)
+from .kube import KubeApi, RecordingKube
+from .metrics import Metrics
+from .models import Target, printable
+from .policy import metric_target, target_refusal
+from .safety import Verdict, budgets, gate_check, gates_for, verify
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: Config, journal: Journal, inventory: Inventory, kube: KubeApi | None,
+                 alertmanager: AlertChecker | None, metrics: Metrics, *,
+                 actions: Mapping[str, Action] | None = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.config = config
+        self.journal = journal
+        self.inventory = inventory
+        self.kube = kube
+        self.alertmanager = alertmanager
+        self.metrics = metrics
+        self.actions = dict(actions if actions is not None else config.actions)
+        self.clock = clock
+        self.sleep = sleep
+        self.pool: int | None = None
+        self._pool_at = float("-inf")
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancelled: dict[str, str] = {}
+        self._paused = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._gauges_at = float("-inf")
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from .journal import get_meta, restore_metrics
+
+        counts, last = await self.journal.run(restore_metrics)
+        self.metrics.restore(counts, last)
+        self._paused = await self.journal.run(get_meta, "pause") is not None
+        await self._refresh_pool(force=True)
+        self._loop_task = asyncio.create_task(self._loop(), name="engine")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.alertmanager is not None:
+            await self.alertmanager.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def set_paused(self, paused: bool) -> None:
+        self._paused = paused
+        if not paused:
+            self.wake()
+
+    def cancel(self, rid: str, reason: str) -> None:
+        self._cancelled[rid] = reason
+
+    async def idle(self, timeout: float = 30.0) -> None:
+        """Wait until no remediation task is running (tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.schedule()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine tick failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.engine.tick)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def schedule(self) -> None:
+        from .journal import get_meta
+
+        await self._refresh_pool()
+        now = self.clock()
+        # While paused or tripped, only remediations with a step in flight (to reconcile it) and undos run:
+        # the backlog waits without costing anything.
+        held = self._paused or await self.journal.run(get_meta, "breaker") is not None
+        for rem in await self.journal.run(runnable, now):
+            if rem.node in self._tasks or (held and rem.state in ("PLANNED", "BLOCKED")):
+                continue
+            task = asyncio.create_task(self._guarded(rem.id), name=f"remediation-{rem.node}")
+            self._tasks[rem.node] = task
+            task.add_done_callback(lambda _t, node=rem.node: self._tasks.pop(node, None))
+        if time.monotonic() - self._gauges_at >= max(1.0, self.config.engine.tick):
+            await self.refresh_gauges()
+
+    async def refresh_gauges(self) -> None:
+        from .journal import get_meta
+
+        self._gauges_at = time.monotonic()
+        now = self.clock()
+        self.metrics.set_states(await self.journal.run(state_counts))
+        self.metrics.breaker_open.set(1 if await self.journal.run(get_meta, "breaker") else 0)
+        self.metrics.paused.set(1 if self._paused else 0)
+        for name, left in (await self.journal.run(budgets, now, self.config.safety, self.pool)).items():
+            self.metrics.budget.labels(name).set(left)
+        if self.pool is not None:
+            self.metrics.pool.set(self.pool)
+
+    async def _refresh_pool(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._pool_at < self.config.engine.pool_refresh:
+            return
+        self._pool_at = now
+        try:
+            self.pool = await self.inventory.pool_size(self.config.policy.targets.node_selector)
+        except InventoryUnavailable as exc:
+            log.warning("cannot size the node pool; percentage caps use the last size", extra={"error": str(exc)})
+
+    async def _guarded(self, rid: str) -> None:
+        try:
+            await self._drive(rid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("remediation failed unexpectedly", extra={"remediation_id": rid})
+            await self.journal.run(transition, rid, "BLOCKED", "internal error; retried on the next tick",
+                                   self.clock(), expect=("PLANNED", "RUNNING", "BLOCKED"),
+                                   not_before=self.clock() + self.config.engine.tick)
+
+    # ---------------------------------------------------------------------------------------- one remediation
+
+    def metric_event(self, rem: Remediation, action: str, result: str) -> MetricEvent | None:
+        if action not in self.actions or self.actions[action].internal:
+            return None
+        return (*metric_target(action, Target(rem.node, rem.gpu, rem.uuid)), action, result)
+
+    def _note(self, event: MetricEvent | None) -> None:
+        if event is not None:
+            self.metrics.action_finished(*event, self.clock())
+
+    async def _park(self, rem: Remediation, state: str, reason: str, *, blocked_action: str = "") -> None:
+        if rem.state == state and rem.reason == reason and state != "BLOCKED":
+            return
+        terminal = state in ("REFUSED", "CANCELLED")
+        event = self.metric_event(rem, blocked_action or rem.ladder[rem.target], "blocked") if terminal else None
+        # A blocked remediation is looked at again after a tick, not in a busy loop.
+        later = self.clock() + self.config.engine.tick if state == "BLOCKED" else 0.0
+        moved = await self.journal.run(transition, rem.id, state, reason, self.clock(), event=event,
+                                       not_before=later)
+        if moved:
+            self._note(event)
+            log.info("remediation %s", state.lower(), extra={"remediation_id": rem.id, "node": rem.node,
+                                                              "reason": reason})
+
+    async def _drive(self, rid: str) -> None:
+        rem = await self.journal.run(load, rid)
+        if rem is None:
+            return
+        if rem.state == "HEALTHY_DELAY":
+            await self._undo(rem)
+            return
+        step = await self.journal.run(open_step, rid)
+        if step is not None and not await self._reconcile(rem, step):
+            return
+        rem = await self.journal.run(load, rid)
+        assert rem is not None
+        if rem.node_uid is None and not await self._resolve(rem):
+            return
+        while True:
+            rem = await self.journal.run(load, rid)
+            assert rem is not None
+            if rem.state not in ("PLANNED", "BLOCKED", "RUNNING"):
+                return
+            if rem.next_rung > rem.target:
+                final = "DRY_RUN_RECORDED" if rem.dry_run else "SUCCEEDED"
+                await self.journal.run(transition, rid, final, "all steps done", self.clock())
+                return
+            if not await self._rung(rem):
+                return
+
+    async def _resolve(self, rem: Remediation) -> bool:
+        try:
+            node = await self.inventory.resolve(rem.node)
+        except NodeNotFound:
+            await self._park(rem, "REFUSED", "node not found in the inventory")
+            return False
+        except InventoryUnavailable as exc:
+            await self._park(rem, "BLOCKED", f"inventory unavailable: {exc}")
+            return False
+        refusal = target_refusal(node, self.config.policy.targets)
+        if refusal:
+            await self._park(rem, "REFUSED", refusal)
+            return False
+        if node.created_at is not None and node.created_at > rem.starts_ts:
+            await self._park(rem, "CANCELLED", "the node was created after the alert started: it is another machine")
+            return False
+        await self.journal.run(save_identity, rem.id, node.uid, node.provider_id, node.created_at, self.clock())
+        return True
+
+    def _should_stop(self, rid: str) -> Callable[[], str | None]:
+        def check() -> str | None:
+            if rid in self._cancelled:
+                return f"cancelled: {self._cancelled[rid]}"
+            return "paused" if self._paused else None
+        return check
+
+    def _context(self, rem: Remediation, node: NodeIdentity, dry_run: bool) -> ActionContext:
+        if self.kube is None:
+            raise InventoryUnavailable("no Kubernetes API configured")
+        reason = printable(f"{rem.alertname} on {rem.node}: rule {rem.rule}, remediation {rem.id}", 500)
+        return ActionContext(remediation_id=rem.id, node=node, target=Target(rem.node, rem.gpu, rem.uuid),
+                             reason=reason, kube=RecordingKube(self.kube, dry_run=dry_run), dry_run=dry_run,
+                             should_stop=self._should_stop(rem.id), sleep=self.sleep, clock=self.clock)
+
+    def _saved_identity(self, rem: Remediation) -> NodeIdentity:
+        return NodeIdentity(name=rem.node, uid=rem.node_uid or "", provider_id=rem.provider_id or "",
+                            created_at=rem.node_created)
+
+    async def _rung(self, rem: Remediation) -> bool:
+        """Run the next rung; True to continue with the one after it."""
+        name = rem.ladder[rem.next_rung]
+        action = self.actions[name]
+        gates = gates_for(action, self.config.safety, self.pool)
+        why = await self.journal.run(gate_check, rem.id, name, rem.dry_run, gates, self.clock())
+        if why:
+            await self._park(rem, "BLOCKED", why)
+            return False
+        if name in rem.requires_approval and rem.next_rung not in rem.approvals and not rem.dry_run:
+            await self._park(rem, "AWAITING_APPROVAL", f"{name} requires approval through the admin API")
+            return False
+        check = await verify(rem, self.inventory, self.alertmanager, retries=self.config.engine.verify_retries,
+                             sleep=self.sleep)
+        if check.verdict == Verdict.BLOCK:
+            await self._park(rem, "BLOCKED", check.reason)
+            return False
+        if check.verdict == Verdict.CANCEL:
+            await self._cancel_step(rem, name, check.reason)
+            return False
+        assert check.node is not None
+        started = await self.journal.run(begin_step, rem.id, rem.next_rung, name, rem.dry_run, gates, self.clock())
+        if isinstance(started, str):
+            await self._park(rem, "BLOCKED", started)
+            return False
+        return await self._execute(rem, started, action, check.node)
+
+    async def _cancel_step(self, rem: Remediation, name: str, reason: str) -> None:
+        """A failed verification: journal a cancelled step, cancel the remediation, count it as blocked."""
+        from .journal import Gates
+
+        seq = await self.journal.run(begin_step, rem.id, rem.next_rung, name, rem.dry_run,
+                                     Gates(False, 1 << 30, None), self.clock())
+        if isinstance(seq, int):
+            await self.journal.run(finish_step, rem.id, seq, "CANCELLED", "cancelled", reason, [], self.clock(),
+                                   event=None, advance=False)
+        await self._park(rem, "CANCELLED", reason, blocked_action=name)
+
+    async def _execute(self, rem: Remediation, seq: int, action: Action, node: NodeIdentity) -> bool:
+        ctx = self._context(rem, node, rem.dry_run)
+        t0 = time.monotonic()
+        try:
+            result = await action.run(ctx)
+        except (KubeUnavailable, InventoryUnavailable) as exc:
+            if action.idempotent:
+                await self.journal.run(finish_step, rem.id, seq, "ERROR", "error", f"transient: {exc}",
+                                       [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
+                await self._park(rem, "BLOCKED", f"kubernetes unavailable: {exc}")
+                return False
+            await self._ambiguous(rem, seq, action.name, f"outcome unknown: {exc}", ctx)
+            return False
+        except KubeApiError as exc:
+            result = StepResult(Outcome.FAILURE, f"kubernetes refused: {exc}")
+        self.metrics.step_seconds.labels(action.name, result.outcome.value).observe(time.monotonic() - t0)
+        return await self._complete(rem, seq, action, ctx, result)
+
+    async def _complete(self, rem: Remediation, seq: int, action: Action, ctx: ActionContext,
+                        result: StepResult) -> bool:
+        if result.outcome == Outcome.INTERRUPTED:
+            await self.journal.run(finish_step, rem.id, seq, "CANCELLED", "interrupted", result.detail,
+                                   [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
+            if rem.id in self._cancelled:
+                return False
+            await self._park(rem, "BLOCKED", "paused")
+            return False
+        await self._node_event(rem, seq, action.name, ctx, result)
+        ok = result.outcome in (Outcome.SUCCESS, Outcome.DRY_RUN)
+        event = self.metric_event(rem, action.name, result.outcome.value)
+        state = {Outcome.SUCCESS: "SUCCEEDED", Outcome.DRY_RUN: "DRY_RUN", Outcome.FAILURE: "FAILED"}[result.outcome]
+        mark = "set" if ok and action.cordons and not rem.dry_run else None
+        await self.journal.run(finish_step, rem.id, seq, state, result.outcome.value, result.detail,
+                               [c.as_dict() for c in ctx.kube.calls], self.clock(), event=event, advance=ok,
+                               mark=mark)
+        self._note(event)
+        log.info("step finished", extra={"remediation_id": rem.id, "node": rem.node, "action": action.name,
+                                         "outcome": result.outcome.value, "detail": result.detail})
+        if not ok:
+            await self.journal.run(transition, rem.id, "FAILED", f"{action.name} failed: {result.detail}; "
+                                   f"escalated to a human", self.clock())
+        return ok
+
+    async def _ambiguous(self, rem: Remediation, seq: int, action: str, detail: str, ctx: ActionContext | None) -> None:
+        calls = [c.as_dict() for c in ctx.kube.calls] if ctx else []
+        await self.journal.run(finish_step, rem.id, seq, "AMBIGUOUS", "unknown", detail, calls, self.clock(),
+                               event=None, advance=False)
+        await self.journal.run(transition, rem.id, "NEEDS_HUMAN",
+                               f"{action} may or may not have happened and cannot safely be repeated: {detail}",
+                               self.clock())
+
+    async def _node_event(self, rem: Remediation, seq: int, action: str, ctx: ActionContext,
+                          result: StepResult) -> None:
+        ns = self.config.kubernetes.event_namespace if self.config.kubernetes else "default"
+        now = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        name = re.sub(r"[^a-z0-9.-]", "-", f"{rem.node[:200]}.{rem.id[:12]}.{seq}")
+        body: dict[str, Any] = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": ns, "labels": {"gpu-health.io/remediation-id": rem.id}},
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": rem.node, "uid": ctx.node.uid},
+            "reason": "GPURemediation" + "".join(p.capitalize() for p in action.split("_")),
+            "message": printable(f"{action} {result.outcome.value}: {result.detail} ({ctx.reason})", 1000),
+            "type": "Normal" if result.outcome != Outcome.FAILURE else "Warning",
+            "source": {"component": "gpu-health-webhook"}, "reportingComponent": "gpu-health-webhook",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await ctx.kube.create_event(ns, body)
+        except KubeApiError as exc:
+            log.warning("could not create the node Event", extra={"node": rem.node, "error": str(exc)})
+
+    # ------------------------------------------------------------------------------------------ restart
+
+    async def _reconcile(self, rem: Remediation, step: Any) -> bool:
+        """An intent row without completion: the process died mid-step. Read the node; True to go on."""
+        action = self.actions.get(step["action"])
+        seq = int(step["seq"])
+        if action is None or step["dry_run"]:
+            await self.journal.run(finish_step, rem.id, seq, "ABANDONED", "abandoned",
+                                   "interrupted by a restart; re-run", [], self.clock(), event=None, advance=False)
+            return True
+        ctx = self._context(rem, self._saved_identity(rem), False)
+        try:
+            seen = await action.observe(ctx)
+        except (KubeApiError, InventoryUnavailable) as exc:
+            if not action.idempotent:
+                await self._ambiguous(rem, seq, action.name, f"cannot read the node after a restart: {exc}", ctx)
+                return False
+            await self._park(rem, "BLOCKED", f"cannot reconcile after a restart: {exc}")
+            return False
+        if seen == Observation.DONE:
+            await self._complete(rem, seq, action, ctx,
+                                 StepResult(Outcome.SUCCESS, "reconciled after a restart: already done"))
+            return True
+        if seen == Observation.UNKNOWN and not action.idempotent:
+            await self._ambiguous(rem, seq, action.name, "interrupted by a restart; the node cannot tell whether it "
+                                                         "happened", ctx)
+            return False
+        await self.journal.run(finish_step, rem.id, seq, "ABANDONED", "abandoned",
+                               f"interrupted by a restart; observed {seen.value}; re-run",
+                               [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
+        return True
+
+    # --------------------------------------------------------------------------------------------- undo
+
+    async def _undo(self, rem: Remediation) -> None:
+        """Healthy delay passed after the alert resolved: undo our cordon and taint if nothing fires again."""
+        from .journal import Gates
+
+        now = self.clock()
+        if self.alertmanager is not None:
+            try:
+                firing = await self.alertmanager.active_for_node(rem.node)
+            except Exception as exc:  # noqa: BLE001 - any failure means: not now
+                await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {exc}", now,
+                                       not_before=now + self.config.engine.tick)
+                return
+            if any(a.get("labels", {}).get("remediation") not in (None, "", "none") for a in firing):
+                await self.journal.run(transition, rem.id, "CLOSED", "a remediation alert fires again for the "
+                                       "node; our cordon stays", now)
+                return
+        try:
+            node = await self.inventory.resolve(rem.node)
+        except NodeNotFound:
+            await self.journal.run(transition, rem.id, "CLOSED", "node gone; nothing to undo", now)
+            return
+        except InventoryUnavailable as exc:
+            await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {exc}", now,
+                                   not_before=now + self.config.engine.tick)
+            return
+        if node.uid != rem.node_uid:
+            await self.journal.run(transition, rem.id, "CLOSED", "node replaced; nothing to undo", now)
+            return
+        action = self.actions["uncordon"]
+        seq = await self.journal.run(begin_step, rem.id, rem.next_rung, action.name, False,
+                                     Gates(False, 1 << 30, None), now)
+        if isinstance(seq, str):
+            await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {seq}", now,
+                                   not_before=now + self.config.engine.tick)
+            return
+        ctx = self._context(rem, node, False)
+        try:
+            result = await action.run(ctx)
+        except KubeApiError as exc:
+            result = StepResult(Outcome.FAILURE, str(exc))
+        ok = result.outcome == Outcome.SUCCESS
+        await self.journal.run(finish_step, rem.id, seq, "SUCCEEDED" if ok else "FAILED", result.outcome.value,
+                               result.detail, [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None,
+                               advance=False, mark="clear" if ok else None)
+        await self.journal.run(transition, rem.id, "CLOSED", "undone after the healthy delay" if ok else
+                               f"undo failed: {result.detail}", self.clock())

@@ -1,0 +1,93 @@
+"""The journal: WAL with synchronous=FULL, group commit, occurrence keys, one active remediation per node."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from remediation_webhook.config import SafetyConfig
+from remediation_webhook.errors import JournalError
+from remediation_webhook.journal import AcceptIn, AlertIn, Journal, accept
+
+
+def _alert(fp: str, node: str = "n1", status: str = "firing", starts: str = "2026-11-29T09:03:30Z") -> AlertIn:
+    return AlertIn(fingerprint=fp, starts_key=starts, starts_ts=time.time() - 60, status=status,
+                   alertname="GPUXidFatal", labels_json="{}", node=node, gpu="", uuid="", decision="plan",
+                   reason="rule gpu", wants="cordon", rule="gpu", ladder=("cordon",), target_index=0, dry_run=False)
+
+
+def _batch(*alerts: AlertIn) -> AcceptIn:
+    return AcceptIn(alerts=alerts, group_key="g", truncated=0, now=time.time(), pool=100, policy_hash="h",
+                    safety=SafetyConfig())
+
+
+@pytest.fixture(name="journal")
+def _journal(tmp_path):
+    j = Journal(str(tmp_path / "j.db"))
+    yield j
+    j.close()
+
+
+def test_wal_and_synchronous_full(journal):
+    assert journal.run_sync(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert journal.run_sync(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+
+
+def test_occurrence_key_is_fingerprint_startsat_status(journal):
+    first = journal.run_sync(accept, _batch(_alert("aa")))
+    assert first.accepted == 1
+    again = journal.run_sync(accept, _batch(_alert("aa"), _alert("aa", status="resolved"),
+                                            _alert("aa", starts="2026-11-29T10:00:00Z")))
+    assert (again.duplicates, again.ignored, again.merged) == (1, 1, 1)
+    rows = journal.run_sync(lambda c: c.execute("SELECT status, deliveries FROM occurrence ORDER BY starts_at, status").fetchall())
+    assert [tuple(r) for r in rows] == [("firing", 2), ("resolved", 1), ("firing", 1)]
+
+
+def test_one_active_remediation_per_node_is_enforced_by_the_schema(journal):
+    journal.run_sync(accept, _batch(_alert("aa")))
+
+    def second(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO remediation(id, node, gpu, uuid, alertname, rule, ladder_json, target, state, "
+                     "dry_run, requires_approval_json, source_fp, source_starts_at, starts_ts, policy_hash, "
+                     "created_at, updated_at) VALUES ('x','n1','','','a','r','[]',0,'PLANNED',0,'[]','f','s',0,'h',0,0)")
+    with pytest.raises(JournalError, match="UNIQUE"):
+        journal.run_sync(second)
+    assert journal.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM remediation").fetchone()[0]) == 1
+
+
+def test_concurrent_callers_share_commits(journal):
+    before = journal.commits
+    futures = []
+    barrier = threading.Barrier(8)
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        for k in range(25):
+            futures.append(journal.submit(accept, _batch(_alert(f"{i:02x}{k:02x}", node=f"n{i}-{k}"))))
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(f.result(10).accepted == 1 for f in futures)
+    assert journal.commits - before < 200  # group commit: fewer fsyncs than deliveries
+
+
+def test_a_failing_item_does_not_take_its_group_down(journal):
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('x', '1')")
+        raise RuntimeError("boom")
+    bad = journal.submit(boom)
+    good = journal.submit(accept, _batch(_alert("bb")))
+    with pytest.raises(RuntimeError):
+        bad.result(5)
+    assert good.result(5).accepted == 1
+    assert journal.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM meta WHERE key='x'").fetchone()[0]) == 0
+
+
+def test_unwritable_journal_fails_loudly(tmp_path):
+    with pytest.raises(JournalError):
+        Journal(str(tmp_path / "missing-dir" / "j.db"))
