@@ -25,7 +25,7 @@ from exporter.webconfig import WebConfig, load_web_config
 
 from . import actions as actions_pkg
 from . import inventory as inventory_pkg
-from .actions.base import KNOWN_ACTIONS, Action
+from .actions.base import KNOWN_ACTIONS, Action, ActionDeps
 from .errors import ConfigError
 from .kube import KubernetesSettings
 from .models import valid_node_name
@@ -159,6 +159,12 @@ class Rule:
     ladder: tuple[str, ...]
     requires_approval: frozenset[str] = frozenset()
     dry_run: bool = False  # true forces dry-run for this rule even when the policy is live
+    # requested remediation -> the rung of this ladder it runs up to ("replace, don't repair":
+    # {reboot: replace} lets remediation=reboot alerts run cordon -> drain -> replace)
+    remediation_map: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def rung_for(self, wanted: str) -> str:
+        return self.remediation_map.get(wanted, wanted)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return (all(labels.get(k) == v for k, v in self.match.items())
@@ -351,7 +357,8 @@ def _label_map(value: object, key: str, k8s: bool) -> dict[str, str]:
 
 
 def _rule(raw: object, key: str, executors: Mapping[str, Action]) -> Rule:
-    sec = _mapping(raw, key, {"name", "match", "match_re", "ladder", "requires_approval", "dry_run"})
+    sec = _mapping(raw, key, {"name", "match", "match_re", "ladder", "requires_approval", "dry_run",
+                              "remediation_map"})
     name = _str(sec.get("name"), f"{key}.name")
     if not _RULE_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only (at most 63)")
@@ -372,17 +379,27 @@ def _rule(raw: object, key: str, executors: Mapping[str, Action]) -> Rule:
         if step in executors and not getattr(executors[step], "internal", False):
             continue
         if step in KNOWN_ACTIONS:
-            raise ConfigError(f"{k}: {step} has no executor configured (reset_gpu, reboot and replace arrive with "
-                              f"the providers issue); available: {', '.join(sorted(_public(executors)))}")
+            raise ConfigError(f"{k}: {step} has no executor configured (set actions.{step}; see "
+                              f"docs/providers.md); available: {', '.join(sorted(_public(executors)))}")
         raise ConfigError(f"{k}: unknown action {step!r}; known: {', '.join(KNOWN_ACTIONS)}")
     if len(set(ladder)) != len(ladder):
         raise ConfigError(f"{key}.ladder: an action appears twice")
-    approval = _strings(sec.get("requires_approval"), f"{key}.requires_approval")
+    # Replace needs approval unless the rule opts in by listing requires_approval itself (even as []).
+    default_approval = ["replace"] if "replace" in ladder else []
+    approval = _strings(sec.get("requires_approval", default_approval), f"{key}.requires_approval")
     for i, step in enumerate(approval):
         if step not in ladder:
             raise ConfigError(f"{key}.requires_approval[{i}]: {step} is not in this rule's ladder")
+    rmap = _mapping(sec.get("remediation_map"), f"{key}.remediation_map")
+    for wanted, rung in rmap.items():
+        if wanted not in KNOWN_ACTIONS:
+            raise ConfigError(f"{key}.remediation_map.{wanted}: not a remediation an alert can ask for; known: "
+                              f"{', '.join(KNOWN_ACTIONS)}")
+        if not isinstance(rung, str) or rung not in ladder:
+            raise ConfigError(f"{key}.remediation_map.{wanted}: {rung!r} is not in this rule's ladder")
     return Rule(name=name, match=MappingProxyType(match), match_re=MappingProxyType(match_re), ladder=ladder,
-                requires_approval=frozenset(approval), dry_run=_bool(sec.get("dry_run", False), f"{key}.dry_run"))
+                requires_approval=frozenset(approval), dry_run=_bool(sec.get("dry_run", False), f"{key}.dry_run"),
+                remediation_map=MappingProxyType(dict(rmap)))
 
 
 def _public(executors: Mapping[str, Action]) -> list[str]:
@@ -459,8 +476,9 @@ def _safety(raw: object) -> SafetyConfig:
         healthy_delay=_duration(undo.get("healthy_delay", "15m"), f"{key}.undo.healthy_delay"))
 
 
-def _actions(raw: object) -> dict[str, Action]:
+def _actions(raw: object, deps: ActionDeps | None = None) -> dict[str, Action]:
     key = "actions"
+    deps = deps or ActionDeps()
     available = actions_pkg.discover()
     sec = _mapping(raw, key)
     out: dict[str, Action] = {}
@@ -470,16 +488,22 @@ def _actions(raw: object) -> dict[str, Action]:
                 raise ConfigError(f"{key}.{name}: no executor for {name} yet (it arrives with the providers issue)")
             raise ConfigError(f"{key}.{name}: unknown action")
     for name, cls in available.items():
+        if getattr(cls, "opt_in", False):
+            # reset_gpu, reboot, replace: absent means "no executor configured"; they need their deps.
+            if name in sec:
+                out[name] = cls.from_config(_mapping(sec.get(name), f"{key}.{name}"), f"{key}.{name}",  # type: ignore[call-arg]
+                                            deps)
+            continue
         out[name] = cls.from_config(_mapping(sec.get(name), f"{key}.{name}"), f"{key}.{name}")
     taint = out.get("taint")
     if "uncordon" in out and taint is not None:
-        out["uncordon"] = type(out["uncordon"])(getattr(taint, "key"))  # type: ignore[call-arg]
+        out["uncordon"] = type(out["uncordon"])(taint.key)  # type: ignore[call-arg]
     return out
 
 
 def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>") -> Config:
     top = _mapping(raw, "", {"web", "admin", "journal", "alertmanager", "inventory", "kubernetes", "policy",
-                             "safety", "engine", "actions"})
+                             "safety", "engine", "actions", "executor", "providers"})
     web = _listener(top.get("web"), "web", base, "127.0.0.1:9096", body=True)
     admin = _listener(top.get("admin"), "admin", base, "127.0.0.1:9097", body=False)
     journal = _mapping(top.get("journal"), "journal", {"path"})
@@ -497,7 +521,14 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     kubernetes = _kubernetes(top.get("kubernetes"), base)
     if kind == "kubernetes" and kubernetes is None:
         raise ConfigError("kubernetes: required by inventory.kind kubernetes (e.g. kubernetes: {in_cluster: true})")
-    actions = _actions(top.get("actions"))
+    from .executor import JobExecutor, executor_settings
+    from .providers import build_providers
+
+    ex_settings = executor_settings(top.get("executor"))
+    if ex_settings is not None and kubernetes is None:
+        raise ConfigError("executor: needs the kubernetes: section (the executor is a Kubernetes Job)")
+    executor = JobExecutor(ex_settings, kubernetes) if ex_settings is not None else None
+    actions = _actions(top.get("actions"), ActionDeps(kubernetes, executor, build_providers(top.get("providers"))))
     policy = _policy(top.get("policy"), actions)
     safety = _safety(top.get("safety"))
     eng = _mapping(top.get("engine"), "engine", {"tick", "pool_refresh", "verify_retries"})
@@ -514,7 +545,8 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     if kubernetes is None and any(a in ("cordon", "taint", "drain") for r in policy.rules for a in r.ladder):
         raise ConfigError("kubernetes: required by the cordon, taint and drain actions")
     effective = {"policy": top.get("policy") or {}, "safety": top.get("safety") or {},
-                 "actions": top.get("actions") or {}, "inventory": inv}
+                 "actions": top.get("actions") or {}, "inventory": inv, "executor": top.get("executor") or {},
+                 "providers": sorted(top.get("providers") or {})}
     policy_hash = hashlib.sha256(json.dumps(effective, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Config(path=path, web=web, admin=admin, journal_path=journal_path, alertmanager=alertmanager,
                   inventory_kind=kind, inventory_raw=MappingProxyType(dict(inv)), kubernetes=kubernetes,
@@ -535,6 +567,7 @@ def effective_policy(config: Config) -> dict[str, Any]:
                     "control_plane_labels": list(p.targets.control_plane_labels)},
         "rules": [{"name": r.name, "match": dict(r.match), "match_re": {k: v.pattern for k, v in r.match_re.items()},
                    "ladder": list(r.ladder), "requires_approval": sorted(r.requires_approval),
+                   "remediation_map": dict(r.remediation_map),
                    "dry_run": p.dry_run or r.dry_run} for r in p.rules],
         "safety": {
             "fleet_cap": {"max_nodes": s.fleet_cap_nodes, "max_percent": s.fleet_cap_percent},

@@ -22,8 +22,19 @@ from .alertmanager import AlertChecker
 from .config import Config
 from .errors import InventoryUnavailable, KubeApiError, KubeUnavailable, NodeNotFound
 from .inventory.base import Inventory, NodeIdentity
-from .journal import (Journal, MetricEvent, Remediation, begin_step, finish_step, load, open_step, runnable,
-                      save_identity, state_counts, transition)
+from .journal import (
+    Journal,
+    MetricEvent,
+    Remediation,
+    begin_step,
+    finish_step,
+    load,
+    open_step,
+    runnable,
+    save_identity,
+    state_counts,
+    transition,
+)
 from .kube import KubeApi, RecordingKube
 from .metrics import Metrics
 from .models import Target, printable
@@ -236,12 +247,17 @@ class Engine:
         return check
 
     def _context(self, rem: Remediation, node: NodeIdentity, dry_run: bool) -> ActionContext:
-        if self.kube is None:
-            raise InventoryUnavailable("no Kubernetes API configured")
+        # Without Kubernetes (a Slurm inventory) actions still get a recorder; every Kubernetes call through
+        # it fails as unavailable, which only provider-backed actions can avoid.
+        kube: KubeApi = self.kube if self.kube is not None else _NoKube()
         reason = printable(f"{rem.alertname} on {rem.node}: rule {rem.rule}, remediation {rem.id}", 500)
         return ActionContext(remediation_id=rem.id, node=node, target=Target(rem.node, rem.gpu, rem.uuid),
-                             reason=reason, kube=RecordingKube(self.kube, dry_run=dry_run), dry_run=dry_run,
-                             should_stop=self._should_stop(rem.id), sleep=self.sleep, clock=self.clock)
+                             reason=reason, kube=RecordingKube(kube, dry_run=dry_run), dry_run=dry_run,
+                             should_stop=self._should_stop(rem.id), sleep=self.sleep, clock=self.clock,
+                             note=self._provider_event)
+
+    def _provider_event(self, provider: str, action: str, kind: str) -> None:
+        self.metrics.provider_events.labels(provider, action, kind).inc()
 
     def _saved_identity(self, rem: Remediation) -> NodeIdentity:
         return NodeIdentity(name=rem.node, uid=rem.node_uid or "", provider_id=rem.provider_id or "",
@@ -323,10 +339,32 @@ class Engine:
         self._note(event)
         log.info("step finished", extra={"remediation_id": rem.id, "node": rem.node, "action": action.name,
                                          "outcome": result.outcome.value, "detail": result.detail})
+        if not ok and result.fallback and await self._fall_back(rem, action.name, result.detail):
+            return True
         if not ok:
             await self.journal.run(transition, rem.id, "FAILED", f"{action.name} failed: {result.detail}; "
                                    f"escalated to a human", self.clock())
+        if ok and result.needs_human and not rem.dry_run:
+            await self.journal.run(transition, rem.id, "NEEDS_HUMAN", f"{action.name}: {result.detail}", self.clock())
+            return False
         return ok
+
+    async def _fall_back(self, rem: Remediation, failed: str, detail: str) -> bool:
+        """A rung that says "fall back" failed: run the rule's next rung (reset_gpu -> reboot), extending the
+        remediation's ladder when the alert asked for no more. True when there is a next rung to run."""
+        rule = next((r for r in self.config.policy.rules if r.name == rem.rule), None)
+        nxt = rem.next_rung + 1
+        if nxt < len(rem.ladder):
+            ladder = rem.ladder
+        elif rule is not None and rule.ladder[: len(rem.ladder)] == rem.ladder and nxt < len(rule.ladder):
+            ladder = rule.ladder[: nxt + 1]
+        else:
+            return False
+        self.metrics.provider_events.labels("engine", failed, "fallback").inc()
+        await self.journal.run(_fallback_row, rem.id, ladder, nxt, failed, ladder[nxt], detail, self.clock())
+        log.warning("falling back to the next rung", extra={"remediation_id": rem.id, "node": rem.node,
+                                                             "action": failed, "next": ladder[nxt]})
+        return True
 
     async def _ambiguous(self, rem: Remediation, seq: int, action: str, detail: str, ctx: ActionContext | None) -> None:
         calls = [c.as_dict() for c in ctx.kube.calls] if ctx else []
@@ -436,3 +474,30 @@ class Engine:
                                advance=False, mark="clear" if ok else None)
         await self.journal.run(transition, rem.id, "CLOSED", "undone after the healthy delay" if ok else
                                f"undo failed: {result.detail}", self.clock())
+
+
+def _fallback_row(conn: Any, rid: str, ladder: tuple[str, ...], nxt: int, failed: str, to: str, detail: str,
+                  now: float) -> None:
+    """Advance past the failed rung and, if needed, raise the target to the next rung (journal + audit)."""
+    import json
+
+    from .journal import audit
+
+    conn.execute("UPDATE remediation SET next_rung=?, target=MAX(target, ?), ladder_json=?, updated_at=? WHERE id=?",
+                 (nxt, nxt, json.dumps(list(ladder)), now, rid))
+    audit(conn, now, "engine", "fallback", rid, None, failed=failed, to=to, detail=detail[:500])
+
+
+class _NoKube:
+    """The KubeApi of a deployment without Kubernetes: every call is unavailable."""
+
+    async def _no(self, *args: Any, **kwargs: Any) -> Any:
+        raise KubeUnavailable(0, "NoKubernetes", "no kubernetes: section configured")
+
+    read_node = list_nodes = patch_node = list_pods_on_node = evict_pod = delete_pod = create_event = _no
+
+    async def ping(self) -> None:
+        await self._no()
+
+    def close(self) -> None:
+        return None

@@ -49,6 +49,10 @@ class Metrics:
                           registry=r)
         self.step_seconds = Histogram("gpu_remediation_step_duration_seconds", "Duration of remediation steps.",
                                       ["action", "result"], buckets=_STEP, registry=r)
+        self.provider_events = Counter("gpu_remediation_provider_events",
+                                       "Provider and executor errors by kind (auth, not_found, throttled, capacity, "
+                                       "invalid, unsupported, failed, unavailable), fallbacks and human hand-offs.",
+                                       ["provider", "action", "kind"], registry=r)
         for state in ("PLANNED", "BLOCKED", "AWAITING_APPROVAL", "RUNNING", "NEEDS_HUMAN", "HEALTHY_DELAY"):
             self.remediations.labels(state).set(0)
 

@@ -68,8 +68,9 @@ def judge(alert: Alert, policy: PolicyConfig, now: datetime) -> Judgement:
         if not rule.matches(alert.labels):
             continue
         matched = True
-        if wants in rule.ladder:
-            return Judgement(alert, "plan", f"rule {rule.name}", target, rule, rule.ladder.index(wants),
+        rung = rule.rung_for(wants)  # the rule's remediation_map may run another rung ("replace, don't repair")
+        if rung in rule.ladder:
+            return Judgement(alert, "plan", f"rule {rule.name}", target, rule, rule.ladder.index(rung),
                              dry_run=policy.dry_run or rule.dry_run, wants=wants)
     reason = "no rule allows this remediation for this alert" if matched else "no rule matches (default deny)"
     return Judgement(alert, "refuse", reason, target, wants=wants)

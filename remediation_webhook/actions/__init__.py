@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import KNOWN_ACTIONS, Action, ActionContext, ActionFactory, Observation, Outcome, StepResult
+from .base import (
+    KNOWN_ACTIONS,
+    Action,
+    ActionContext,
+    ActionFactory,
+    Observation,
+    Outcome,
+    StepResult,
+)
 
 __all__ = ["KNOWN_ACTIONS", "Action", "ActionContext", "ActionFactory", "Observation", "Outcome", "StepResult",
            "discover"]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ..inventory.base import NodeIdentity
 from ..kube import RecordingKube
 from ..models import Target
 
-# Every action the policy may name. The last three arrive with the providers issue: a ladder that uses
-# one of them fails check-config until an executor module for it exists here.
+# Every action the policy may name. reset_gpu, reboot and replace are opt-in (`opt_in = True` on the class):
+# a ladder that uses one fails check-config unless actions.<name> configures its executor or provider.
 KNOWN_ACTIONS = ("cordon", "taint", "drain", "reset_gpu", "reboot", "replace")
 
 # Node metadata we write. A cordon or taint is only ever undone if these say we placed it.
@@ -48,6 +48,24 @@ class Observation(str, enum.Enum):
 class StepResult:
     outcome: Outcome
     detail: str = ""
+    # FAILURE with fallback=True: the engine moves on to the rule's next rung (reset_gpu -> reboot) instead of
+    # escalating to a human. SUCCESS with needs_human=True: the step did its part (a replacement record for a
+    # human) and the remediation parks in NEEDS_HUMAN, the node left cordoned and drained.
+    fallback: bool = False
+    needs_human: bool = False
+
+
+def _no_note(provider: str, action: str, kind: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ActionDeps:
+    """What provider-backed actions are built with (config time): the executor and the configured providers."""
+
+    kubernetes: Any = None  # KubernetesSettings | None
+    executor: Any = None  # executor.JobExecutor | None
+    providers: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,8 @@ class ActionContext:
     should_stop: Callable[[], str | None]
     sleep: Callable[[float], Awaitable[None]]
     clock: Callable[[], float]
+    # note(provider, action, kind): counts provider errors and hand-offs (gpu_remediation_provider_events_total)
+    note: Callable[[str, str, str], None] = _no_note
 
 
 class Action(Protocol):

@@ -8,8 +8,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from .base import (ANN_CORDONED_BY, ANN_PRIOR_UNSCHEDULABLE, ANN_REMEDIATION_ID, OWNER, ActionContext,
-                   Observation, Outcome, StepResult, annotations, no_options, our_metadata)
+from .base import (
+    ANN_CORDONED_BY,
+    ANN_PRIOR_UNSCHEDULABLE,
+    ANN_REMEDIATION_ID,
+    OWNER,
+    ActionContext,
+    Observation,
+    Outcome,
+    StepResult,
+    annotations,
+    no_options,
+    our_metadata,
+)
 
 
 class Cordon:

@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, KubeApiError, KubeNotFound, KubeTooManyRequests, KubeUnavailable
+from ..errors import (
+    ConfigError,
+    KubeApiError,
+    KubeNotFound,
+    KubeTooManyRequests,
+    KubeUnavailable,
+)
 from .base import ActionContext, Observation, Outcome, StepResult
 
 _MIRROR = "kubernetes.io/config.mirror"

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import ConfigError, KubeConflict
-from .base import (ANN_TAINTED_BY, OWNER, ActionContext, Observation, Outcome, StepResult, our_metadata)
+from .base import (
+    ANN_TAINTED_BY,
+    OWNER,
+    ActionContext,
+    Observation,
+    Outcome,
+    StepResult,
+    our_metadata,
+)
 
 _QUALIFIED = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")

@@ -10,9 +10,22 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import KubeConflict
-from .base import (ANN_ACTION, ANN_CORDONED_BY, ANN_PRIOR_UNSCHEDULABLE, ANN_REASON, ANN_REMEDIATION_ID,
-                   ANN_TAINTED_BY, LABEL_REMEDIATION_ID, OWNER, ActionContext, Observation, Outcome, StepResult,
-                   annotations, no_options)
+from .base import (
+    ANN_ACTION,
+    ANN_CORDONED_BY,
+    ANN_PRIOR_UNSCHEDULABLE,
+    ANN_REASON,
+    ANN_REMEDIATION_ID,
+    ANN_TAINTED_BY,
+    LABEL_REMEDIATION_ID,
+    OWNER,
+    ActionContext,
+    Observation,
+    Outcome,
+    StepResult,
+    annotations,
+    no_options,
+)
 
 
 class Uncordon:

@@ -4,7 +4,6 @@ written as a recording rule), and tools/dashboard_queries.py gives the end-to-en
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -13,21 +12,12 @@ from typing import Any
 
 import pytest
 import yaml
+from tools import dashboard_queries as dq
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PROMTOOL = shutil.which("promtool")
 
 
-def _load_queries_module() -> Any:
-    spec = importlib.util.spec_from_file_location("dashboard_queries", ROOT / "tools" / "dashboard_queries.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dashboard_queries", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-dq = _load_queries_module()
 
 
 def _as_rules(queries: list[tuple[str, str, str]]) -> dict[str, Any]:

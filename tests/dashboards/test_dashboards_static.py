@@ -5,10 +5,8 @@ registry, and Prometheus' own `up` and `ALERTS`. Also: each dashboard shows what
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +14,12 @@ import pytest
 import yaml
 
 from remediation_webhook.metrics import Metrics
+from tools import dashboard_queries as dq
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DASHBOARDS = ROOT / "dashboards"
 
 
-def _load_queries_module() -> Any:
-    spec = importlib.util.spec_from_file_location("dashboard_queries", ROOT / "tools" / "dashboard_queries.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dashboard_queries", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-dq = _load_queries_module()
 
 UIDS = {"gpu-health-fleet", "gpu-health-node", "gpu-health-remediation"}
 PANEL_TYPES = {"timeseries", "stat", "table", "state-timeline", "bargauge", "text", "row"}

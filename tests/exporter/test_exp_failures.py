@@ -6,7 +6,6 @@ import threading
 import time
 
 import pynvml
-import pytest
 
 # Families of the per-GPU collectors (not the exporter's own core series).
 GPU_FAMILY_PREFIXES = ("gpu_temperature", "gpu_memory_", "gpu_power_", "gpu_energy_", "gpu_utilization",

@@ -12,39 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tools.dashboard_queries import metric_names
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RULES = ROOT / "rules"
 
 # Series Prometheus itself writes: `up` per target, ALERTS per alert.
 PROMETHEUS_SERIES = {"up", "ALERTS"}
-
-_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or", "unless",
-    "inf", "nan",
-}
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_MATCHERS = re.compile(r"\{[^}]*\}")
-_RANGE = re.compile(r"\[[^\]]*\]")
-_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_OFFSET = re.compile(r"\boffset\s+-?[0-9a-z]+")
-_IDENT = re.compile(r"(?<![\w:.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects: identifiers that are not functions, keywords or label names."""
-    expr = _STRING.sub('""', expr)
-    expr = _MATCHERS.sub(" ", expr)
-    expr = _RANGE.sub(" ", expr)
-    expr = _LABEL_LIST.sub(" ", expr)
-    expr = _OFFSET.sub(" ", expr)
-    names = set()
-    for name, call in _IDENT.findall(expr):
-        if call or name.lower() in _KEYWORDS:
-            continue
-        names.add(name)
-    return names
-
 
 def _rules() -> list[tuple[str, str]]:
     out = []
@@ -92,6 +66,7 @@ def test_sources_are_not_empty() -> None:
     assert len(exporter_metrics()) > 40
     assert webhook_metrics() == {
         "gpu_remediation_actions_total", "gpu_remediation_last_success_timestamp_seconds",
+        "gpu_remediation_provider_events_total",
     }
     assert RULES_AND_EXPRS and RECORDS
 

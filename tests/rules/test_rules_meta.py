@@ -28,7 +28,8 @@ COMPONENTS = {"xid", "memory", "nvlink", "pcie", "thermal", "availability", "exp
 # Alerts whose input can never carry scrape-side labels: GPURemediationStorm reads ALERTS, which Prometheus writes.
 NO_SCRAPE_LABELS = {"GPURemediationStorm"}
 # Alerts about the fleet, not one node.
-FLEET_LEVEL = {"GPURemediationStorm"}
+# Alerts about the fleet or the remediator, not one node.
+FLEET_LEVEL = {"GPURemediationStorm", "GPURemediationNoCapacity"}
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 

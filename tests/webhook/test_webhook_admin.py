@@ -3,7 +3,7 @@ and reset (resume or skip the backlog), the effective policy, and /v1/evaluate w
 
 from __future__ import annotations
 
-from conftest import alert, notification
+from tests.webhook.webhook_support import alert, notification
 
 
 def _approval(**extra):
@@ -131,7 +131,7 @@ async def test_metrics_and_readyz(harness, kube):
 
 
 async def test_readyz_fails_when_the_inventory_is_unreachable(harness, tmp_path, kube):
-    from conftest import base_config
+    from tests.webhook.webhook_support import base_config
     from remediation_webhook.inventory.kubernetes import KubernetesInventory
     from remediation_webhook.kube import KubernetesApi, KubernetesSettings
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import await_for, base_config, free_port
+from tests.webhook.webhook_support import await_for, base_config, free_port
 from remediation_webhook.alertmanager import AlertmanagerClient
 from remediation_webhook.config import AlertmanagerConfig
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, base_config
+from tests.webhook.webhook_support import ROOT, base_config
 from remediation_webhook.auth import effective_address
 from remediation_webhook.cli import main
 from remediation_webhook.config import ListenerConfig, build_config, load_config
@@ -69,7 +68,7 @@ def test_defaults_are_the_safe_ones(tmp_path):
     ({"actions": {"drain": {"timeout": "0s"}}}, "actions.drain.timeout: must be positive"),
     ({"actions": {"drain": {"force": True}}}, "actions.drain.force: unknown key"),
     ({"actions": {"taint": {"effect": "NoExecute"}}}, "actions.taint.effect: NoExecute"),
-    ({"inventory": {"kind": "slurm"}}, "inventory.kind: unknown inventory 'slurm'"),
+    ({"inventory": {"kind": "openstack"}}, "inventory.kind: unknown inventory 'openstack'"),
     ({"kubernetes": None}, "kubernetes: required by inventory.kind kubernetes"),
     ({"alertmanager": None, "policy": {"dry_run": False}}, "alertmanager.url: required when policy.dry_run is false"),
     ({"alertmanager": {"url": "ftp://x"}}, "alertmanager.url"),
@@ -137,7 +136,7 @@ def test_the_example_runs_and_listener_flags_override(tmp_path, kube):
 
     import requests
 
-    from conftest import alert, free_port, notification, wait_for
+    from tests.webhook.webhook_support import alert, free_port, notification, wait_for
 
     kube.add_node("gpu-001")
     raw = yaml.safe_load(EXAMPLE.read_text())

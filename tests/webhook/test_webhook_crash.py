@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, FakeAlertmanagerServer, alert, free_port, notification, wait_for
+from tests.webhook.webhook_support import ROOT, FakeAlertmanagerServer, alert, free_port, notification, wait_for
 
 TOKEN = "crash-test-token-0123456789"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
-from conftest import alert, notification
+from tests.webhook.webhook_support import alert, notification
 from remediation_webhook.alertmanager import AlertState
 
 

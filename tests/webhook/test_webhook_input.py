@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import ssl
 from pathlib import Path
 
 import bcrypt
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import alert, base_config, free_port, notification
+from tests.webhook.webhook_support import alert, base_config, free_port, notification
 from remediation_webhook.app import create_app
 
 TOKEN = "receiver-token-0123456789"

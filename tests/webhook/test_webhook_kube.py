@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conftest import alert, notification
+from tests.webhook.webhook_support import alert, notification
 from remediation_webhook.actions.base import ActionContext, Outcome
 from remediation_webhook.actions.cordon import Cordon
 from remediation_webhook.actions.drain import Drain
@@ -243,5 +243,5 @@ async def test_pdb_429_then_success_through_the_engine(harness, kube):
 
 
 def test_build_config_rejects_nothing_unusual(tmp_path, kube):
-    from conftest import base_config
+    from tests.webhook.webhook_support import base_config
     assert build_config(base_config(tmp_path, kube.url), base=tmp_path).policy.rules[0].ladder == ("cordon", "drain")

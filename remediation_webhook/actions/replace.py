@@ -1,0 +1,86 @@
+"""replace: get a new machine for the node (after cordon and drain). `requires_approval` unless a rule opts out.
+
+  actions:
+    replace: {using: aws | human | auto}
+
+  aws    TerminateInstanceInAutoScalingGroup(ShouldDecrementDesiredCapacity=False) (or SetInstanceHealth with
+         providers.aws.replace_mode: unhealthy), verified: a replacement InService, desired capacity unchanged
+  human  bare metal: a replacement record (journal, metric, optional notification webhook); the node stays
+         cordoned and drained and the remediation parks in NEEDS_HUMAN
+  auto   the node's cloud from its providerID when that provider is configured, else human
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..providers import ProviderError, only_keys, opt
+from ._provider_common import call, choose, failed, pick, record
+from .base import ActionContext, ActionDeps, Observation, Outcome, StepResult
+
+USING = ("aws", "gcp", "azure", "human")
+
+
+class Replace:
+    name: ClassVar[str] = "replace"
+    scope: ClassVar[str] = "node"
+    idempotent: ClassVar[bool] = True  # the AWS path checks the lifecycle state before sending anything
+    cordons: ClassVar[bool] = True
+    internal: ClassVar[bool] = False
+    opt_in: ClassVar[bool] = True
+
+    def __init__(self, using: str, deps: ActionDeps) -> None:
+        self.using = using
+        self.deps = deps
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], key: str, deps: ActionDeps) -> Replace:
+        only_keys(raw, key, {"using"})
+        if "using" not in raw:
+            raise ConfigError(f"{key}: no executor for replace yet: set {key}.using to one of "
+                              f"{', '.join(USING)} or auto (see docs/providers.md)")
+        using = choose(opt(raw, key, "using", str, ""), USING, deps, key)
+        if using == "auto" and "human" not in deps.providers:
+            deps = ActionDeps(deps.kubernetes, deps.executor, {**deps.providers, "human": _human()})
+        return cls(using, deps)
+
+    async def run(self, ctx: ActionContext) -> StepResult:
+        using = pick(self.using, ctx, self.deps, "human")
+        provider = self.deps.providers.get(using)
+        if provider is None:
+            return StepResult(Outcome.FAILURE, f"replace: providers.{using} is not configured for node "
+                                               f"{ctx.node.name} ({ctx.node.provider_id or 'no providerID'})")
+        try:
+            ref = await provider.resolve(ctx.node)
+            if ctx.dry_run:
+                record(ctx, using, "replace", ref.describe(), False)
+                return StepResult(Outcome.DRY_RUN, f"would replace {ref.describe()}")
+            result = await call(ctx, using, self.name, "replace", provider.replace, ref)
+        except ProviderError as exc:
+            return failed(ctx, using, self.name, exc)
+        if using == "human":
+            ctx.note("human", self.name, "human_handoff")
+            return StepResult(Outcome.SUCCESS, result.detail, needs_human=True)
+        return StepResult(Outcome.SUCCESS, result.detail)
+
+    async def observe(self, ctx: ActionContext) -> Observation:
+        using = pick(self.using, ctx, self.deps, "human")
+        provider = self.deps.providers.get(using)
+        if provider is None or using == "human":
+            return Observation.NOT_DONE
+        try:
+            ref = await provider.resolve(ctx.node)
+            return Observation.DONE if await provider.replaced(ref, ctx.remediation_id) else Observation.NOT_DONE
+        except ProviderError:
+            return Observation.UNKNOWN
+
+
+def _human() -> Any:
+    from ..providers.human import HumanProvider
+
+    return HumanProvider()
+
+
+ACTION = Replace

@@ -1,0 +1,185 @@
+"""AWS against moto in server mode over real HTTP (through a scripting proxy for throttling and errors)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moto")
+boto3 = pytest.importorskip("boto3")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tests.providers.fakes.aws_proxy import ACCESS_DENIED, THROTTLING, AwsProxy, capacity_failure
+from tests.providers.fakes.support import (
+    FakeAlertmanager,
+    KubeFake,
+    alert,
+    await_for,
+    base_config,
+    close_harness,
+    make_harness,
+    notification,
+)
+
+from remediation_webhook.inventory.base import NodeIdentity
+from remediation_webhook.providers import ProviderError
+from remediation_webhook.providers.aws import AwsProvider
+
+KW = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(scope="module", name="moto_url")
+def _moto():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    yield f"http://{host}:{port}"
+    srv.stop()
+
+
+@pytest.fixture(name="aws")
+def _aws(moto_url):
+    import requests
+
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    proxy = AwsProxy(moto_url)
+    ec2 = boto3.client("ec2", endpoint_url=moto_url, **KW)
+    asg = boto3.client("autoscaling", endpoint_url=moto_url, **KW)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    lt = ec2.create_launch_template(LaunchTemplateName="gpu", LaunchTemplateData={
+        "ImageId": ami, "InstanceType": "p5.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
+    asg.create_auto_scaling_group(AutoScalingGroupName="gpu-asg", MinSize=0, MaxSize=5, DesiredCapacity=3,
+                                  LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"],
+                                  Tags=[{"Key": "remediation-fleet", "Value": "gpu", "PropagateAtLaunch": True}])
+    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups(
+        AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]["Instances"]]
+    yield type("Aws", (), {"proxy": proxy, "ec2": ec2, "asg": asg, "ids": ids, "url": proxy.url})
+    proxy.close()
+
+
+def provider_cfg(aws, **extra):
+    return {"region": "us-east-1", "endpoint_url": aws.url, "access_key_id": "testing",
+            "secret_access_key": "testing", "poll_interval": "50ms", "replacement_timeout": "10s",
+            "retry_base": "10ms", "max_attempts": 4, **extra}
+
+
+def group(aws):
+    return aws.asg.describe_auto_scaling_groups(AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]
+
+
+def tags(aws, iid):
+    res = aws.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    return {t["Key"]: t["Value"] for t in res.get("Tags", [])}, res["State"]["Name"]
+
+
+@pytest.fixture(name="kube")
+def _kube():
+    fake = KubeFake()
+    yield fake
+    fake.close()
+
+
+async def test_replace_through_the_webhook_ladder(tmp_path, kube, aws):
+    """remediation=reboot under a "replace, don't repair" rule: cordon -> drain -> replace in the ASG."""
+    victim = aws.ids[0]
+    kube.add_node("gpu-a", provider_id=f"aws:///us-east-1a/{victim}")
+    kube.add_pod("kube-system", "dcgm-a", "gpu-a", daemonset=True)
+    raw = base_config(tmp_path, kube.url, providers={"aws": provider_cfg(aws)},
+                      policy={"dry_run": False, "rules": [{
+                          "name": "replace-dont-repair", "match_re": {"alertname": "GPU.*"},
+                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
+                          "requires_approval": []}]},
+                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "aws"}})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        payload = notification(alert("gpu-a", remediation="reboot"))
+        assert (await h.post(payload)).status == 200
+        await await_for(lambda: h.states().get("gpu-a") == "SUCCEEDED", timeout=20, what="replace")
+        g = group(aws)
+        assert g["DesiredCapacity"] == 3
+        members = {i["InstanceId"] for i in g["Instances"]}
+        assert victim not in members and len(members) == 3
+        t, state = tags(aws, victim)
+        assert state == "terminated"
+        rid = h.sql("SELECT id FROM remediation WHERE node='gpu-a'")[0][0]
+        assert t["remediation/id"] == rid and t["remediation/action"] == "replace"
+        steps = [r[0] for r in h.sql("SELECT action FROM step WHERE remediation_id=? ORDER BY seq", rid)]
+        assert steps == ["cordon", "drain", "replace"]
+        terminations = aws.proxy.seen.count("TerminateInstanceInAutoScalingGroup")
+        assert terminations == 1
+        # a second delivery of the same alert does nothing
+        assert (await h.post(payload)).status == 200
+        await h.settle()
+        assert aws.proxy.seen.count("TerminateInstanceInAutoScalingGroup") == 1
+        assert len(h.sql("SELECT 1 FROM remediation")) == 1
+    finally:
+        await close_harness(h)
+
+
+def test_replace_requires_approval_by_default(tmp_path):
+    from remediation_webhook.config import build_config
+
+    raw = base_config(tmp_path, "http://127.0.0.1:1", providers={"aws": {"region": "us-east-1"}},
+                      policy={"dry_run": True, "rules": [{"name": "r", "match": {"alertname": "X"},
+                                                          "ladder": ["cordon", "replace"]}]},
+                      actions={"replace": {"using": "aws"}})
+    assert build_config(raw, base=tmp_path).policy.rules[0].requires_approval == frozenset({"replace"})
+
+
+async def test_throttling_then_success(aws):
+    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    aws.proxy.script["TerminateInstanceInAutoScalingGroup"] = [THROTTLING, THROTTLING]
+    aws.proxy.script["DescribeAutoScalingInstances"] = [THROTTLING]
+    node = NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[1]}")
+    result = await p.replace(await p.resolve(node), "rid-1", "test")
+    assert result.new_host and result.replacement
+    assert aws.proxy.seen.count("TerminateInstanceInAutoScalingGroup") == 3
+    assert group(aws)["DesiredCapacity"] == 3
+
+
+async def test_capacity_failure_is_reported(aws):
+    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    aws.proxy.script["DescribeScalingActivities"] = [capacity_failure("gpu-asg")]
+    node = NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[2]}")
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(node), "rid-2", "test")
+    assert err.value.kind == "capacity" and "InsufficientInstanceCapacity" in err.value.detail
+
+
+async def test_auth_error_not_found_and_no_asg(aws):
+    p = AwsProvider.from_config(provider_cfg(aws, max_attempts=1), "providers.aws")
+    aws.proxy.script["TerminateInstanceInAutoScalingGroup"] = [ACCESS_DENIED]
+    ref = await p.resolve(NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[0]}"))
+    with pytest.raises(ProviderError) as err:
+        await p.replace(ref, "rid-3", "test")
+    assert err.value.kind == "auth" and "deploy/iam/aws-policy.json" in err.value.detail
+    missing = await p.resolve(NodeIdentity("n", "u", provider_id="aws:///us-east-1a/i-0123456789abcdef0"))
+    with pytest.raises(ProviderError) as err:
+        await p.replace(missing, "rid-4", "test")
+    assert err.value.kind == "not_found"
+    ami = aws.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    lone = aws.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{lone}")), "r", "t")
+    assert err.value.kind == "unsupported" and "no auto scaling group" in err.value.detail
+    assert tags(aws, lone)[1] == "running"
+
+
+async def test_reboot_and_hostile_ids(aws):
+    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    ref = await p.resolve(NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[0]}"))
+    result = await p.reboot(ref, "rid-5", "test")
+    assert not result.new_host and "RebootInstances" in result.detail
+    assert tags(aws, aws.ids[0])[0]["remediation/action"] == "reboot"
+    before = len(aws.proxy.seen)
+    for bad in ("aws:///us-east-1a/i-XYZ", "aws:///us-east-1a/i-0123;rm -rf", "aws:///../i-0123456789abcdef0"):
+        with pytest.raises(ProviderError) as err:
+            await p.resolve(NodeIdentity("n", "u", provider_id=bad))
+        assert err.value.kind == "invalid"
+    assert len(aws.proxy.seen) == before

@@ -1,0 +1,174 @@
+"""The executor Job against kmock: spec asserted, the test plays the kubelet, the webhook verifies and falls back."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tests.providers.fakes.support import (
+    FakeAlertmanager,
+    KubeFake,
+    alert,
+    await_for,
+    base_config,
+    close_harness,
+    make_harness,
+    notification,
+)
+
+from remediation_webhook.executor import job_name
+
+UUID = "GPU-11111111-2222-3333-4444-555555555555"
+JOBS = "/apis/batch/v1/namespaces/gpu-health/jobs"
+
+
+@pytest.fixture(name="kube")
+def _kube():
+    fake = KubeFake()
+    yield fake
+    fake.close()
+
+
+def config(tmp_path, kube, ladder, **actions):
+    return base_config(tmp_path, kube.url,
+                       executor={"namespace": "gpu-health", "image": "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04",
+                                 "poll_interval": "20ms", "job_timeout": "5s"},
+                       policy={"dry_run": False, "rules": [{"name": "gpu", "match_re": {"alertname": "GPU.*"},
+                                                            "ladder": ladder}]},
+                       actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, **actions})
+
+
+def gpu_node(kube, name, allocatable="7", boot="boot-1"):
+    kube.add_node(name)
+    kube.add_pod("kube-system", f"dcgm-exporter-{name}", name, daemonset=True)  # stays; declares pods in kmock
+    patch_status(kube, name, {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": allocatable},
+                              "nodeInfo": {"bootID": boot},
+                              "conditions": [{"type": "Ready", "status": "True"}]})
+
+
+def patch_status(kube, name, status):
+    r = kube.http.patch(f"{kube.url}/api/v1/nodes/{name}", json={"status": status},
+                        headers={"Content-Type": "application/merge-patch+json", **wc_ua()}, timeout=5)
+    assert r.status_code < 300, r.text
+
+
+def wc_ua():
+    return {"User-Agent": "webhook-test-setup"}
+
+
+def job(kube, name):
+    r = kube.http.get(f"{kube.url}{JOBS}/{name}", headers=wc_ua(), timeout=5)
+    return r.json() if r.status_code == 200 else None
+
+
+def finish_job(kube, name, ok=True, message=""):
+    status = ({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]} if ok else
+              {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                            "message": message}]})
+    r = kube.http.patch(f"{kube.url}{JOBS}/{name}", json={"status": status},
+                        headers={"Content-Type": "application/merge-patch+json", **wc_ua()}, timeout=5)
+    assert r.status_code < 300, r.text
+
+
+async def rid_of(h, node):
+    return (await await_for(lambda: h.sql("SELECT id FROM remediation WHERE node=?", node), what="remediation"))[0][0]
+
+
+async def test_reset_gpu_job_spec_success_and_verification(tmp_path, kube):
+    gpu_node(kube, "gpu-1")
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu"], reset_gpu={
+        "verify_timeout": "5s", "verify_interval": "20ms"}), tmp_path, kube.url, FakeAlertmanager())
+    try:
+        r = await h.post(notification(alert("gpu-1", remediation="reset_gpu", gpu="3", uuid=UUID)))
+        assert r.status == 200
+        rid = await rid_of(h, "gpu-1")
+        name = job_name("reset_gpu", rid)
+        assert name == f"gpu-health-reset-gpu-{rid[:16]}"
+        body = await await_for(lambda: job(kube, name), what="job")
+        labels = body["metadata"]["labels"]
+        assert labels["gpu-health.io/remediation-id"] == rid and labels["gpu-health.io/action"] == "reset-gpu"
+        pod = body["spec"]["template"]["spec"]
+        assert pod["nodeName"] == "gpu-1" and pod["restartPolicy"] == "Never" and pod["hostPID"] is True
+        assert pod["tolerations"] == [{"operator": "Exists"}]
+        c = pod["containers"][0]
+        assert c["securityContext"] == {"privileged": True}
+        assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3:] == ["gpu-health-reset", UUID]
+        assert "nvidia-smi -r -i \"$bus\"" in c["command"][2]
+        assert body["spec"]["backoffLimit"] == 0 and body["spec"]["activeDeadlineSeconds"] == 5
+        assert "gpu-1" in kube.cordoned()
+        finish_job(kube, name)  # the kubelet: the pod exited 0
+        patch_status(kube, "gpu-1", {"allocatable": {"nvidia.com/gpu": "8"}})  # the device plugin: healthy again
+        await await_for(lambda: h.states().get("gpu-1") == "SUCCEEDED", what="succeeded")
+        detail = h.sql("SELECT detail FROM step WHERE remediation_id=? AND action='reset_gpu'", rid)[0][0]
+        assert "allocatable 8 of 8" in detail
+        assert h.metric("gpu_remediation_actions_total", node="gpu-1", gpu="3", uuid=UUID, action="reset_gpu",
+                        result="success") == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_reset_failure_falls_back_to_reboot_verified_by_boot_id(tmp_path, kube):
+    gpu_node(kube, "gpu-2")
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu", "reboot"],
+                                  reset_gpu={"verify_timeout": "2s", "verify_interval": "20ms"},
+                                  reboot={"using": "executor", "verify_timeout": "5s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-2", remediation="reset_gpu", gpu="0", uuid=UUID)))
+        rid = await rid_of(h, "gpu-2")
+        reset = job_name("reset_gpu", rid)
+        await await_for(lambda: job(kube, reset), what="reset job")
+        finish_job(kube, reset, ok=False, message="MIG is enabled: reset not possible")
+        reboot = job_name("reboot", rid)
+        body = await await_for(lambda: job(kube, reboot), what="reboot job")
+        assert body["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["systemctl", "reboot"]
+        assert body["metadata"]["annotations"]["gpu-health.io/boot-id-before"] == "boot-1"
+        patch_status(kube, "gpu-2", {"nodeInfo": {"bootID": "boot-2"}})  # the host came back
+        await await_for(lambda: h.states().get("gpu-2") == "SUCCEEDED", what="succeeded")
+        steps = h.sql("SELECT action, state, detail FROM step WHERE remediation_id=? ORDER BY seq", rid)
+        assert [(a, s) for a, s, _ in steps] == [("cordon", "SUCCEEDED"), ("drain", "SUCCEEDED"),
+                                                 ("reset_gpu", "FAILED"), ("reboot", "SUCCEEDED")]
+        assert "MIG is enabled" in steps[2][2]
+        assert h.metric("gpu_remediation_provider_events_total", provider="engine", action="reset_gpu",
+                        kind="fallback") == 1
+        assert h.sql("SELECT 1 FROM audit WHERE event='fallback' AND remediation_id=?", rid)
+    finally:
+        await close_harness(h)
+
+
+async def test_reset_failure_without_a_next_rung_escalates(tmp_path, kube):
+    gpu_node(kube, "gpu-3")
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu"],
+                                  reset_gpu={"verify_timeout": "1s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-3", remediation="reset_gpu", gpu="0", uuid=UUID)))
+        rid = await rid_of(h, "gpu-3")
+        name = job_name("reset_gpu", rid)
+        await await_for(lambda: job(kube, name), what="job")
+        finish_job(kube, name)  # succeeded, but allocatable never comes back
+        await await_for(lambda: h.states().get("gpu-3") == "FAILED", what="failed")
+        reason = h.sql("SELECT reason FROM remediation WHERE id=?", rid)[0][0]
+        assert "allocatable 7 of 8" in reason
+    finally:
+        await close_harness(h)
+
+
+def test_check_config_accepts_configured_executors(tmp_path):
+    from remediation_webhook.config import build_config
+    from remediation_webhook.errors import ConfigError
+
+    raw = config(tmp_path, type("K", (), {"url": "http://127.0.0.1:1"})(), ["cordon", "drain", "reset_gpu", "reboot"],
+                 reset_gpu={}, reboot={"using": "executor"})
+    cfg = build_config(raw, base=tmp_path)
+    assert {"reset_gpu", "reboot"} <= set(cfg.actions)
+    raw["actions"]["reboot"] = {"using": "aws"}
+    with pytest.raises(ConfigError, match="actions.reboot.using: aws needs providers.aws configured"):
+        build_config(raw, base=tmp_path)
+    del raw["executor"]
+    raw["actions"]["reboot"] = {"using": "executor"}
+    with pytest.raises(ConfigError, match="needs the executor: section"):
+        build_config(raw, base=tmp_path)

@@ -1,0 +1,1 @@
+"""Repository tools (generators, checks); importable by the tests."""
