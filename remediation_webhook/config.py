@@ -528,7 +528,7 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     if ex_settings is not None and kubernetes is None:
         raise ConfigError("executor: needs the kubernetes: section (the executor is a Kubernetes Job)")
     executor = JobExecutor(ex_settings, kubernetes) if ex_settings is not None else None
-    actions = _actions(top.get("actions"), ActionDeps(kubernetes, executor, build_providers(top.get("providers"))))
+    actions = _actions(top.get("actions"), ActionDeps(kubernetes, executor, build_providers(top.get("providers"), kubernetes)))
     policy = _policy(top.get("policy"), actions)
     safety = _safety(top.get("safety"))
     eng = _mapping(top.get("engine"), "engine", {"tick", "pool_refresh", "verify_retries"})

@@ -19,9 +19,9 @@ def choose(using: str, allowed: tuple[str, ...], deps: ActionDeps, key: str) -> 
         raise ConfigError(f"{key}.using: one of {', '.join(allowed + ('auto',))}, got {using!r}")
     if using in ("executor",) and deps.executor is None:
         raise ConfigError(f"{key}.using: executor needs the executor: section (namespace, image)")
-    if using not in ("executor", "auto", "karpenter", "cluster-api") and using not in deps.providers:
+    if using not in ("executor", "auto", "karpenter", "cluster_api") and using not in deps.providers:
         raise ConfigError(f"{key}.using: {using} needs providers.{using} configured")
-    if using in ("karpenter", "cluster-api") and deps.kubernetes is None:
+    if using in ("karpenter", "cluster_api") and deps.kubernetes is None:
         raise ConfigError(f"{key}.using: {using} needs the kubernetes: section")
     return using
 

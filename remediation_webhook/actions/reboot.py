@@ -1,10 +1,12 @@
 """reboot: restart the machine on the same host, verified by a new boot id.
 
   actions:
-    reboot: {using: executor | aws | slurm | auto, verify_timeout: 20m, verify_interval: 15s}
+    reboot: {using: executor | aws | gcp | azure | slurm | auto, verify_timeout: 20m, verify_interval: 15s}
 
   executor  bare metal: the executor Job (privileged, hostPID) runs `nsenter -t 1 ... systemctl reboot`
   aws       ec2:RebootInstances (same host)
+  gcp       compute instances.reset (same host; requestId from the remediation id)
+  azure     virtual_machine_scale_set_vms.begin_restart (same host, per instance)
   slurm     scontrol reboot ASAP nextstate=RESUME reason=... <node> (Slurm drains it first)
   auto      the node's cloud from its providerID when that provider is configured, else the executor
 

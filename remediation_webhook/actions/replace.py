@@ -1,10 +1,16 @@
 """replace: get a new machine for the node (after cordon and drain). `requires_approval` unless a rule opts out.
 
   actions:
-    replace: {using: aws | human | auto}
+    replace: {using: aws | gcp | azure | karpenter | cluster_api | human | auto}
 
   aws    TerminateInstanceInAutoScalingGroup(ShouldDecrementDesiredCapacity=False) (or SetInstanceHealth with
          providers.aws.replace_mode: unhealthy), verified: a replacement InService, desired capacity unchanged
+  gcp    instanceGroupManagers.recreateInstances (requestId from the remediation id), verified through
+         listManagedInstances (currentAction NONE, RUNNING); reportHostAsFaulty on A3 Ultra/A4/A4X when
+         providers.gcp.report_faulty_host is set
+  azure  per-instance VMSS redeploy (default), reimage or delete + scale back out; AKS scale sets refused
+  karpenter    delete the node's NodeClaim (karpenter.sh/v1), verified gone
+  cluster_api  delete the node's Machine (cluster.x-k8s.io/v1beta1, MachineSet-owned), verified gone
   human  bare metal: a replacement record (journal, metric, optional notification webhook); the node stays
          cordoned and drained and the remediation parks in NEEDS_HUMAN
   auto   the node's cloud from its providerID when that provider is configured, else human
@@ -20,7 +26,7 @@ from ..providers import ProviderError, only_keys, opt
 from ._provider_common import call, choose, failed, pick, record
 from .base import ActionContext, ActionDeps, Observation, Outcome, StepResult
 
-USING = ("aws", "gcp", "azure", "human")
+USING = ("aws", "gcp", "azure", "karpenter", "cluster_api", "human")
 
 
 class Replace:
@@ -44,6 +50,8 @@ class Replace:
         using = choose(opt(raw, key, "using", str, ""), USING, deps, key)
         if using == "auto" and "human" not in deps.providers:
             deps = ActionDeps(deps.kubernetes, deps.executor, {**deps.providers, "human": _human()})
+        if using in ("karpenter", "cluster_api") and using not in deps.providers:
+            deps = ActionDeps(deps.kubernetes, deps.executor, {**deps.providers, using: _native(using, deps, key)})
         return cls(using, deps)
 
     async def run(self, ctx: ActionContext) -> StepResult:
@@ -81,6 +89,15 @@ def _human() -> Any:
     from ..providers.human import HumanProvider
 
     return HumanProvider()
+
+
+def _native(using: str, deps: ActionDeps, key: str) -> Any:
+    """`using: karpenter | cluster_api` without a providers entry: the provider with its defaults."""
+    from ..providers.k8s_native import PROVIDERS
+
+    provider = {p.name: p for p in PROVIDERS}[using].from_config({}, f"providers.{using}")
+    provider.bind_kubernetes(deps.kubernetes, f"{key}.using")
+    return provider
 
 
 ACTION = Replace

@@ -1,6 +1,6 @@
 """The provider seam: what a machine-level action needs from whoever owns the machine.
 
-One module per provider (aws, gcp, azure, slurm, human, kubernetes_native), each defining PROVIDER: a class
+One module per provider (aws, gcp, azure, slurm, human, k8s_native), each defining PROVIDER (or PROVIDERS): a class
 with `from_config(raw, key)`. A provider resolves a node to an instance (validating every identifier before
 any call), and offers the verbs it really has; a verb it lacks raises ProviderError(kind="unsupported").
 
@@ -149,14 +149,16 @@ def discover() -> dict[str, Any]:
     found: dict[str, Any] = {}
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        cls = getattr(module, "PROVIDER", None)
-        if cls is not None:
-            found[cls.name] = cls
+        for cls in (getattr(module, "PROVIDER", None), *getattr(module, "PROVIDERS", ())):
+            if cls is not None:
+                found[cls.name] = cls
     return found
 
 
-def build_providers(raw: object) -> dict[str, Any]:
-    """The `providers:` section -> configured provider instances (clients are created lazily)."""
+def build_providers(raw: object, kubernetes: Any = None) -> dict[str, Any]:
+    """The `providers:` section -> configured provider instances (clients are created lazily).
+
+    Providers that work through the Kubernetes API (karpenter, cluster_api) get the `kubernetes:` settings."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -169,6 +171,9 @@ def build_providers(raw: object) -> dict[str, Any]:
         if spec is not None and not isinstance(spec, dict):
             raise ConfigError(f"providers.{name}: expected a mapping")
         out[name] = available[name].from_config(spec or {}, f"providers.{name}")
+        bind = getattr(out[name], "bind_kubernetes", None)
+        if bind is not None:
+            bind(kubernetes, f"providers.{name}")
     return out
 
 

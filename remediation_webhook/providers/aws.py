@@ -290,7 +290,7 @@ class AwsProvider:
             await self._instance(iid)  # not_found if the instance itself is gone
             raise ProviderError("unsupported", f"{iid} is in no auto scaling group: nothing would launch a "
                                                f"replacement, so it was not terminated. Replace it by hand, or "
-                                               f"use replace with karpenter / cluster-api / human")
+                                               f"use replace with karpenter / cluster_api / human")
         asg = str(member["AutoScalingGroupName"])
         if self.allowed_groups and asg not in self.allowed_groups:
             raise ProviderError("unsupported", f"{iid} is in group {asg}, which providers.aws.allowed_groups "

@@ -1,0 +1,406 @@
+"""GCP (google-cloud-compute, REST transport): Compute Engine v1, for nodes whose providerID is
+gce://<project>/<zone>/<name>.
+
+  reboot          instances.reset (same host, hard reset, no guest shutdown)
+  move            instances.reportHostAsFaulty (A3 Ultra / A4 / A4X, RUNNING, reservation-bound; new host); other
+                  machine types: kind "unsupported", no call
+  replace         instanceGroupManagers.recreateInstances on the instance's managed instance group (zonal), with
+                  a requestId derived from the remediation id, verified through listManagedInstances: the
+                  operation is DONE once the flag is set, so we wait until the instance's currentAction is NONE
+                  and its status RUNNING. With `report_faulty_host: true`, an eligible machine type (A3 Ultra, A4,
+                  A4X) is reported as faulty instead (new host). An instance in no MIG is never touched.
+  tag             instances.setLabels with the current labelFingerprint (re-read once on 412)
+
+Every mutating call carries a requestId (UUIDv5 of the remediation id and the verb), so a retry, or a re-run
+after a crash, is the same request to Compute Engine. The returned zonal operation is polled with
+zoneOperations.wait; its name is the step's `operation`. 429 and 503 are retried by our full-jitter backoff
+(the client's own retry is off). Blocking calls run in a thread. Permissions: deploy/iam/gcp-custom-role.yaml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..inventory.base import NodeIdentity
+from . import (
+    GCE_NAME,
+    GCE_PROJECT,
+    GCE_ZONE,
+    InstanceRef,
+    ProviderError,
+    ProviderResult,
+    duration,
+    only_keys,
+    opt,
+    parse_provider_id,
+    with_backoff,
+)
+
+IAM_FILE = "deploy/iam/gcp-custom-role.yaml"
+REQUEST_NS = uuid.UUID("5b0e7a3c-8a51-4c55-9f3e-6f1d2a8c0b71")  # fixed: request ids must be stable across runs
+# reportHostAsFaulty works only on these families (remediation-practice.md §3.5)
+FAULTY_HOST_TYPES = re.compile(r"(a3-ultragpu|a4-highgpu|a4x-highgpu|a4x-maxgpu)-.*")
+MIG_OF = re.compile(r"projects/[^/]+/zones/([^/]+)/instanceGroupManagers/([^/]+)")
+CAPACITY = ("ZONE_RESOURCE_POOL_EXHAUSTED", "QUOTA_EXCEEDED", "RESOURCE_POOL_EXHAUSTED",
+            "STOCKOUT", "INSUFFICIENT_CAPACITY")
+FAULT_BEHAVIORS = ("UNRECOVERABLE_GPU_ERROR", "SILENT_DATA_CORRUPTION", "PERFORMANCE", "BEHAVIOR_UNSPECIFIED")
+
+
+def request_id(rid: str, verb: str) -> str:
+    """The same remediation and verb always produce the same requestId (GCP dedupes it for ~60 minutes)."""
+    return str(uuid.uuid5(REQUEST_NS, f"{rid}:{verb}"))
+
+
+def label_value(value: str) -> str:
+    """A GCP label value: lowercase letters, digits, _ and -, at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+
+
+def _status(exc: Exception) -> int:
+    code = getattr(exc, "code", None)
+    try:
+        return int(code) if code is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def classify(exc: Exception, what: str) -> ProviderError:
+    """Any google-api-core / transport failure -> ProviderError with an operator-facing message."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, auth_exc.DefaultCredentialsError):
+        return ProviderError("auth", f"{what}: no GCP credentials (use GKE Workload Identity, or set "
+                                     f"providers.gcp.credentials_file)", code="NoCredentials")
+    if isinstance(exc, gexc.GoogleAPICallError):
+        status, message = _status(exc), str(getattr(exc, "message", exc))[:300]
+        if status in (401, 403):
+            return ProviderError("auth", f"GCP refused {what} ({status}: {message}); grant the webhook's service "
+                                         f"account the custom role in {IAM_FILE} on this instance / MIG",
+                                 code=str(status))
+        if status == 404:
+            return ProviderError("not_found", f"{what}: not found ({message})", code="404")
+        if status == 429:
+            return ProviderError("throttled", f"{what}: still rate limited after retries (429: {message}); lower "
+                                              f"the webhook's rate limits or retry later", code="429")
+        if status == 503:
+            return ProviderError("unavailable", f"{what}: Compute Engine unavailable after retries (503: "
+                                                f"{message}); the outcome is unknown, the requestId makes a retry "
+                                                f"safe", code="503")
+        if any(c in message for c in CAPACITY):
+            return ProviderError("capacity", f"{what}: {message}", code=str(status))
+        return ProviderError("failed", f"{what}: {status or 'error'}: {message}", code=str(status))
+    if isinstance(exc, auth_exc.GoogleAuthError):
+        return ProviderError("auth", f"{what}: GCP authentication failed: {str(exc)[:200]}")
+    if isinstance(exc, OSError | gexc.RetryError) or type(exc).__module__.startswith(("requests", "urllib3")):
+        return ProviderError("unavailable", f"{what}: Compute Engine API unreachable: {str(exc)[:200]}")
+    return ProviderError("failed", f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _retryable(exc: Exception) -> bool:
+    return isinstance(exc, ProviderError) and exc.code in ("429", "503")
+
+
+def _enum(value: Any) -> str:
+    return str(getattr(value, "name", value) or "")
+
+
+class GcpProvider:
+    name: ClassVar[str] = "gcp"
+
+    def __init__(self, *, endpoint: str = "", credentials_file: str = "", anonymous: bool = False,
+                 report_faulty_host: bool = False, fault_behavior: str = "UNRECOVERABLE_GPU_ERROR",
+                 label_prefix: str = "remediation-", allowed_groups: tuple[str, ...] = (),
+                 max_attempts: int = 5, retry_base: float = 1.0, retry_cap: float = 30.0,
+                 operation_timeout: float = 900.0, replacement_timeout: float = 1800.0,
+                 poll_interval: float = 15.0, call_timeout: float = 60.0) -> None:
+        self.endpoint = endpoint
+        self.credentials_file = credentials_file
+        self.anonymous = anonymous
+        self.report_faulty_host = report_faulty_host
+        self.fault_behavior = fault_behavior
+        self.label_prefix = label_prefix
+        self.allowed_groups = allowed_groups
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.operation_timeout = operation_timeout
+        self.replacement_timeout = replacement_timeout
+        self.poll_interval = poll_interval
+        self.call_timeout = call_timeout
+        self._clients: dict[str, Any] = {}
+        self.retries_seen = 0
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], key: str) -> GcpProvider:
+        only_keys(raw, key, {"endpoint", "credentials_file", "anonymous", "report_faulty_host", "fault_behavior",
+                             "label_prefix", "allowed_groups", "max_attempts", "retry_base", "retry_cap",
+                             "operation_timeout", "replacement_timeout", "poll_interval", "call_timeout"})
+        endpoint = opt(raw, key, "endpoint", str, "")
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.endpoint: expected an http(s) URL")
+        creds = opt(raw, key, "credentials_file", str, "")
+        if creds and not Path(creds).is_file():
+            raise ConfigError(f"{key}.credentials_file: no such file {creds!r}")
+        anonymous = opt(raw, key, "anonymous", bool, False)
+        if anonymous and not endpoint:
+            raise ConfigError(f"{key}.anonymous: only for a test endpoint (set {key}.endpoint)")
+        behavior = opt(raw, key, "fault_behavior", str, "UNRECOVERABLE_GPU_ERROR")
+        if behavior not in FAULT_BEHAVIORS:
+            raise ConfigError(f"{key}.fault_behavior: one of {', '.join(FAULT_BEHAVIORS)}")
+        prefix = opt(raw, key, "label_prefix", str, "remediation-")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", prefix):
+            raise ConfigError(f"{key}.label_prefix: lowercase letters, digits, _ and - (a GCP label key prefix)")
+        groups = raw.get("allowed_groups") or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ConfigError(f"{key}.allowed_groups: expected a list of managed instance group names")
+        attempts = opt(raw, key, "max_attempts", int, 5)
+        if attempts < 1:
+            raise ConfigError(f"{key}.max_attempts: at least 1")
+        return cls(endpoint=endpoint, credentials_file=creds, anonymous=anonymous,
+                   report_faulty_host=opt(raw, key, "report_faulty_host", bool, False), fault_behavior=behavior,
+                   label_prefix=prefix, allowed_groups=tuple(groups), max_attempts=attempts,
+                   retry_base=duration(raw, key, "retry_base", "1s"), retry_cap=duration(raw, key, "retry_cap", "30s"),
+                   operation_timeout=duration(raw, key, "operation_timeout", "15m"),
+                   replacement_timeout=duration(raw, key, "replacement_timeout", "30m"),
+                   poll_interval=duration(raw, key, "poll_interval", "15s"),
+                   call_timeout=duration(raw, key, "call_timeout", "60s"))
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            from google.api_core.client_options import ClientOptions
+            from google.cloud import compute_v1
+
+            credentials: Any = None
+            if self.anonymous:
+                from google.auth.credentials import AnonymousCredentials
+
+                credentials = AnonymousCredentials()
+            elif self.credentials_file:
+                from google.oauth2 import service_account
+
+                credentials = service_account.Credentials.from_service_account_file(
+                    self.credentials_file, scopes=["https://www.googleapis.com/auth/compute"])
+            options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
+            cls = {"instances": compute_v1.InstancesClient,
+                   "migs": compute_v1.InstanceGroupManagersClient,
+                   "operations": compute_v1.ZoneOperationsClient}[service]
+            self._clients[service] = cls(credentials=credentials, client_options=options, transport="rest")
+        return self._clients[service]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.transport.close()
+        self._clients.clear()
+
+    async def call(self, service: str, op: str, what: str, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                fn = getattr(self.client(service), op)
+                return await asyncio.to_thread(lambda: fn(retry=None, timeout=self.call_timeout, **kwargs))
+            except Exception as exc:
+                raise classify(exc, what) from exc
+
+        def count(_exc: Exception) -> None:
+            self.retries_seen += 1
+
+        return await with_backoff(once, retryable=_retryable, attempts=self.max_attempts, base=self.retry_base,
+                                  cap=self.retry_cap, on_retry=count)
+
+    async def wait_operation(self, ref: InstanceRef, op: Any, what: str) -> str:
+        """Poll a zonal operation until DONE; an operation error becomes kind failed (or capacity)."""
+        from google.cloud import compute_v1
+
+        name = str(op.name)
+        deadline = time.monotonic() + self.operation_timeout
+        while _enum(op.status) != "DONE":
+            if time.monotonic() > deadline:
+                raise ProviderError("failed", f"{what}: operation {name} not DONE within "
+                                              f"{self.operation_timeout:.0f}s; check it with `gcloud compute "
+                                              f"operations describe {name} --zone {ref.zone}`")
+            op = await self.call("operations", "wait", f"compute.zoneOperations.wait({name})",
+                                 request=compute_v1.WaitZoneOperationRequest(project=ref.project, zone=ref.zone,
+                                                                             operation=name))
+            if _enum(op.status) != "DONE":
+                await asyncio.sleep(self.poll_interval)
+        errors = list(op.error.errors) if op.error else []
+        if errors:
+            text = "; ".join(f"{e.code}: {e.message}" for e in errors)[:400]
+            kind = "capacity" if any(c in text for c in CAPACITY) else "failed"
+            if any(e.code in ("PERMISSION_DENIED", "FORBIDDEN") for e in errors):
+                kind = "auth"
+            raise ProviderError(kind, f"{what}: operation {name} failed: {text}", code=str(errors[0].code))
+        return name
+
+    # ------------------------------------------------------------------------------------------ verbs
+
+    async def resolve(self, node: NodeIdentity) -> InstanceRef:
+        ref = parse_provider_id(node.provider_id) if node.provider_id else None
+        if ref is None or ref.provider != "gcp":
+            raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not "
+                                           f"gce://<project>/<zone>/<name>")
+        return ref
+
+    def _check(self, ref: InstanceRef) -> None:
+        if ref.provider != "gcp" or not (GCE_PROJECT.fullmatch(ref.project) and GCE_ZONE.fullmatch(ref.zone)
+                                         and GCE_NAME.fullmatch(ref.instance_id)):
+            raise ProviderError("invalid", f"{ref.describe()} is not a valid GCE project/zone/instance")
+
+    async def _instance(self, ref: InstanceRef) -> Any:
+        return await self.call("instances", "get", f"compute.instances.get({ref.instance_id})",
+                               project=ref.project, zone=ref.zone, instance=ref.instance_id)
+
+    async def tag(self, ref: InstanceRef, tags: Mapping[str, str]) -> None:
+        from google.cloud import compute_v1
+
+        self._check(ref)
+        for attempt in (1, 2):
+            inst = await self._instance(ref)
+            labels = dict(inst.labels)
+            labels.update({f"{self.label_prefix}{k}"[:63]: label_value(v) for k, v in tags.items()})
+            try:
+                op = await self.call(
+                    "instances", "set_labels_unary", f"compute.instances.setLabels({ref.instance_id})",
+                    project=ref.project, zone=ref.zone, instance=ref.instance_id,
+                    instances_set_labels_request_resource=compute_v1.InstancesSetLabelsRequest(
+                        labels=labels, label_fingerprint=inst.label_fingerprint))
+            except ProviderError as exc:
+                if exc.code == "412" and attempt == 1:  # fingerprint changed under us: re-read, once
+                    continue
+                raise
+            await self.wait_operation(ref, op, f"setLabels on {ref.instance_id}")
+            return
+
+    async def reboot(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
+        self._check(ref)
+        await self.tag(ref, {"id": rid, "action": "reboot"})
+        from google.cloud import compute_v1
+
+        op = await self.call("instances", "reset_unary", f"compute.instances.reset({ref.instance_id})",
+                             request=compute_v1.ResetInstanceRequest(
+                                 project=ref.project, zone=ref.zone, instance=ref.instance_id,
+                                 request_id=request_id(rid, "reset")))
+        name = await self.wait_operation(ref, op, f"reset of {ref.instance_id}")
+        return ProviderResult(f"instances.reset done for {ref.instance_id} (same host)", operation=name)
+
+    async def move(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
+        self._check(ref)
+        inst = await self._instance(ref)
+        return await self._report_faulty(ref, inst, rid, reason)
+
+    async def _report_faulty(self, ref: InstanceRef, inst: Any, rid: str, reason: str) -> ProviderResult:
+        from google.cloud import compute_v1
+
+        machine = str(inst.machine_type).rsplit("/", 1)[-1]
+        if not FAULTY_HOST_TYPES.fullmatch(machine):
+            raise ProviderError("unsupported", f"{ref.instance_id} is a {machine or 'unknown machine type'}: "
+                                               f"reportHostAsFaulty works only on A3 Ultra, A4 and A4X VMs")
+        if str(inst.status) != "RUNNING":
+            raise ProviderError("unsupported", f"{ref.instance_id} is {inst.status}: reportHostAsFaulty needs a "
+                                               f"RUNNING VM")
+        await self.tag(ref, {"id": rid, "action": "report-faulty-host"})
+        body = compute_v1.InstancesReportHostAsFaultyRequest(
+            disruption_schedule="IMMEDIATE",
+            fault_reasons=[compute_v1.InstancesReportHostAsFaultyRequestFaultReason(
+                behavior=self.fault_behavior, description=f"gpu-health {rid}: {reason}"[:1000])])
+        op = await self.call("instances", "report_host_as_faulty_unary",
+                             f"compute.instances.reportHostAsFaulty({ref.instance_id})",
+                             request=compute_v1.ReportHostAsFaultyInstanceRequest(
+                                 project=ref.project, zone=ref.zone, instance=ref.instance_id,
+                                 request_id=request_id(rid, "report-faulty-host"),
+                                 instances_report_host_as_faulty_request_resource=body))
+        name = await self.wait_operation(ref, op, f"reportHostAsFaulty on {ref.instance_id}")
+        return ProviderResult(f"reportHostAsFaulty done for {ref.instance_id}: the VM moves to a new host",
+                              new_host=True, operation=name)
+
+    async def mark_unhealthy(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
+        raise ProviderError("unsupported", "GCP has no mark-unhealthy; use replace (recreateInstances)")
+
+    @staticmethod
+    def _mig(inst: Any) -> tuple[str, str] | None:
+        for item in inst.metadata.items if inst.metadata else []:
+            if item.key == "created-by":
+                m = MIG_OF.fullmatch(str(item.value))
+                if m and GCE_ZONE.fullmatch(m[1]) and GCE_NAME.fullmatch(m[2]):
+                    return m[1], m[2]
+        return None
+
+    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
+        """Unknown from the instance alone (a recreated VM has the same name); the replace is safe to re-run:
+        recreateInstances carries the same requestId, which Compute Engine deduplicates."""
+        self._check(ref)
+        return False
+
+    async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
+        from google.cloud import compute_v1
+
+        self._check(ref)
+        inst = await self._instance(ref)
+        machine = str(inst.machine_type).rsplit("/", 1)[-1]
+        if self.report_faulty_host and FAULTY_HOST_TYPES.fullmatch(machine):
+            return await self._report_faulty(ref, inst, rid, reason)
+        mig = self._mig(inst)
+        if mig is None:
+            raise ProviderError("unsupported", f"{ref.instance_id} is in no managed instance group: nothing would "
+                                               f"recreate it, so it was not touched. Replace it by hand, or use "
+                                               f"replace with human")
+        mig_zone, mig_name = mig
+        if mig_zone != ref.zone:
+            raise ProviderError("unsupported", f"{ref.instance_id} belongs to {mig_name} in {mig_zone}; regional "
+                                               f"MIGs are not supported yet")
+        if self.allowed_groups and mig_name not in self.allowed_groups:
+            raise ProviderError("unsupported", f"{ref.instance_id} is in MIG {mig_name}, which "
+                                               f"providers.gcp.allowed_groups does not list; not touched")
+        old_id = str(inst.id)
+        await self.tag(ref, {"id": rid, "action": "replace", "state": "replacing"})
+        body = compute_v1.InstanceGroupManagersRecreateInstancesRequest(
+            instances=[f"zones/{ref.zone}/instances/{ref.instance_id}"])
+        op = await self.call("migs", "recreate_instances_unary",
+                             f"compute.instanceGroupManagers.recreateInstances({mig_name})",
+                             request=compute_v1.RecreateInstancesInstanceGroupManagerRequest(
+                                 project=ref.project, zone=ref.zone, instance_group_manager=mig_name,
+                                 request_id=request_id(rid, "recreate"),
+                                 instance_group_managers_recreate_instances_request_resource=body))
+        name = await self.wait_operation(ref, op, f"recreateInstances of {ref.instance_id} in {mig_name}")
+        return await self._await_recreated(ref, mig_name, old_id, name)
+
+    async def _await_recreated(self, ref: InstanceRef, mig: str, old_id: str, operation: str) -> ProviderResult:
+        """DONE means "flag set": wait for currentAction NONE and status RUNNING in listManagedInstances."""
+        deadline = time.monotonic() + self.replacement_timeout
+        last = "absent"
+        while True:
+            pager = await self.call("migs", "list_managed_instances",
+                                    f"compute.instanceGroupManagers.listManagedInstances({mig})",
+                                    project=ref.project, zone=ref.zone, instance_group_manager=mig)
+            rows = await asyncio.to_thread(list, pager)
+            mine = [m for m in rows if str(m.instance).rsplit("/", 1)[-1] == ref.instance_id]
+            if mine:
+                m = mine[0]
+                action, status = _enum(m.current_action), _enum(m.instance_status)
+                last = f"currentAction {action}, status {status}"
+                if action == "NONE" and status == "RUNNING":
+                    new_id = str(m.id) if m.id else ""
+                    changed = f"; instance id {old_id} -> {new_id}" if new_id and new_id != old_id else ""
+                    return ProviderResult(f"recreated {ref.instance_id} in MIG {mig}: RUNNING with no pending "
+                                          f"action{changed}", new_host=True, operation=operation,
+                                          replacement=new_id)
+            if time.monotonic() > deadline:
+                raise ProviderError("failed", f"MIG {mig}: {ref.instance_id} not recreated and RUNNING within "
+                                              f"{self.replacement_timeout:.0f}s (last seen: {last}); check "
+                                              f"`gcloud compute instance-groups managed list-instances {mig} "
+                                              f"--zone {ref.zone}`")
+            await asyncio.sleep(self.poll_interval)
+
+
+PROVIDER = GcpProvider

@@ -1,0 +1,197 @@
+"""A local HTTP fake of the Compute Engine REST API, version v1 (https://compute.googleapis.com/compute/v1/),
+just the calls the GCP provider makes, for the real google-cloud-compute client (REST transport) to talk to.
+
+  GET  /compute/v1/projects/{p}/zones/{z}/instances/{name}
+  POST /compute/v1/projects/{p}/zones/{z}/instances/{name}/reset?requestId=
+  POST /compute/v1/projects/{p}/zones/{z}/instances/{name}/setLabels            {labels, labelFingerprint}
+  POST /compute/v1/projects/{p}/zones/{z}/instances/{name}/reportHostAsFaulty?requestId=
+  POST /compute/v1/projects/{p}/zones/{z}/instanceGroupManagers/{mig}/recreateInstances?requestId=  {instances}
+  POST /compute/v1/projects/{p}/zones/{z}/instanceGroupManagers/{mig}/listManagedInstances
+  POST /compute/v1/projects/{p}/zones/{z}/operations/{op}/wait
+  GET  /compute/v1/projects/{p}/zones/{z}/operations/{op}
+
+Long-running operations: mutating calls answer an Operation with status RUNNING; `wait` answers it DONE (with an
+`error` when scripted). recreateInstances behaves like the real thing: the operation is DONE once the flag is
+set, and listManagedInstances shows currentAction RECREATING for `recreate_polls` more lists before the VM is
+RUNNING again with a new id. `script[<verb>]` answers the next calls of a verb ("get", "reset", "setLabels",
+"reportHostAsFaulty", "recreateInstances", "listManagedInstances", "wait") with (status, json body) first.
+A repeated requestId returns the original operation (as Compute Engine does).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+import urllib.parse
+from typing import Any
+
+PATH = re.compile(r"/compute/v1/projects/([^/]+)/zones/([^/]+)/(instances|instanceGroupManagers|operations)/([^/]+)"
+                  r"(?:/([A-Za-z]+))?")
+
+
+def error(status: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": {"code": status, "message": message,
+                              "errors": [{"message": message, "domain": "global", "reason": reason}]}}
+
+
+RATE_LIMITED = error(429, "rateLimitExceeded", "Rate Limit Exceeded")
+UNAVAILABLE = error(503, "backendError", "The service is currently unavailable.")
+FORBIDDEN = error(403, "forbidden", "Required 'compute.instanceGroupManagers.update' permission for "
+                                    "'projects/gpu-proj/zones/us-central1-a/instanceGroupManagers/gpu-mig'")
+
+
+class GcpFake:
+    def __init__(self, project: str = "gpu-proj", zone: str = "us-central1-a", mig: str = "gpu-mig") -> None:
+        self.project, self.zone, self.mig = project, zone, mig
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.by_request: dict[str, str] = {}
+        self.op_errors: dict[str, list[dict[str, str]]] = {}  # verb -> errors for its next operation
+        self.recreating: dict[str, int] = {}  # instance -> lists left showing RECREATING
+        self.recreate_polls = 2
+        self.script: dict[str, list[tuple[int, Any]]] = {}
+        self.seen: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # (verb, name, query, body)
+        self._lock = threading.Lock()
+        self._next_id = 1000
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+                with outer._lock:
+                    status, payload = outer.handle(self.command, url.path, query, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")  # no keep-alive sockets left for the GC to find
+                self.close_connection = True
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="gcp-fake")
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add_instance(self, name: str, *, machine_type: str = "a3-highgpu-8g", in_mig: bool = True,
+                     status: str = "RUNNING") -> None:
+        self._next_id += 1
+        meta = [{"key": "created-by", "value": f"projects/123456/zones/{self.zone}/instanceGroupManagers/"
+                                              f"{self.mig}"}] if in_mig else []
+        self.instances[name] = {
+            "kind": "compute#instance", "id": str(self._next_id), "name": name, "status": status,
+            "zone": f"https://www.googleapis.com/compute/v1/projects/{self.project}/zones/{self.zone}",
+            "machineType": f"zones/{self.zone}/machineTypes/{machine_type}",
+            "labels": {"team": "ml"}, "labelFingerprint": f"fp{self._next_id}",
+            "metadata": {"items": meta}, "in_mig": in_mig}
+
+    def seen_verbs(self) -> list[str]:
+        return [v for v, *_ in self.seen]
+
+    # ---------------------------------------------------------------------------------------- dispatch
+    def _operation(self, verb: str, target: str, request_id: str | None) -> dict[str, Any]:
+        if request_id and request_id in self.by_request:
+            return self.operations[self.by_request[request_id]]
+        name = f"operation-{len(self.operations) + 1}-{verb}"
+        op: dict[str, Any] = {"kind": "compute#operation", "id": str(len(self.operations) + 1), "name": name,
+                              "operationType": verb, "status": "RUNNING", "targetLink": target,
+                              "zone": self.zone, "progress": 0}
+        errors = self.op_errors.pop(verb, None)
+        if errors:
+            op["_error"] = errors
+        self.operations[name] = op
+        if request_id:
+            self.by_request[request_id] = name
+        return op
+
+    @staticmethod
+    def _public(op: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in op.items() if not k.startswith("_")}
+
+    def handle(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> tuple[int, Any]:
+        m = PATH.fullmatch(path)
+        if m is None:
+            return error(404, "notFound", f"no such path {path}")
+        project, zone, collection, name, verb = m.groups()
+        verb = verb or ("get" if method == "GET" else method.lower())
+        self.seen.append((verb, name, query, body))
+        queue = self.script.get(verb)
+        if queue:
+            return queue.pop(0)
+        if project != self.project or zone != self.zone:
+            return error(404, "notFound", f"The resource 'projects/{project}/zones/{zone}' was not found")
+        if collection == "operations":
+            op = self.operations.get(name)
+            if op is None:
+                return error(404, "notFound", f"operation {name} not found")
+            if verb == "wait":
+                op["status"], op["progress"] = "DONE", 100
+                if op.get("_error"):
+                    op["error"] = {"errors": op["_error"]}
+            return 200, self._public(op)
+        if collection == "instanceGroupManagers":
+            if name != self.mig:
+                return error(404, "notFound", f"The resource 'projects/{project}/zones/{zone}/"
+                                              f"instanceGroupManagers/{name}' was not found")
+            if verb == "recreateInstances":
+                op = self._operation(verb, name, query.get("requestId"))
+                fresh = not op.get("_applied")
+                for ref in body.get("instances", []):
+                    inst = ref.rsplit("/", 1)[-1]
+                    if inst not in self.instances:
+                        return error(400, "invalid", f"instance {inst} is not a member of {name}")
+                    if fresh and not op.get("_error"):
+                        self.recreating[inst] = self.recreate_polls
+                op["_applied"] = True
+                return 200, self._public(op)
+            if verb == "listManagedInstances":
+                rows = []
+                for inst_name, inst in self.instances.items():
+                    if not inst["in_mig"]:
+                        continue
+                    left = self.recreating.get(inst_name)
+                    if left:
+                        self.recreating[inst_name] = left - 1
+                        rows.append({"instance": f"zones/{zone}/instances/{inst_name}", "id": inst["id"],
+                                     "currentAction": "RECREATING", "instanceStatus": "STOPPING"})
+                        if left == 1:  # the VM comes back from the template: new id, template labels
+                            self._next_id += 1
+                            inst.update(id=str(self._next_id), labels={"team": "ml"},
+                                        labelFingerprint=f"fp{self._next_id}")
+                        continue
+                    rows.append({"instance": f"zones/{zone}/instances/{inst_name}", "id": inst["id"],
+                                 "currentAction": "NONE", "instanceStatus": inst["status"]})
+                return 200, {"managedInstances": rows}
+            return error(400, "invalid", f"unsupported verb {verb}")
+        inst = self.instances.get(name)
+        if inst is None:
+            return error(404, "notFound", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' "
+                                          f"was not found")
+        if verb == "get":
+            return 200, {k: v for k, v in inst.items() if k != "in_mig"}
+        if verb == "setLabels":
+            if body.get("labelFingerprint") != inst["labelFingerprint"]:
+                return error(412, "conditionNotMet", "Labels fingerprint either invalid or resource labels have "
+                                                     "changed")
+            self._next_id += 1
+            inst["labels"] = body.get("labels", {})
+            inst["labelFingerprint"] = f"fp{self._next_id}"
+            return 200, self._public(self._operation(verb, name, query.get("requestId")))
+        if verb in ("reset", "reportHostAsFaulty"):
+            return 200, self._public(self._operation(verb, name, query.get("requestId")))
+        return error(400, "invalid", f"unsupported verb {verb}")

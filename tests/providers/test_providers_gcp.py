@@ -1,0 +1,243 @@
+"""GCP against a local Compute Engine v1 REST fake, with the real google-cloud-compute client (REST transport)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("google.cloud.compute_v1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakes.gcp_compute import FORBIDDEN, RATE_LIMITED, UNAVAILABLE, GcpFake
+from fakes.support import (
+    FakeAlertmanager,
+    KubeFake,
+    alert,
+    await_for,
+    base_config,
+    close_harness,
+    make_harness,
+    notification,
+)
+
+from remediation_webhook.errors import ConfigError
+from remediation_webhook.inventory.base import NodeIdentity
+from remediation_webhook.providers import ProviderError
+from remediation_webhook.providers.gcp import GcpProvider, request_id
+
+PID = "gce://gpu-proj/us-central1-a/{}"
+
+
+@pytest.fixture(name="gcp")
+def _gcp():
+    fake = GcpFake()
+    for name in ("gpu-1", "gpu-2"):
+        fake.add_instance(name)
+    fake.add_instance("lone", in_mig=False)
+    fake.add_instance("ultra-1", machine_type="a3-ultragpu-8g")
+    yield fake
+    fake.close()
+
+
+def cfg(gcp, **extra):
+    return {"endpoint": gcp.url, "anonymous": True, "poll_interval": "10ms", "retry_base": "10ms",
+            "retry_cap": "20ms", "max_attempts": 4, "replacement_timeout": "5s", "operation_timeout": "5s", **extra}
+
+
+def provider(gcp, **extra) -> GcpProvider:
+    return GcpProvider.from_config(cfg(gcp, **extra), "providers.gcp")
+
+
+async def ref_of(p, name):
+    return await p.resolve(NodeIdentity(name, "u", provider_id=PID.format(name)))
+
+
+async def test_replace_recreates_in_the_mig_and_waits_for_running(gcp):
+    p = provider(gcp)
+    old_id = gcp.instances["gpu-1"]["id"]
+    result = await p.replace(await ref_of(p, "gpu-1"), "rem-1", "xid 79")
+    assert result.new_host and result.operation.endswith("recreateInstances")
+    assert result.replacement and result.replacement != old_id
+    recreate = [s for s in gcp.seen if s[0] == "recreateInstances"]
+    assert len(recreate) == 1
+    _, mig, query, body = recreate[0]
+    assert mig == "gpu-mig" and body == {"instances": ["zones/us-central1-a/instances/gpu-1"]}
+    assert query["requestId"] == request_id("rem-1", "recreate")
+    # DONE is not enough: we listed until currentAction NONE / RUNNING (the fake shows RECREATING twice)
+    assert gcp.seen_verbs().count("listManagedInstances") == 3
+    labels = next(s[3]["labels"] for s in gcp.seen if s[0] == "setLabels")
+    assert labels["remediation-id"] == "rem-1" and labels["remediation-action"] == "replace"
+    assert labels["team"] == "ml"  # existing labels kept
+
+
+async def test_retry_with_the_same_request_id_is_idempotent(gcp):
+    p = provider(gcp)
+    ref = await ref_of(p, "gpu-2")
+    await p.replace(ref, "rem-2", "t")
+    await p.replace(ref, "rem-2", "t")  # a re-run after a crash: same requestId, same operation
+    ops = {s[2]["requestId"] for s in gcp.seen if s[0] == "recreateInstances"}
+    assert ops == {request_id("rem-2", "recreate")}
+    assert len([o for o in gcp.operations if o.endswith("recreateInstances")]) == 1
+
+
+async def test_reboot_is_a_reset_on_the_same_host(gcp):
+    p = provider(gcp)
+    result = await p.reboot(await ref_of(p, "gpu-1"), "rem-3", "t")
+    assert not result.new_host and result.operation.endswith("reset")
+    reset = [s for s in gcp.seen if s[0] == "reset"]
+    assert reset[0][2]["requestId"] == request_id("rem-3", "reset")
+    assert "wait" in gcp.seen_verbs()
+
+
+async def test_throttled_and_unavailable_then_success(gcp):
+    p = provider(gcp)
+    gcp.script["recreateInstances"] = [RATE_LIMITED, UNAVAILABLE]
+    gcp.script["get"] = [RATE_LIMITED]
+    result = await p.replace(await ref_of(p, "gpu-2"), "rem-4", "t")
+    assert result.new_host
+    assert gcp.seen_verbs().count("recreateInstances") == 3 and p.retries_seen == 3
+    # every retry carried the same requestId
+    assert {s[2]["requestId"] for s in gcp.seen if s[0] == "recreateInstances"} == {request_id("rem-4", "recreate")}
+
+
+async def test_throttled_for_good(gcp):
+    p = provider(gcp, max_attempts=2)
+    gcp.script["reset"] = [RATE_LIMITED, RATE_LIMITED]
+    with pytest.raises(ProviderError) as err:
+        await p.reboot(await ref_of(p, "gpu-1"), "rem-5", "t")
+    assert err.value.kind == "throttled" and "rate limit" in err.value.detail
+
+
+async def test_auth_error_names_the_role(gcp):
+    p = provider(gcp)
+    gcp.script["recreateInstances"] = [FORBIDDEN]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "gpu-1"), "rem-6", "t")
+    assert err.value.kind == "auth" and "deploy/iam/gcp-custom-role.yaml" in err.value.detail
+    assert "compute.instanceGroupManagers.update" in err.value.detail
+    assert gcp.seen_verbs().count("recreateInstances") == 1  # not retried
+
+
+async def test_not_found_and_no_mig(gcp):
+    p = provider(gcp)
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "gone-1"), "rem-7", "t")
+    assert err.value.kind == "not_found" and "gone-1" in err.value.detail
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "lone"), "rem-8", "t")
+    assert err.value.kind == "unsupported" and "no managed instance group" in err.value.detail
+    assert "recreateInstances" not in gcp.seen_verbs()
+
+
+async def test_operation_error_is_failed_or_capacity(gcp):
+    p = provider(gcp)
+    gcp.op_errors["reset"] = [{"code": "INTERNAL_ERROR", "message": "Internal error. Please try again."}]
+    with pytest.raises(ProviderError) as err:
+        await p.reboot(await ref_of(p, "gpu-1"), "rem-9", "t")
+    assert err.value.kind == "failed" and "INTERNAL_ERROR" in err.value.detail and "operation-" in err.value.detail
+    gcp.op_errors["recreateInstances"] = [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED",
+                                           "message": "The zone does not have enough resources"}]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "gpu-2"), "rem-10", "t")
+    assert err.value.kind == "capacity"
+
+
+async def test_report_faulty_host_for_a3_ultra(gcp):
+    p = provider(gcp, report_faulty_host=True, fault_behavior="UNRECOVERABLE_GPU_ERROR")
+    result = await p.replace(await ref_of(p, "ultra-1"), "rem-11", "xid 79")
+    assert result.new_host and result.operation.endswith("reportHostAsFaulty")
+    call = next(s for s in gcp.seen if s[0] == "reportHostAsFaulty")
+    assert call[2]["requestId"] == request_id("rem-11", "report-faulty-host")
+    assert call[3]["disruptionSchedule"] == "IMMEDIATE"
+    assert call[3]["faultReasons"][0]["behavior"] == "UNRECOVERABLE_GPU_ERROR"
+    assert "recreateInstances" not in gcp.seen_verbs()
+    # an A3 High cannot be reported: move refuses before any call
+    with pytest.raises(ProviderError) as err:
+        await p.move(await ref_of(p, "gpu-1"), "rem-12", "t")
+    assert err.value.kind == "unsupported" and "A3 Ultra" in err.value.detail
+
+
+async def test_label_fingerprint_conflict_is_reread(gcp):
+    p = provider(gcp)
+    gcp.script["setLabels"] = [(412, {"error": {"code": 412, "message": "Labels fingerprint either invalid or "
+                                                                        "resource labels have changed"}})]
+    await p.tag(await ref_of(p, "gpu-1"), {"id": "rem-13"})
+    assert gcp.instances["gpu-1"]["labels"]["remediation-id"] == "rem-13"
+    assert gcp.seen_verbs().count("get") == 2
+
+
+async def test_hostile_ids_make_no_call(gcp):
+    p = provider(gcp)
+    for bad in ("gce://gpu-proj/us-central1-a/GPU;rm", "gce://x/us-central1-a/gpu-1", "gce://gpu-proj/zone/gpu-1",
+                "gce://gpu-proj/us-central1-a/gpu-1/extra", "aws:///us-east-1a/i-0123456789abcdef0"):
+        with pytest.raises(ProviderError) as err:
+            await p.resolve(NodeIdentity("n", "u", provider_id=bad))
+        assert err.value.kind == "invalid"
+    assert gcp.seen == []
+
+
+def test_config_errors_name_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"providers.gcp.fault_behavior"):
+        GcpProvider.from_config({"fault_behavior": "BAD"}, "providers.gcp")
+    with pytest.raises(ConfigError, match=r"providers.gcp.anonymous"):
+        GcpProvider.from_config({"anonymous": True}, "providers.gcp")
+    with pytest.raises(ConfigError, match=r"providers.gcp.bogus"):
+        GcpProvider.from_config({"bogus": 1}, "providers.gcp")
+    from remediation_webhook.config import build_config
+
+    raw = base_config(tmp_path, "http://127.0.0.1:1", policy={"dry_run": True, "rules": []},
+                      actions={"replace": {"using": "gcp"}})
+    with pytest.raises(ConfigError, match=r"actions.replace.using: gcp needs providers.gcp"):
+        build_config(raw, base=tmp_path)
+
+
+@pytest.fixture(name="kube")
+def _kube():
+    fake = KubeFake()
+    yield fake
+    fake.close()
+
+
+async def test_replace_through_the_webhook(tmp_path, kube, gcp):
+    kube.add_node("gpu-a", provider_id=PID.format("gpu-1"))
+    kube.add_pod("kube-system", "dcgm-a", "gpu-a", daemonset=True)
+    raw = base_config(tmp_path, kube.url, providers={"gcp": cfg(gcp)},
+                      policy={"dry_run": False, "rules": [{
+                          "name": "replace", "match_re": {"alertname": "GPU.*"},
+                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
+                          "requires_approval": []}]},
+                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "gcp"}})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        assert (await h.post(notification(alert("gpu-a", remediation="reboot")))).status == 200
+        await await_for(lambda: h.states().get("gpu-a") == "SUCCEEDED", timeout=20, what="replace")
+        rid = h.sql("SELECT id FROM remediation WHERE node='gpu-a'")[0][0]
+        recreate = [s for s in gcp.seen if s[0] == "recreateInstances"]
+        assert len(recreate) == 1 and recreate[0][2]["requestId"] == request_id(rid, "recreate")
+    finally:
+        await close_harness(h)
+
+
+async def test_auth_failure_through_the_webhook_is_journaled(tmp_path, kube, gcp):
+    kube.add_node("gpu-b", provider_id=PID.format("gpu-2"))
+    kube.add_pod("kube-system", "dcgm-b", "gpu-b", daemonset=True)
+    gcp.script["recreateInstances"] = [FORBIDDEN]
+    raw = base_config(tmp_path, kube.url, providers={"gcp": cfg(gcp)},
+                      policy={"dry_run": False, "rules": [{
+                          "name": "replace", "match_re": {"alertname": "GPU.*"},
+                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
+                          "requires_approval": []}]},
+                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "gcp"}})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        assert (await h.post(notification(alert("gpu-b", remediation="reboot")))).status == 200
+        await await_for(lambda: h.states().get("gpu-b") in ("FAILED", "ESCALATED"), timeout=20, what="failure")
+        rid = h.sql("SELECT id FROM remediation WHERE node='gpu-b'")[0][0]
+        detail = h.sql("SELECT detail FROM step WHERE remediation_id=? AND action='replace'", rid)[0][0]
+        assert detail.startswith("gcp auth:") and "gcp-custom-role.yaml" in detail
+        assert h.metric("gpu_remediation_provider_events_total", provider="gcp", action="replace",
+                        kind="auth") == 1
+    finally:
+        await close_harness(h)
