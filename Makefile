@@ -1,8 +1,9 @@
-# The two commands a newcomer needs: `make run` (a simulated 8-GPU node on :9835) and `make test`.
+# The two commands a newcomer needs: `make demo` (a simulated fleet, end to end, with a live timeline) and
+# `make test`. `make run` serves one simulated 8-GPU node on :9835.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test venv bench clean
+.PHONY: demo run test venv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m gpu_health_stack.demo
 
 run: venv
 	$(VENV)/bin/gpu-health-exporter --backend sim --web.listen-address 127.0.0.1:9835 --state-dir ""

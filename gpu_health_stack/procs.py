@@ -77,9 +77,11 @@ class Proc:
         self._env = {**os.environ, **(env or {})}
         self._cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # time.time() of the last start
         self.start()
 
     def start(self) -> None:
+        self.started_at = time.time()
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=self._env, cwd=self._cwd, start_new_session=True)

@@ -44,13 +44,49 @@ class Exporter:
         return f"http://127.0.0.1:{self.port}"
 
 
+@dataclass(frozen=True)
+class Timings:
+    """The latency-relevant settings of a stack. The defaults are the test configuration: 1 s scrape and
+    evaluation, group_wait 0s and group_interval 1s on every route, exporters collecting every 1 s (slow tier 2 s).
+    `Timings.fast_path()` reads the shipped production fast path from deploy/ instead."""
+
+    scrape_interval: str = "1s"
+    evaluation_interval: str = "1s"
+    collect_interval: str = "1s"
+    slow_interval: str = "2s"
+    # None: Alertmanager's routes keep the values of the file they come from.
+    group_wait: str | None = "0s"
+    group_interval: str | None = "1s"
+    prometheus_file: Path | None = None  # scrape and rule settings taken from this file (targets are ours)
+    alertmanager_file: Path = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+
+    @classmethod
+    def fast_path(cls) -> Timings:
+        """deploy/prometheus/prometheus.fast-path.yml and deploy/alertmanager/alertmanager.fast-path.yml exactly;
+        the exporter at its defaults (5 s, slow tier 30 s: Xids are published at once, not on the cycle)."""
+        prom = ROOT / "deploy" / "prometheus" / "prometheus.fast-path.yml"
+        cfg = yaml.safe_load(prom.read_text())
+        job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "gpu-health-exporter")
+        return cls(scrape_interval=job.get("scrape_interval", cfg["global"]["scrape_interval"]),
+                   evaluation_interval=cfg["global"]["evaluation_interval"], collect_interval="5s",
+                   slow_interval="30s", group_wait=None, group_interval=None, prometheus_file=prom,
+                   alertmanager_file=ROOT / "deploy" / "alertmanager" / "alertmanager.fast-path.yml")
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    import re
+
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
+
+
 class Stack:
     """Everything on 127.0.0.1, in one temporary folder; close() stops every process."""
 
-    def __init__(self, *, interval: str = "1s", slow_interval: str = "2s", keep_dir: bool = False) -> None:
+    def __init__(self, *, timings: Timings | None = None, keep_dir: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="gpu-health-stack-"))
-        self.interval = interval
-        self.slow_interval = slow_interval
+        self.timings = timings or Timings()
+        self.interval = self.timings.evaluation_interval
         self.keep_dir = keep_dir
         self.exporters: dict[str, Exporter] = {}
         self.prometheus: Proc | None = None
@@ -58,6 +94,7 @@ class Stack:
         self.prom_port = free_port()
         self.am_port = free_port()
         self.extra: list[Proc] = []
+        self.closers: list[Any] = []  # objects with close(), closed last-in first-out after the processes
 
     def __enter__(self) -> Stack:
         return self
@@ -69,6 +106,11 @@ class Stack:
         for proc in [*self.extra, *(e.proc for e in self.exporters.values()), self.prometheus, self.alertmanager]:
             if proc is not None:
                 proc.stop()
+        while self.closers:
+            try:
+                self.closers.pop().close()
+            except Exception:  # noqa: BLE001 - closing the rest matters more
+                pass
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -86,8 +128,9 @@ class Stack:
             sys.executable, "-m", "exporter", "--backend", "sim", "--sim-config", str(home / "sim.yaml"),
             "--node-name", node, "--web.listen-address", f"127.0.0.1:{port}", "--state-dir", str(home / "state"),
             "--xid.source", f"file:{xid_log}", "--xid.boot-id-file", str(home / "boot_id"),
-            "--xid.nvml-events", "off", "--collect-interval", self.interval,
-            "--collect-interval.slow", self.slow_interval, "--collect-timeout", "500ms", "--log.level", "warn",
+            "--xid.nvml-events", "off", "--collect-interval", self.timings.collect_interval,
+            "--collect-interval.slow", self.timings.slow_interval, "--collect-timeout", "500ms",
+            "--log.level", "warn",
         ]
         if expected_gpus is not None:
             argv += ["--expected-gpus", str(expected_gpus)]
@@ -97,9 +140,23 @@ class Stack:
         proc.wait_http(f"{exporter.url}/healthz")
         return exporter
 
-    def restart_exporter(self, node: str) -> None:
+    def restart_exporter(self, node: str, *, new_boot: bool = False) -> None:
+        """Stop and start the node's exporter; `new_boot` gives it a new boot id (the machine rebooted)."""
         exporter = self.exporters[node]
         exporter.proc.stop()
+        if new_boot:
+            boot = exporter.xid_log.parent / "boot_id"
+            n = int(boot.read_text().strip().rsplit("-", 1)[1]) + 1
+            boot.write_text(f"boot-{node}-{n}\n")
+            exporter.xid_log.write_text("")
+        exporter.proc.start()
+        exporter.proc.wait_http(f"{exporter.url}/healthz")
+
+    def kill_exporter(self, node: str) -> None:
+        self.exporters[node].proc.kill()
+
+    def start_exporter(self, node: str) -> None:
+        exporter = self.exporters[node]
         exporter.proc.start()
         exporter.proc.wait_http(f"{exporter.url}/healthz")
 
@@ -110,27 +167,37 @@ class Stack:
 
     # --- Prometheus ----------------------------------------------------------------------
 
-    def start_prometheus(self, extra_scrape_configs: list[dict[str, Any]] | None = None) -> None:
-        config = {
-            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval,
-                       "scrape_timeout": self.interval},
+    def prometheus_config(self, extra_scrape_configs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Prometheus' configuration: rules/, the exporters (and extra jobs), the stack's Alertmanager, and the
+        timings (with a prometheus_file, its global and exporter-job settings)."""
+        t = self.timings
+        timeout = min(seconds(t.scrape_interval), 10.0)
+        exporter_job: dict[str, Any] = {"job_name": "gpu-health-exporter", "honor_labels": True}
+        config: dict[str, Any] = {
+            "global": {"scrape_interval": t.scrape_interval, "evaluation_interval": t.evaluation_interval,
+                       "scrape_timeout": f"{timeout:g}s"},
+        }
+        if t.prometheus_file is not None:
+            # The file's global and job settings (intervals, honor_labels), with our targets and rule paths.
+            shipped = yaml.safe_load(t.prometheus_file.read_text())
+            config["global"] = {**shipped.get("global", {}), **{k: v for k, v in config["global"].items()
+                                                                if k not in shipped.get("global", {})}}
+            job = next(j for j in shipped["scrape_configs"] if j["job_name"] == "gpu-health-exporter")
+            exporter_job.update({k: v for k, v in job.items() if k not in ("file_sd_configs", "static_configs")})
+        exporter_job["static_configs"] = [{"targets": [f"127.0.0.1:{e.port}"], "labels": {"node": e.node}}
+                                          for e in self.exporters.values()]
+        config.update({
             "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yaml"))]
             + [str(p) for p in sorted((ROOT / "rules").glob("*.alerts.yaml"))],
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.am_port}"]}]}]},
-            "scrape_configs": [
-                {
-                    "job_name": "gpu-health-exporter",
-                    "honor_labels": True,
-                    "static_configs": [
-                        {"targets": [f"127.0.0.1:{e.port}"], "labels": {"node": e.node}}
-                        for e in self.exporters.values()
-                    ],
-                },
-                *(extra_scrape_configs or []),
-            ],
-        }
+            "scrape_configs": [exporter_job, *(extra_scrape_configs or [])],
+        })
+        return config
+
+    def start_prometheus(self, extra_scrape_configs: list[dict[str, Any]] | None = None) -> None:
+        t = self.timings
         path = self.dir / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.write_text(yaml.safe_dump(self.prometheus_config(extra_scrape_configs), sort_keys=False))
         self.prometheus = Proc("prometheus", [
             PROMETHEUS, f"--config.file={path}", f"--storage.tsdb.path={self.dir / 'prom-data'}",
             f"--web.listen-address=127.0.0.1:{self.prom_port}", "--web.enable-lifecycle",
@@ -139,7 +206,7 @@ class Stack:
         self.prometheus.wait_http(f"{self.prom_url}/-/ready")
         # Prometheus holds new targets back for about 5 s; wait until every exporter is scraped.
         wait_until(lambda: self.query('count(up{job="gpu-health-exporter"} == 1)') == [len(self.exporters)]
-                   or None, 30, "Prometheus to scrape every exporter")
+                   or None, 30 + 2 * seconds(t.scrape_interval), "Prometheus to scrape every exporter")
 
     @property
     def prom_url(self) -> str:
@@ -156,7 +223,7 @@ class Stack:
 
     def wait_rule_evaluations(self, since: float, rounds: int = 3, timeout: float = 30) -> None:
         """Wait until every rule group has been evaluated `rounds` intervals after `since` (unix time)."""
-        step = float(self.interval.rstrip("s"))
+        step = seconds(self.timings.evaluation_interval)
 
         def evaluated() -> bool:
             groups = http_json(f"{self.prom_url}/api/v1/rules")["data"]["groups"]
@@ -170,14 +237,16 @@ class Stack:
 
     # --- Alertmanager --------------------------------------------------------------------
 
-    def start_alertmanager(self, webhook_url: str | None = None, token_file: Path | None = None) -> None:
-        """The shipped route (deploy/alertmanager/alertmanager.yml) with test timings and local endpoints."""
-        config = yaml.safe_load((ROOT / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    def alertmanager_config(self, webhook_url: str | None = None, token_file: Path | None = None) -> dict[str, Any]:
+        """The shipped route (Timings.alertmanager_file: deploy/alertmanager/alertmanager.yml unless told otherwise)
+        with local endpoints and, unless the timings keep the file's, the test configuration's timings."""
+        config = yaml.safe_load(self.timings.alertmanager_file.read_text())
+        t = self.timings
 
         def fast(route: dict[str, Any]) -> None:
             # group_wait 0s and group_interval 1s: the test configuration's latency, not the production one.
-            for key, value in (("group_wait", "0s"), ("group_interval", "1s")):
-                if key in route or route is config["route"]:
+            for key, value in (("group_wait", t.group_wait), ("group_interval", t.group_interval)):
+                if value is not None and (key in route or route is config["route"]):
                     route[key] = value
             for child in route.get("routes", []):
                 fast(child)
@@ -195,8 +264,11 @@ class Stack:
                         hook["http_config"].pop("authorization")
                     else:
                         auth["credentials_file"] = str(token_file)
+        return config
+
+    def start_alertmanager(self, webhook_url: str | None = None, token_file: Path | None = None) -> None:
         path = self.dir / "alertmanager.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.write_text(yaml.safe_dump(self.alertmanager_config(webhook_url, token_file), sort_keys=False))
         self.alertmanager = Proc("alertmanager", [
             ALERTMANAGER, f"--config.file={path}", f"--storage.path={self.dir / 'am-data'}",
             f"--web.listen-address=127.0.0.1:{self.am_port}", "--cluster.listen-address=",
@@ -208,9 +280,13 @@ class Stack:
     def am_url(self) -> str:
         return f"http://127.0.0.1:{self.am_port}"
 
-    def restart_alertmanager(self) -> None:
+    def restart_alertmanager(self, *, crash: bool = False) -> None:
+        """Stop (SIGTERM: Alertmanager saves its notification log; `crash`: SIGKILL, it saves nothing) and start."""
         assert self.alertmanager is not None
-        self.alertmanager.stop()
+        if crash:
+            self.alertmanager.kill()
+        else:
+            self.alertmanager.stop()
         self.alertmanager.start()
         self.alertmanager.wait_http(f"{self.am_url}/-/ready")
 

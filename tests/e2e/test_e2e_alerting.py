@@ -4,7 +4,7 @@ Alertmanager with the shipped route -> a receiver. No remediation here: what rea
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -36,7 +36,8 @@ def chain() -> Iterator[tuple[Stack, RecordingReceiver]]:
         receiver.close()
 
 
-def test_fatal_xid_reaches_the_webhook_with_its_target(chain: tuple[Stack, RecordingReceiver]) -> None:
+def test_fatal_xid_reaches_the_webhook_with_its_target(chain: tuple[Stack, RecordingReceiver],
+                                                       report: Callable[[str], None]) -> None:
     stack, receiver = chain
     injected = time.time()
     stack.inject_xid("node-a", XID79_GPU3)
@@ -47,7 +48,7 @@ def test_fatal_xid_reaches_the_webhook_with_its_target(chain: tuple[Stack, Recor
 
     alert = wait_until(delivered, 60, "XID 79 on node-a to reach the webhook")
     arrived = next(t for t, a in receiver.alerts("firing") if a is alert)
-    print(f"\nfault -> webhook: {arrived - injected:.2f}s ({alert['labels']['alertname']})")
+    report(f"alerting chain, XID 79: fault -> webhook {arrived - injected:.2f}s ({alert['labels']['alertname']})")
     labels = alert["labels"]
     assert labels["severity"] == "critical"
     assert labels.get("gpu") == "3"
