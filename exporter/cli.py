@@ -67,6 +67,7 @@ def build_poller(
             slow_interval=config.slow_interval,
             deadline=config.collect_timeout,
             version=__version__,
+            release_dir=config.state_dir,
         ),
         ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id() if boot_id is None else boot_id),
         wall=wall,

@@ -12,11 +12,13 @@ with the stuck call counted, and every other GPU keeps being collected.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -40,6 +42,21 @@ class PollerConfig:
     # How long a cycle waits for workers before publishing what it has; a call running longer is stuck.
     deadline: float = 1.0
     version: str = "dev"
+    # Where a GPU reset asks the exporter to let go of NVML (see release_requested); None disables it.
+    release_dir: Path | None = None
+
+
+RELEASE_REQUEST = "release-nvml"
+RELEASE_ACK = "nvml-released"
+# A request older than this is a leftover of an executor that died: collection resumes.
+RELEASE_MAX_AGE = 600.0
+
+
+def _write_ack(path: Path) -> None:
+    try:
+        path.write_text(f"{os.getpid()}\n", encoding="ascii")
+    except OSError as exc:
+        log.warning("cannot acknowledge the NVML release", extra={"path": str(path), "error": str(exc)})
 
 
 def kernel_pci_id(nvml_bus_id: str) -> str:
@@ -147,6 +164,7 @@ class Poller:
         self._thread: threading.Thread | None = None
         self._rendered: dict[str, tuple[object, str, bool]] = {}
         self._collectors_started = False
+        self._released = False
         # The last published render (fleet, GPU states, per-collector texts + core text), for republish().
         self._publish_lock = threading.Lock()
         self._published: tuple[FleetView, list[GpuState], list[str]] | None = None
@@ -196,6 +214,12 @@ class Poller:
     def run_cycle(self) -> Snapshot:
         """Collect what is due, wait at most `deadline`, publish a new snapshot, and return it."""
         now = time.monotonic()
+        if self._release_cycle():
+            with self._publish_lock:
+                self.snapshot = self._render()
+            self.cycles += 1
+            self.last_cycle_monotonic = time.monotonic()
+            return self.snapshot
         # Half an interval of slack: cycles start with jitter, and a slow tier missed by microseconds
         # would otherwise slip a whole fast interval every time.
         slow_due = now >= self._next_slow - self.config.interval / 2
@@ -224,6 +248,51 @@ class Poller:
         self.cycles += 1
         self.last_cycle_monotonic = time.monotonic()
         return self.snapshot
+
+    def _release_cycle(self) -> bool:
+        """Let go of NVML while a GPU reset asks for it; True while released (no collection this cycle).
+
+        `nvidia-smi -r` fails while any process holds the GPU's device files, our own NVML handle included. The
+        reset Job (remediation_webhook/executor.py) creates RELEASE_REQUEST in --state-dir, waits for RELEASE_ACK,
+        resets, and removes the request; the exporter then initialises NVML again.
+        """
+        directory = self.config.release_dir
+        if directory is None:
+            return False
+        request, ack = directory / RELEASE_REQUEST, directory / RELEASE_ACK
+        try:
+            age = time.time() - request.stat().st_mtime
+            wanted = age < RELEASE_MAX_AGE
+        except OSError:
+            wanted = False
+        if wanted and not self._released:
+            if any(s.worker.busy for s in self._gpus.values()) or not self._system.submit(self._shutdown_job):
+                return False  # a worker is inside NVML; try again next cycle
+            self._wait(lambda: not self._system.busy, time.monotonic() + self.config.deadline)
+            if self._system.busy:
+                return False
+            for state in self._gpus.values():
+                state.worker.stop()
+            self._gpus.clear()
+            self._released = True
+            _write_ack(ack)
+            log.warning("released NVML for a GPU reset", extra={"request": str(request)})
+        elif not wanted and self._released:
+            self._released = False
+            try:
+                ack.unlink()
+            except OSError:
+                pass
+            log.warning("GPU reset done; collecting again")
+        return self._released
+
+    def _shutdown_job(self) -> None:
+        try:
+            self.nvml.nvmlShutdown()
+        except pynvml.NVMLError as exc:
+            log.warning("nvmlShutdown failed", extra={"error": str(exc)})
+        self._initialized = False
+        self._nvml_up, self._nvml_error = False, "released for a GPU reset"
 
     def _notify(self) -> None:
         with self._cond:
@@ -439,6 +508,11 @@ class Poller:
             return fam
 
         yield node_gauge("gpu_nvml_up", "1 if NVML initialised and enumerates GPUs, else 0.", int(fleet.nvml_up))
+        yield node_gauge(
+            "gpu_exporter_nvml_released",
+            "1 while the exporter has let go of NVML because a GPU reset asked it to, else 0.",
+            int(self._released),
+        )
         yield node_gauge("gpu_devices_visible", "GPUs NVML enumerates now.", fleet.visible)
         yield node_gauge(
             "gpu_devices_expected",

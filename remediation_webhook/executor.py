@@ -36,12 +36,22 @@ ANN_NODE = "gpu-health.io/node"
 
 # Exit codes of the reset script (also in docs/providers.md).
 EXIT_BUSY, EXIT_MIG, EXIT_UUID, EXIT_RESET = 10, 11, 12, 13
+# The exporter's default --state-dir, a hostPath in deploy/kubernetes.
+EXPORTER_STATE_DIR = "/var/lib/gpu-health-exporter"
 RESET_SCRIPT = r"""set -u
 uuid="$1"
 case "$uuid" in GPU-*) ;; *) echo "not a GPU UUID" >&2; exit 2;; esac
 bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i "$uuid") || { echo "GPU $uuid not found" >&2; exit 12; }
 mig=$(nvidia-smi --query-gpu=mig.mode.current --format=csv,noheader -i "$uuid" 2>/dev/null || echo "[N/A]")
 if [ "$mig" = "Enabled" ]; then echo "MIG is enabled on $uuid: reset not possible, fall back" >&2; exit 11; fi
+# Our exporter holds the GPU open through NVML: ask it to let go (exporter/poller.py, release handshake),
+# wait for its acknowledgement, and give NVML back on any exit.
+st=/exporter-state
+if [ -d "$st" ]; then
+  : > "$st/release-nvml"; trap 'rm -f "$st/release-nvml"' EXIT
+  i=0; while [ ! -e "$st/nvml-released" ] && [ "$i" -lt 30 ]; do sleep 1; i=$((i+1)); done
+  [ -e "$st/nvml-released" ] || echo "no exporter acknowledged the NVML release; continuing" >&2
+fi
 apps=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i "$uuid")
 if [ -n "$apps" ]; then echo "processes still hold $uuid: $apps" >&2; exit 10; fi
 nvidia-smi -r -i "$bus" || { echo "nvidia-smi -r -i $bus failed" >&2; exit 13; }
@@ -127,7 +137,11 @@ def job_spec(settings: ExecutorSettings, action: str, ctx: ActionContext, argv: 
             "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
                     {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"}],
             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            "volumeMounts": [{"name": "exporter-state", "mountPath": "/exporter-state"}],
         }],
+        # The exporter's --state-dir on the host, where the reset asks it to release NVML.
+        "volumes": [{"name": "exporter-state",
+                     "hostPath": {"path": EXPORTER_STATE_DIR, "type": "DirectoryOrCreate"}}],
     }
     if settings.priority_class:
         pod["priorityClassName"] = settings.priority_class

@@ -97,6 +97,12 @@ async def test_reset_gpu_job_spec_success_and_verification(tmp_path, kube):
         assert c["securityContext"] == {"privileged": True}
         assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3:] == ["gpu-health-reset", UUID]
         assert "nvidia-smi -r -i \"$bus\"" in c["command"][2]
+        # The exporter's state dir, where the script asks it to release NVML before the reset.
+        assert pod["volumes"] == [{"name": "exporter-state", "hostPath": {"path": "/var/lib/gpu-health-exporter",
+                                                                          "type": "DirectoryOrCreate"}}]
+        assert c["volumeMounts"] == [{"name": "exporter-state", "mountPath": "/exporter-state"}]
+        script = c["command"][2]
+        assert script.index("release-nvml") < script.index("--query-compute-apps") < script.index("nvidia-smi -r")
         assert body["spec"]["backoffLimit"] == 0 and body["spec"]["activeDeadlineSeconds"] == 5
         assert "gpu-1" in kube.cordoned()
         finish_job(kube, name)  # the kubelet: the pod exited 0
