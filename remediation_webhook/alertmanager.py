@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import ssl
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import aiohttp
@@ -22,6 +24,22 @@ class AlertState(str, enum.Enum):
     SILENCED = "silenced"
     INHIBITED = "inhibited"
     UNPROCESSED = "unprocessed"  # just arrived; Alertmanager has not run silences and inhibitions yet
+    # Not known, but Alertmanager started less than RESTART_GRACE ago: Prometheus re-sends its firing alerts
+    # every resend_delay (1m by default), so "not known" does not mean "resolved" yet.
+    RESTARTED = "restarted"
+
+
+RESTART_GRACE = 150.0
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_time(text: str) -> datetime:
+    """Go's RFC 3339 with nanoseconds ("2026-11-29T11:53:00.123456789Z"), which datetime does not take as is."""
+    m = _RFC3339.match(text)
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(m.group(1) + (m.group(2) or ".0")[:7] + tz)
 
 
 class AlertChecker(Protocol):
@@ -92,7 +110,21 @@ class AlertmanagerClient:
             if status.get("state") == "unprocessed":
                 return AlertState.UNPROCESSED
             return AlertState.SILENCED  # "suppressed" without a reason we know: treat as a veto
+        if await self._started_recently():
+            return AlertState.RESTARTED
         return AlertState.GONE
+
+    async def _started_recently(self) -> bool:
+        """Alertmanager's /api/v2/status `uptime` is the time it started (RFC 3339)."""
+        try:
+            async with self._get_session().get(f"{self._config.url}/api/v2/status", allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise AlertmanagerUnavailable(f"GET /api/v2/status: HTTP {resp.status}")
+                data = await resp.json(content_type=None)
+            started = parse_time(str(data["uptime"]))
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            raise AlertmanagerUnavailable(f"GET /api/v2/status: {type(exc).__name__}: {exc}") from exc
+        return (datetime.now(timezone.utc) - started).total_seconds() < RESTART_GRACE
 
     async def active_for_node(self, node: str) -> list[dict[str, Any]]:
         return [a for a in await self._alerts([_matcher("node", node)])

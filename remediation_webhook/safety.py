@@ -85,6 +85,9 @@ async def verify(rem: Remediation, inventory: Inventory, alertmanager: AlertChec
             await sleep(0.2 * 2 ** attempt)
         if state == AlertState.UNPROCESSED:
             return Verification(Verdict.BLOCK, "Alertmanager has not processed the alert yet")
+        if state == AlertState.RESTARTED:
+            # Cancelling here would strand a cordoned, drained node: wait for Prometheus to re-send.
+            return Verification(Verdict.BLOCK, "Alertmanager restarted recently and does not know the alert yet")
         if state != AlertState.ACTIVE:
             text = {AlertState.GONE: "the alert is no longer active in Alertmanager",
                     AlertState.SILENCED: "the alert is silenced in Alertmanager",

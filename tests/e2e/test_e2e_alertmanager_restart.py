@@ -42,9 +42,6 @@ def fleet() -> Iterator[Any]:
         fleet.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="remediation_webhook/safety.py verify(): an alert Alertmanager does not know "
-                   "(AlertState.GONE) cancels the remediation, also right after Alertmanager restarted and before "
-                   "Prometheus re-sent its alerts; the node stays cordoned and drained and is never replaced")
 def test_a_rung_approved_right_after_an_alertmanager_restart_still_runs(fleet: Any) -> None:
     injected = time.time()
     fleet.stack.inject_xid("node-a", xid79(3))

@@ -92,6 +92,18 @@ async def test_alert_gone_from_alertmanager_is_not_acted_on(harness, kube, am):
     assert h.states() == {"n1": "CANCELLED"} and kube.calls(mutating=True) == []
 
 
+async def test_alert_unknown_to_a_freshly_restarted_alertmanager_waits_instead_of_cancelling(harness, kube, am):
+    kube.add_node("n1")
+    h = await harness()
+    a = alert("n1")
+    # Alertmanager restarted a minute ago and Prometheus has not re-sent the alert yet.
+    am.states[a["fingerprint"]] = AlertState.RESTARTED
+    await h.post(notification(a))
+    await h.settle()
+    assert h.states() == {"n1": "BLOCKED"} and kube.calls(mutating=True) == []
+    assert h.sql("SELECT state FROM step") == []  # nothing cancelled: the step is still to come
+
+
 async def test_200_alerts_for_200_nodes_trip_the_breaker_and_respect_the_cap(harness, kube):
     for i in range(200):
         kube.add_node(f"gpu-{i:03d}")
