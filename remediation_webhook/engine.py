@@ -417,7 +417,7 @@ class Engine:
             await self._complete(rem, seq, action, ctx,
                                  StepResult(Outcome.SUCCESS, "reconciled after a restart: already done"))
             return True
-        if seen == Observation.UNKNOWN and not action.idempotent:
+        if seen == Observation.AMBIGUOUS or (seen == Observation.UNKNOWN and not action.idempotent):
             await self._ambiguous(rem, seq, action.name, "interrupted by a restart; the node cannot tell whether it "
                                                          "happened", ctx)
             return False

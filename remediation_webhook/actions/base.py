@@ -40,8 +40,11 @@ class Outcome(str, enum.Enum):
 
 class Observation(str, enum.Enum):
     DONE = "done"
-    NOT_DONE = "not_done"
-    UNKNOWN = "unknown"
+    NOT_DONE = "not_done"  # safe to run again
+    UNKNOWN = "unknown"  # re-run only if the action is idempotent
+    # It may have happened and repeating it is unsafe (an Azure redeploy has no idempotency key): a human decides,
+    # whatever the action's `idempotent` says, because safety here depends on the provider behind the action.
+    AMBIGUOUS = "ambiguous"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ USING = ("aws", "gcp", "azure", "karpenter", "cluster_api", "human")
 class Replace:
     name: ClassVar[str] = "replace"
     scope: ClassVar[str] = "node"
-    idempotent: ClassVar[bool] = True  # the AWS path checks the lifecycle state before sending anything
+    # Each provider says after a crash whether a re-run is safe (providers.replaced -> Observation): AWS checks the
+    # lifecycle state, GCP repeats its requestId, an Azure redeploy cannot tell and answers AMBIGUOUS.
+    idempotent: ClassVar[bool] = True
     cordons: ClassVar[bool] = True
     internal: ClassVar[bool] = False
     opt_in: ClassVar[bool] = True
@@ -80,7 +82,7 @@ class Replace:
             return Observation.NOT_DONE
         try:
             ref = await provider.resolve(ctx.node)
-            return Observation.DONE if await provider.replaced(ref, ctx.remediation_id) else Observation.NOT_DONE
+            return await provider.replaced(ref, ctx.remediation_id)
         except ProviderError:
             return Observation.UNKNOWN
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError, WebhookError
 from ..inventory.base import NodeIdentity
 
@@ -139,8 +140,9 @@ class Provider(Protocol):
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult: ...
     async def mark_unhealthy(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult: ...
     async def tag(self, ref: InstanceRef, tags: Mapping[str, str]) -> None: ...
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
-        """Observation after a restart: has this instance already been replaced by us?"""
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+        """After a restart: DONE (we replaced it), NOT_DONE (replace is safe to send again) or AMBIGUOUS (it may
+        have happened and cannot safely be repeated: a human decides)."""
         ...
 
 

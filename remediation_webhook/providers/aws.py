@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import (
@@ -271,17 +272,19 @@ class AwsProvider:
                         ShouldRespectGracePeriod=False)
         return ProviderResult(f"{iid} marked Unhealthy; its group replaces it")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+        """DONE once our tagged instance is terminating; otherwise replace is safe to send again, because it
+        checks the instance's lifecycle state before it terminates anything."""
         iid = self._check(ref)
         try:
             inst = await self._instance(iid)
         except ProviderError as exc:
             if exc.kind == "not_found":
-                return True
+                return Observation.DONE
             raise
         tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
         gone = inst.get("State", {}).get("Name") in ("shutting-down", "terminated")
-        return gone and tags.get(f"{self.tag_prefix}id") == rid
+        return Observation.DONE if gone and tags.get(f"{self.tag_prefix}id") == rid else Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         iid = self._check(ref)

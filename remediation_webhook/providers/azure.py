@@ -25,6 +25,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import (
@@ -253,18 +254,19 @@ class AzureProvider:
     async def mark_unhealthy(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         raise ProviderError("unsupported", "Azure has no mark-unhealthy for VMSS VMs; use replace (redeploy)")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
-        """Only a delete is observable afterwards (the VM is gone); redeploy and reimage leave no trace."""
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+        """Only a delete is observable afterwards (the VM is gone). Redeploy and reimage leave no trace and carry
+        no idempotency key, so a crash during one is AMBIGUOUS: a second redeploy is a second outage."""
         if self.replace_mode != "delete":
-            return False
+            return Observation.AMBIGUOUS
         self._check(ref)
         try:
             await self._vm(ref)
         except ProviderError as exc:
             if exc.kind == "not_found":
-                return True
+                return Observation.DONE
             raise
-        return False
+        return Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         if self.replace_mode == "redeploy":

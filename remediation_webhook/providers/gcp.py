@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import (
@@ -336,11 +337,12 @@ class GcpProvider:
                     return m[1], m[2]
         return None
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
         """Unknown from the instance alone (a recreated VM has the same name); the replace is safe to re-run:
-        recreateInstances carries the same requestId, which Compute Engine deduplicates."""
+        recreateInstances carries the same requestId, which Compute Engine deduplicates (for at least 60 minutes,
+        longer than a webhook restart takes)."""
         self._check(ref)
-        return False
+        return Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         from google.cloud import compute_v1

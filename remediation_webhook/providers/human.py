@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import InstanceRef, ProviderError, ProviderResult, duration, only_keys, opt
@@ -66,8 +67,8 @@ class HumanProvider:
         return ProviderResult(f"replacement record opened for a human: node {ref.instance_id} stays cordoned and "
                               f"drained until someone replaces the hardware and closes remediation {rid}{sent}")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
-        return False
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+        return Observation.NOT_DONE  # a second record carries the same remediation id
 
     async def reboot(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         raise ProviderError("unsupported", "the human provider only replaces")

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError, KubeApiError
 from ..inventory.base import NodeIdentity
 from ..kube import KubernetesApi, KubernetesSettings
@@ -150,9 +151,9 @@ class _Native:
         self._check(ref)
         return await self._delete_and_wait(ref, rid)
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
         self._check(ref)
-        return await self._get(ref) is None
+        return Observation.DONE if await self._get(ref) is None else Observation.NOT_DONE
 
     def _check(self, ref: InstanceRef) -> None:
         if ref.provider != self.name or not DNS_NAME.fullmatch(ref.instance_id) \

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import InstanceRef, ProviderError, ProviderResult, duration, only_keys, opt
@@ -127,8 +128,8 @@ class SlurmProvider:
 
     move = mark_unhealthy = replace
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> bool:
-        return False
+    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+        return Observation.NOT_DONE
 
     async def tag(self, ref: InstanceRef, tags: Mapping[str, str]) -> None:
         return None

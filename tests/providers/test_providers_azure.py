@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 sys.path.insert(0, str(Path(__file__).parent))
 from fakes.azure_compute import FORBIDDEN, THROTTLED, AzureFake
 
+from remediation_webhook.actions.base import Observation
 from remediation_webhook.errors import ConfigError
 from remediation_webhook.inventory.base import NodeIdentity
 from remediation_webhook.providers import ProviderError
@@ -119,7 +120,7 @@ async def test_replace_by_delete_scales_back_out(az, tls):
     assert ("gpu-rg", "gpu-vmss", "0") not in az.vms
     assert az.scale_sets[("gpu-rg", "gpu-vmss")]["sku"]["capacity"] == 3  # put back after the delete
     assert az.verbs().index("delete") < az.verbs().index("update")
-    assert await p.replaced(ref, "rem-3")
+    assert await p.replaced(ref, "rem-3") == Observation.DONE
     assert az.scale_set_actions == []
 
 

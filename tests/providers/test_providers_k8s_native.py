@@ -20,6 +20,7 @@ from fakes.support import (
     notification,
 )
 
+from remediation_webhook.actions.base import Observation
 from remediation_webhook.errors import ConfigError
 from remediation_webhook.inventory.base import NodeIdentity
 from remediation_webhook.kube import KubernetesSettings
@@ -98,7 +99,7 @@ async def test_karpenter_deletes_the_nodeclaim(kube, providers):
     assert result.new_host and "deleted" in result.detail
     assert not exists(kube, "/apis/karpenter.sh/v1/nodeclaims/gpu-pool-abcde")
     assert ("DELETE", "/apis/karpenter.sh/v1/nodeclaims/gpu-pool-abcde") in [c[:2] for c in kube.calls()]
-    assert await p.replaced(ref, "rem-1")
+    assert await p.replaced(ref, "rem-1") == Observation.DONE
     again = await p.replace(ref, "rem-1", "t")  # a re-run: 404 on delete means done
     assert "already gone" in again.detail
 
