@@ -69,6 +69,7 @@ import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from . import validate
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -285,10 +286,7 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
 
 
 def _mapping(value: object, key: str, allowed: set[str] | None = None) -> dict[Any, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    value = validate.mapping(value, key)
     if allowed is not None:
         for k in value:
             full = f"{key}.{k}" if key else str(k)
@@ -297,26 +295,6 @@ def _mapping(value: object, key: str, allowed: set[str] | None = None) -> dict[A
             if k not in allowed:
                 raise ConfigError(f"unknown key {full}")
     return value
-
-
-def _str(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _strings(value: object, key: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    return [_str(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
 def _choice(value: object, key: str, choices: Mapping[str, object] | tuple[str, ...]) -> str:
@@ -330,13 +308,13 @@ def _build(name: str, raw: object) -> WebConfig:
     base = Path(name).parent
 
     http = _mapping(top.get("http_server_config"), "http_server_config", {"http2", "headers"})
-    http2 = _bool(http.get("http2", True), "http_server_config.http2")
+    http2 = validate.boolean(http.get("http2", True), "http_server_config.http2")
     headers: dict[str, str] = {}
     for header, value in _mapping(http.get("headers"), "http_server_config.headers").items():
         key = f"http_server_config.headers.{header}"
         if header not in _HEADERS:
             raise ConfigError(f"{key}: this header can not be configured; allowed: {', '.join(_HEADERS)}")
-        value = _str(value, key)
+        value = validate.string(value, key)
         allowed_values = _HEADERS[header]
         if allowed_values is not None:
             _choice(value, key, allowed_values)
@@ -361,10 +339,7 @@ def _file(tls: Mapping[str, object], key: str, base: Path) -> Path | None:
     value = tls.get(key)
     if value is None or value == "":
         return None
-    path = base / _str(value, f"tls_server_config.{key}")  # an absolute value wins over base
-    if not path.is_file():
-        raise ConfigError(f"tls_server_config.{key}: no such file {str(path)!r}")
-    return path
+    return validate.existing_file(value, f"tls_server_config.{key}", base)
 
 
 def _no_password() -> str:
@@ -387,11 +362,13 @@ def _tls_context(tls: Mapping[str, object], base: Path) -> tuple[ssl.SSLContext,
     if _VERSIONS[lo] > _VERSIONS[hi]:
         raise ConfigError(f"{p}.min_version: {lo} is above max_version {hi}")
     ciphers = [_choice(c, f"{p}.cipher_suites", _CIPHERS)
-               for c in _strings(tls.get("cipher_suites"), f"{p}.cipher_suites")]
+               for c in validate.strings(tls.get("cipher_suites"), f"{p}.cipher_suites")]
     curves = [_choice(c, f"{p}.curve_preferences", _CURVES)
-              for c in _strings(tls.get("curve_preferences"), f"{p}.curve_preferences")]
-    prefer_server = _bool(tls.get("prefer_server_cipher_suites", True), f"{p}.prefer_server_cipher_suites")
-    sans = frozenset(_canonical_ip(s) for s in _strings(tls.get("client_allowed_sans"), f"{p}.client_allowed_sans"))
+              for c in validate.strings(tls.get("curve_preferences"), f"{p}.curve_preferences")]
+    prefer_server = validate.boolean(tls.get("prefer_server_cipher_suites", True),
+                                     f"{p}.prefer_server_cipher_suites")
+    sans = frozenset(_canonical_ip(s)
+                     for s in validate.strings(tls.get("client_allowed_sans"), f"{p}.client_allowed_sans"))
     if "client_allowed_sans" in tls and auth not in ("RequireAnyClientCert", "RequireAndVerifyClientCert"):
         raise ConfigError(f"{p}.client_allowed_sans: needs client_auth_type RequireAnyClientCert or "
                           f"RequireAndVerifyClientCert")

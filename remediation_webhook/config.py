@@ -13,12 +13,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
 
+from exporter import validate
 from exporter.durations import parse_duration
 from exporter.errors import ConfigError as ExporterConfigError
 from exporter.webconfig import WebConfig, load_web_config
@@ -39,28 +41,20 @@ _K8S_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+# The validators the exporter's web config uses too, raising this package's ConfigError.
+_str = partial(validate.string, error=ConfigError)
+_bool = partial(validate.boolean, error=ConfigError)
+_strings = partial(validate.strings, error=ConfigError)
+_file = partial(validate.existing_file, error=ConfigError)
+
+
 def _mapping(value: object, key: str, allowed: set[str] | None = None) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    value = validate.mapping(value, key, error=ConfigError)
     for k in value:
         if not isinstance(k, str):
             raise ConfigError(f"{key}: keys must be strings, got {k!r}")
         if allowed is not None and k not in allowed:
             raise ConfigError(f"{key}.{k}: unknown key" if key else f"{k}: unknown key")
-    return value
-
-
-def _str(value: object, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-
-
-def _bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -81,21 +75,6 @@ def _duration(value: object, key: str) -> float:
         return parse_duration(value, key)
     except ExporterConfigError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def _strings(value: object, key: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    return tuple(_str(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-
-def _file(value: object, key: str, base: Path) -> Path:
-    path = base / _str(value, key)
-    if not path.is_file():
-        raise ConfigError(f"{key}: no such file {str(path)!r}")
-    return path
 
 
 def _address(value: object, key: str) -> str:
