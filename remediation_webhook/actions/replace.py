@@ -8,7 +8,8 @@
   gcp    instanceGroupManagers.recreateInstances (requestId from the remediation id), verified through
          listManagedInstances (currentAction NONE, RUNNING); reportHostAsFaulty on A3 Ultra/A4/A4X when
          providers.gcp.report_faulty_host is set
-  azure  per-instance VMSS redeploy (default), reimage or delete + scale back out; AKS scale sets refused
+  azure  per-instance VMSS redeploy (default), reimage or delete + scale back out; AKS node pools through the
+         agent-pool API (deleteMachines, count put back) when providers.azure.aks_cluster is set, else refused
   karpenter    delete the node's NodeClaim (karpenter.sh/v1), verified gone
   cluster_api  delete the node's Machine (cluster.x-k8s.io/v1beta1, MachineSet-owned), verified gone
   human  bare metal: a replacement record (journal, metric, optional notification webhook); the node stays

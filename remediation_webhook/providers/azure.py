@@ -1,6 +1,6 @@
-"""Azure (azure-mgmt-compute + azure-identity): VM scale set VMs, for nodes whose providerID is
-azure:///subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachineScaleSets/<vmss>/
-virtualMachines/<instance id>.
+"""Azure (azure-mgmt-compute + azure-identity; AKS pools also azure-mgmt-containerservice): VM scale set VMs, for
+nodes whose providerID is azure:///subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/
+virtualMachineScaleSets/<vmss>/virtualMachines/<instance id>.
 
   reboot   virtual_machine_scale_set_vms.begin_restart   same host
   move     virtual_machine_scale_set_vms.begin_redeploy  new host (the usual fix for bad hardware)
@@ -9,20 +9,31 @@ virtualMachines/<instance id>.
            explicitly with virtual_machine_scale_sets.begin_update(sku.capacity); the delete decrements it)
 
 Every call is per instance through `virtual_machine_scale_set_vms`: never the scale-set-level reimage / restart /
-redeploy / delete, which act on every VM when instance ids are omitted. Scale sets AKS manages (a tag
-`aks-managed-*`, or a resource group `MC_*`) are refused (kind "unsupported"): deleting or reimaging them
-behind AKS's back breaks the node pool; use AKS's agent-pool API (agentPools/deleteMachines) instead.
+redeploy / delete, which act on every VM when instance ids are omitted.
+
+Scale sets AKS manages (a tag `aks-managed-*`, or a resource group `MC_*`) never get a VMSS call: deleting or
+reimaging them behind AKS's back breaks the node pool. With `aks_cluster` (the managed cluster's resource id)
+configured, replace goes through AKS's agent-pool API (api-version 2026-08-01 of azure-mgmt-containerservice):
+agent_pools.begin_delete_machines(machineNames=[<node name>]), which removes the machine and lowers the pool's
+count, then (unless the pool autoscales, when the cluster autoscaler brings capacity back) the pool's count is put
+back with agent_pools.begin_create_or_update, the same GET-then-PUT `az aks nodepool scale` does. The cluster's
+nodeResourceGroup must be the scale set's resource group, and the machine must be listed in the pool, before any
+write. Reboot and move on AKS nodes are refused: use the executor Job (`reboot: {using: executor}`), or replace.
 
 Long-running operations are polled (ARM polling: Azure-AsyncOperation / Location) with `poller.result(timeout)`;
 the async-operation URL is the step's `operation`. 429 (with Retry-After) and 5xx are retried by azure-core's
-RetryPolicy (retry_total = max_attempts). Restart, redeploy and reimage are NOT idempotent: a lost outcome
-must go to a human. Blocking calls run in a thread. Permissions: deploy/iam/azure-role-definition.json.
+RetryPolicy (retry_total = max_attempts). Restart, redeploy and reimage are NOT idempotent: after a crash mid-step
+`replaced` answers AMBIGUOUS and a human decides. A delete records `<remediation id>:<capacity>` in the scale
+set's tag `gpu-health-replace` before it deletes, so a re-run after a crash finishes the scale-out instead of
+guessing. Blocking calls run in a thread. Permissions: deploy/iam/azure-role-definition.json.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from ..actions.base import Observation
@@ -42,6 +53,13 @@ from . import (
 )
 
 IAM_FILE = "deploy/iam/azure-role-definition.json"
+AKS_IAM_FILE = "deploy/iam/azure-aks-role-definition.json"
+MARKER_TAG = "gpu-health-replace"  # "<remediation id>:<capacity before the delete>", while a delete is in flight
+AKS_POOL_LABEL = "kubernetes.azure.com/agentpool"
+AKS_CLUSTER = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.ContainerService/"
+                         r"managedClusters/([^/]+)", re.IGNORECASE)
+AKS_POOL = re.compile(r"[a-z][a-z0-9]{0,11}")  # AKS agent pool names: lowercase letters and digits, at most 12
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 CAPACITY = ("AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest", "SkuNotAvailable",
             "OperationNotAllowed")  # OperationNotAllowed: quota
 AUTH = ("AuthorizationFailed", "AuthenticationFailed", "InvalidAuthenticationToken", "LinkedAuthorizationFailed",
@@ -67,8 +85,9 @@ def classify(exc: Exception, what: str) -> ProviderError:
         code = _code(exc)
         message = str(getattr(getattr(exc, "error", None), "message", "") or exc.message or exc)[:300]
         if status in (401, 403) or code in AUTH:
+            role, scope = (AKS_IAM_FILE, "cluster's") if what.startswith("AKS") else (IAM_FILE, "scale set's")
             return ProviderError("auth", f"Azure refused {what} ({status or ''} {code}: {message}); assign the "
-                                         f"role in {IAM_FILE} to the webhook's identity at the scale set's scope",
+                                         f"role in {role} to the webhook's identity at the {scope} scope",
                                  code=code or str(status))
         if status == 404 or code in ("ResourceNotFound", "NotFound", "ParentResourceNotFound"):
             return ProviderError("not_found", f"{what}: not found ({code}: {message})", code=code or "404")
@@ -92,7 +111,11 @@ def _get(obj: Any, *path: str) -> Any:
     for name in path:
         if obj is None:
             return None
-        obj = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+        # SDK models expose flattened attributes; the newer ones are also Mappings of the raw ARM JSON.
+        value = getattr(obj, name, None)
+        if value is None and isinstance(obj, Mapping):
+            value = obj.get(name)
+        obj = value
     return obj
 
 
@@ -100,25 +123,26 @@ class AzureProvider:
     name: ClassVar[str] = "azure"
 
     def __init__(self, *, base_url: str = "", ca_file: str = "", replace_mode: str = "redeploy",
-                 allowed_scale_sets: tuple[str, ...] = (), max_attempts: int = 5, retry_base: float = 0.8,
-                 operation_timeout: float = 1800.0, polling_interval: float = 15.0,
+                 allowed_scale_sets: tuple[str, ...] = (), aks_cluster: str = "", max_attempts: int = 5,
+                 retry_base: float = 0.8, operation_timeout: float = 1800.0, polling_interval: float = 15.0,
                  call_timeout: float = 60.0, credential: Any = None) -> None:
         self.base_url = base_url
         self.ca_file = ca_file
         self.replace_mode = replace_mode
         self.allowed_scale_sets = allowed_scale_sets
+        self.aks_cluster = aks_cluster
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.operation_timeout = operation_timeout
         self.polling_interval = polling_interval
         self.call_timeout = call_timeout
         self.credential = credential
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], key: str) -> AzureProvider:
-        only_keys(raw, key, {"base_url", "ca_file", "replace_mode", "allowed_scale_sets", "max_attempts",
-                             "retry_base", "operation_timeout", "polling_interval", "call_timeout"})
+        only_keys(raw, key, {"base_url", "ca_file", "replace_mode", "allowed_scale_sets", "aks_cluster",
+                             "max_attempts", "retry_base", "operation_timeout", "polling_interval", "call_timeout"})
         base = opt(raw, key, "base_url", str, "")
         if base and not base.startswith("https://"):
             raise ConfigError(f"{key}.base_url: expected an https URL (bearer tokens are never sent over http)")
@@ -128,11 +152,22 @@ class AzureProvider:
         sets = raw.get("allowed_scale_sets") or []
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
             raise ConfigError(f"{key}.allowed_scale_sets: expected a list of VM scale set names")
+        aks = opt(raw, key, "aks_cluster", str, "")
+        m = AKS_CLUSTER.fullmatch(aks)
+        if aks and not (m and AZ_GUID.fullmatch(m[1]) and AZ_NAME.fullmatch(m[2]) and AZ_NAME.fullmatch(m[3])):
+            raise ConfigError(f"{key}.aks_cluster: expected the managed cluster's resource id, /subscriptions/<guid>/"
+                              f"resourceGroups/<rg>/providers/Microsoft.ContainerService/managedClusters/<name>")
+        if aks:
+            try:
+                import azure.mgmt.containerservice  # noqa: F401
+            except ImportError as exc:
+                raise ConfigError(f"{key}.aks_cluster: needs azure-mgmt-containerservice (pip install "
+                                  f"'gpu-health[azure]')") from exc
         attempts = opt(raw, key, "max_attempts", int, 5)
         if attempts < 1:
             raise ConfigError(f"{key}.max_attempts: at least 1")
         return cls(base_url=base, ca_file=opt(raw, key, "ca_file", str, ""), replace_mode=mode,
-                   allowed_scale_sets=tuple(sets), max_attempts=attempts,
+                   allowed_scale_sets=tuple(sets), aks_cluster=aks, max_attempts=attempts,
                    retry_base=duration(raw, key, "retry_base", "800ms"),
                    operation_timeout=duration(raw, key, "operation_timeout", "30m"),
                    polling_interval=duration(raw, key, "polling_interval", "15s"),
@@ -140,9 +175,12 @@ class AzureProvider:
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def client(self, subscription: str) -> Any:
-        if subscription not in self._clients:
-            from azure.mgmt.compute import ComputeManagementClient
+    def client(self, subscription: str, kind: str = "compute") -> Any:
+        if (kind, subscription) not in self._clients:
+            if kind == "aks":
+                from azure.mgmt.containerservice import ContainerServiceClient as cls
+            else:
+                from azure.mgmt.compute import ComputeManagementClient as cls
 
             if self.credential is None:
                 from azure.identity import DefaultAzureCredential
@@ -156,25 +194,26 @@ class AzureProvider:
                 kwargs["base_url"] = self.base_url
             if self.ca_file:
                 kwargs["connection_verify"] = self.ca_file
-            self._clients[subscription] = ComputeManagementClient(self.credential, subscription, **kwargs)
-        return self._clients[subscription]
+            self._clients[(kind, subscription)] = cls(self.credential, subscription, **kwargs)
+        return self._clients[(kind, subscription)]
 
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
 
-    async def call(self, ref: InstanceRef, group: str, op: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, ref: InstanceRef, group: str, op: str, what: str, *args: Any, kind: str = "compute",
+                   **kwargs: Any) -> Any:
         try:
-            fn = getattr(getattr(self.client(ref.project), group), op)
+            fn = getattr(getattr(self.client(ref.project, kind), group), op)
             return await asyncio.to_thread(lambda: fn(*args, **kwargs))
         except Exception as exc:
             raise classify(exc, what) from exc
 
     async def lro(self, ref: InstanceRef, op: str, what: str, *args: Any, group: str = "virtual_machine_scale_set_vms",
-                  **kwargs: Any) -> str:
+                  kind: str = "compute", **kwargs: Any) -> str:
         """Start a long-running operation and poll it to the end; returns its async-operation URL."""
-        poller = await self.call(ref, group, op, what, *args, **kwargs)
+        poller = await self.call(ref, group, op, what, *args, kind=kind, **kwargs)
         url = ""
         try:
             headers = poller.polling_method()._initial_response.http_response.headers
@@ -197,7 +236,10 @@ class AzureProvider:
         if ref is None or ref.provider != "azure":
             raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not an "
                                            f"Azure VM scale set VM")
-        return ref
+        # AKS names a machine after its node, and labels the node with its agent pool.
+        extra = {"machine": node.name, "pool": str(node.labels.get(AKS_POOL_LABEL, ""))}
+        return InstanceRef(ref.provider, ref.instance_id, zone=ref.zone, project=ref.project,
+                           resource_group=ref.resource_group, scale_set=ref.scale_set, extra=MappingProxyType(extra))
 
     def _check(self, ref: InstanceRef) -> None:
         if ref.provider != "azure" or not ref.scale_set:
@@ -207,24 +249,28 @@ class AzureProvider:
                 and AZ_NAME.fullmatch(ref.scale_set) and AZ_INSTANCE.fullmatch(ref.instance_id)):
             raise ProviderError("invalid", f"{ref.describe()}: a part failed validation")
 
-    async def _scale_set(self, ref: InstanceRef) -> Any:
-        """Read the scale set and refuse AKS-managed ones before any write."""
+    async def _scale_set(self, ref: InstanceRef) -> tuple[Any, str]:
+        """Read the scale set: (its model or None, the AKS agent pool it backs or "")."""
         self._check(ref)
         if self.allowed_scale_sets and ref.scale_set not in self.allowed_scale_sets:
             raise ProviderError("unsupported", f"scale set {ref.scale_set} is not in "
                                                f"providers.azure.allowed_scale_sets; not touched")
         vmss = None
-        if not ref.resource_group.upper().startswith("MC_"):
+        if not ref.resource_group.upper().startswith("MC_"):  # AKS's node resource group: not even a read
             vmss = await self.call(ref, "virtual_machine_scale_sets", "get", f"get scale set {ref.scale_set}",
                                    ref.resource_group, ref.scale_set)
-        tags = _get(vmss, "tags") or {}
-        aks = [k for k in tags if str(k).lower().startswith("aks-managed-")]
-        if aks or vmss is None:
-            why = f"tag {aks[0]}" if aks else f"resource group {ref.resource_group}"
-            raise ProviderError("unsupported", f"scale set {ref.scale_set} is managed by AKS ({why}): VMSS calls "
-                                               f"would bypass AKS. Use the AKS agent-pool API (POST .../"
-                                               f"managedClusters/<cluster>/agentPools/<pool>/deleteMachines) or "
-                                               f"AKS node auto-repair; not touched")
+        tags = {str(k): str(v) for k, v in (_get(vmss, "tags") or {}).items()}
+        if vmss is not None and not any(k.lower().startswith("aks-managed-") for k in tags):
+            return vmss, ""
+        pool = ref.extra.get("pool") or next((v for k, v in tags.items() if k.lower() == "aks-managed-poolname"), "")
+        return vmss, pool or "?"
+
+    async def _not_aks(self, ref: InstanceRef, verb: str) -> Any:
+        vmss, pool = await self._scale_set(ref)
+        if pool:
+            raise ProviderError("unsupported", f"scale set {ref.scale_set} in {ref.resource_group} belongs to AKS "
+                                               f"agent pool {pool}: a VMSS {verb} would bypass AKS. Use reboot with using: executor (the "
+                                               f"node Job), or replace (AKS agentPools/deleteMachines); not touched")
         return vmss
 
     async def _vm(self, ref: InstanceRef) -> Any:
@@ -241,12 +287,12 @@ class AzureProvider:
         return
 
     async def reboot(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
-        await self._scale_set(ref)
+        await self._not_aks(ref, "restart")
         url = await self.lro(ref, "begin_restart", f"restart {ref.scale_set}/{ref.instance_id}", *self._args(ref))
         return ProviderResult(f"restarted VMSS VM {ref.scale_set}/{ref.instance_id} (same host)", operation=url)
 
     async def move(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
-        await self._scale_set(ref)
+        await self._not_aks(ref, "redeploy")
         url = await self.lro(ref, "begin_redeploy", f"redeploy {ref.scale_set}/{ref.instance_id}", *self._args(ref))
         return ProviderResult(f"redeployed VMSS VM {ref.scale_set}/{ref.instance_id}: it runs on a new host",
                               new_host=True, operation=url)
@@ -255,40 +301,169 @@ class AzureProvider:
         raise ProviderError("unsupported", "Azure has no mark-unhealthy for VMSS VMs; use replace (redeploy)")
 
     async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
-        """Only a delete is observable afterwards (the VM is gone). Redeploy and reimage leave no trace and carry
-        no idempotency key, so a crash during one is AMBIGUOUS: a second redeploy is a second outage."""
+        """After a crash mid-replace. A delete is observable (the VM is gone, and our marker tag says whether the
+        scale-out is still owed); redeploy and reimage leave no trace and carry no idempotency key, so they are
+        AMBIGUOUS: a second redeploy is a second outage."""
+        vmss, pool = await self._scale_set(ref)
+        if pool:
+            return await self._aks_replaced(ref, pool)
         if self.replace_mode != "delete":
             return Observation.AMBIGUOUS
-        self._check(ref)
         try:
             await self._vm(ref)
         except ProviderError as exc:
-            if exc.kind == "not_found":
-                return Observation.DONE
-            raise
+            if exc.kind != "not_found":
+                raise
+            owed = _marker(vmss, rid) is not None
+            return Observation.NOT_DONE if owed else Observation.DONE
         return Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
+        vmss, pool = await self._scale_set(ref)
+        if pool:
+            return await self._aks_replace(ref, pool)
         if self.replace_mode == "redeploy":
             return await self.move(ref, rid, reason)
-        vmss = await self._scale_set(ref)
         what = f"{self.replace_mode} {ref.scale_set}/{ref.instance_id}"
         if self.replace_mode == "reimage":
             url = await self.lro(ref, "begin_reimage", what, *self._args(ref))
             return ProviderResult(f"reimaged VMSS VM {ref.scale_set}/{ref.instance_id} (same host, fresh OS disk)",
                                   operation=url)
-        await self._vm(ref)  # not_found before we change capacity
-        capacity = int(_get(vmss, "sku", "capacity") or 0)
-        url = await self.lro(ref, "begin_delete", what, *self._args(ref))
+        return await self._delete_and_scale_out(ref, vmss, rid, what)
+
+    async def _delete_and_scale_out(self, ref: InstanceRef, vmss: Any, rid: str, what: str) -> ProviderResult:
+        tags = {str(k): str(v) for k, v in (_get(vmss, "tags") or {}).items()}
+        owed = _marker(vmss, rid)
+        url = ""
+        try:
+            await self._vm(ref)
+        except ProviderError as exc:
+            if exc.kind != "not_found" or owed is None:
+                raise  # gone, and not by us: nothing to finish
+        else:
+            capacity = owed if owed is not None else int(_get(vmss, "sku", "capacity") or 0)
+            owed = capacity
+            await self._set_tags(ref, {**tags, MARKER_TAG: f"{rid}:{capacity}"})
+            url = await self.lro(ref, "begin_delete", what, *self._args(ref))
         after = await self.call(ref, "virtual_machine_scale_sets", "get", f"get scale set {ref.scale_set}",
                                 ref.resource_group, ref.scale_set)
         now = int(_get(after, "sku", "capacity") or 0)
-        if now < capacity:
-            await self.lro(ref, "begin_update", f"scale {ref.scale_set} back out to {capacity}", ref.resource_group,
-                           ref.scale_set, {"sku": {"capacity": capacity}}, group="virtual_machine_scale_sets")
+        if now < owed:
+            await self.lro(ref, "begin_update", f"scale {ref.scale_set} back out to {owed}", ref.resource_group,
+                           ref.scale_set, {"sku": {"capacity": owed}}, group="virtual_machine_scale_sets")
+        await self._set_tags(ref, {k: v for k, v in tags.items() if k != MARKER_TAG})
+        resumed = "" if url else " (finishing a delete interrupted by a restart)"
         return ProviderResult(f"deleted VMSS VM {ref.scale_set}/{ref.instance_id} and set capacity back to "
-                              f"{capacity} (was {now} after the delete): a new VM is being created", new_host=True,
-                              operation=url)
+                              f"{owed} (was {now} after the delete): a new VM is being created{resumed}",
+                              new_host=True, operation=url)
+
+    async def _set_tags(self, ref: InstanceRef, tags: Mapping[str, str]) -> None:
+        """A PATCH of the scale set's tags only: not part of the VM model, so no VM becomes out of date."""
+        await self.lro(ref, "begin_update", f"tag scale set {ref.scale_set}", ref.resource_group, ref.scale_set,
+                       {"tags": dict(tags)}, group="virtual_machine_scale_sets")
+
+    # ------------------------------------------------------------------------------------------ AKS
+
+    def _aks(self, ref: InstanceRef, pool: str) -> tuple[str, str, str, str]:
+        """(cluster resource group, cluster name, pool, machine), all validated, or a refusal."""
+        m = AKS_CLUSTER.fullmatch(self.aks_cluster)
+        if m is None:
+            raise ProviderError("unsupported", f"scale set {ref.scale_set} is managed by AKS: VMSS calls would "
+                                               f"bypass AKS, so nothing was called. Set providers.azure.aks_cluster "
+                                               f"to the cluster's resource id to replace through the agent-pool API "
+                                               f"(agentPools/<pool>/deleteMachines)")
+        machine = str(ref.extra.get("machine", ""))
+        if not AKS_POOL.fullmatch(pool):
+            raise ProviderError("invalid", f"AKS agent pool {pool[:40]!r} of scale set {ref.scale_set} is not a "
+                                           f"valid pool name (node label {AKS_POOL_LABEL}); nothing was called")
+        if not DNS_LABEL.fullmatch(machine):
+            raise ProviderError("invalid", f"node name {machine[:80]!r} is not a valid AKS machine name")
+        if m[1].lower() != ref.project.lower():
+            raise ProviderError("unsupported", f"{ref.describe()} is in subscription {ref.project}, the AKS cluster "
+                                               f"in {m[1]}; not touched")
+        return m[2], m[3], pool, machine
+
+    def _aks_ref(self, ref: InstanceRef) -> InstanceRef:
+        m = AKS_CLUSTER.fullmatch(self.aks_cluster)
+        assert m is not None
+        return InstanceRef("azure", ref.instance_id, project=m[1], resource_group=m[2])
+
+    async def _aks_pool(self, ref: InstanceRef, rg: str, cluster: str, pool: str) -> Any:
+        return await self.call(self._aks_ref(ref), "agent_pools", "get", f"AKS get agent pool {cluster}/{pool}",
+                               rg, cluster, pool, kind="aks")
+
+    async def _aks_machine(self, ref: InstanceRef, rg: str, cluster: str, pool: str, machine: str) -> bool:
+        try:
+            await self.call(self._aks_ref(ref), "machines", "get", f"AKS get machine {pool}/{machine}", rg, cluster,
+                            pool, machine, kind="aks")
+        except ProviderError as exc:
+            if exc.kind == "not_found":
+                return False
+            raise
+        return True
+
+    async def _aks_replace(self, ref: InstanceRef, pool_name: str) -> ProviderResult:
+        rg, cluster, pool_name, machine = self._aks(ref, pool_name)
+        aks = self._aks_ref(ref)
+        mc = await self.call(aks, "managed_clusters", "get", f"AKS get cluster {cluster}", rg, cluster, kind="aks")
+        node_rg = str(_get(mc, "node_resource_group") or _get(mc, "properties", "nodeResourceGroup") or "")
+        if node_rg.lower() != ref.resource_group.lower():
+            raise ProviderError("unsupported", f"scale set {ref.scale_set} is in resource group {ref.resource_group}, "
+                                               f"but AKS cluster {cluster} keeps its nodes in {node_rg or '?'}: "
+                                               f"providers.azure.aks_cluster names another cluster; not touched")
+        pool = await self._aks_pool(ref, rg, cluster, pool_name)
+        count = int(_pool(pool, "count") or 0)
+        autoscale = bool(_pool(pool, "enable_auto_scaling"))
+        if not await self._aks_machine(ref, rg, cluster, pool_name, machine):
+            raise ProviderError("not_found", f"AKS agent pool {pool_name} of {cluster} has no machine {machine}")
+        url = await self.lro(aks, "begin_delete_machines", f"AKS deleteMachines {pool_name}/{machine}", rg, cluster,
+                             pool_name, {"machineNames": [machine]}, group="agent_pools", kind="aks")
+        if autoscale:
+            return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster}; the pool "
+                                  f"autoscales, so the cluster autoscaler brings a new node when pods wait",
+                                  new_host=True, operation=url)
+        after = await self._aks_pool(ref, rg, cluster, pool_name)
+        now = int(_pool(after, "count") or 0)
+        if now < count:
+            body = _as_dict(after)
+            body.setdefault("properties", {})["count"] = count
+            await self.lro(aks, "begin_create_or_update", f"AKS scale pool {pool_name} back to {count}", rg, cluster,
+                           pool_name, body, group="agent_pools", kind="aks")
+        return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster} and set its count "
+                              f"back to {count} (was {now}): AKS creates a new node", new_host=True, operation=url)
+
+    async def _aks_replaced(self, ref: InstanceRef, pool_name: str) -> Observation:
+        rg, cluster, pool_name, machine = self._aks(ref, pool_name)
+        pool = await self._aks_pool(ref, rg, cluster, pool_name)
+        if await self._aks_machine(ref, rg, cluster, pool_name, machine):
+            # Still listed: the delete was not sent, unless AKS is busy with one right now.
+            busy = str(_pool(pool, "provisioning_state") or "Succeeded") != "Succeeded"
+            return Observation.AMBIGUOUS if busy else Observation.NOT_DONE
+        # Gone. An autoscaling pool needs nothing more; a fixed one may still owe the count we cannot recall.
+        return Observation.DONE if _pool(pool, "enable_auto_scaling") else Observation.AMBIGUOUS
+
+
+def _marker(vmss: Any, rid: str) -> int | None:
+    """The capacity our interrupted delete owes the scale set, if the marker tag is this remediation's."""
+    value = str((_get(vmss, "tags") or {}).get(MARKER_TAG, ""))
+    owner, _, capacity = value.rpartition(":")
+    return int(capacity) if owner == rid and capacity.isdigit() else None
+
+
+def _pool(pool: Any, name: str) -> Any:
+    """An AgentPool field, from the SDK model (flattened attribute) or a plain ARM dict (under properties)."""
+    value = _get(pool, name)
+    if value is None:
+        camel = re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
+        value = _get(pool, "properties", camel)
+    return value
+
+
+def _as_dict(model: Any) -> dict[str, Any]:
+    if isinstance(model, Mapping):
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in model.items()}
+    as_dict = getattr(model, "as_dict", None)
+    return dict(as_dict()) if as_dict else {}
 
 
 PROVIDER = AzureProvider

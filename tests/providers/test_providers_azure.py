@@ -119,7 +119,9 @@ async def test_replace_by_delete_scales_back_out(az, tls):
     assert result.new_host
     assert ("gpu-rg", "gpu-vmss", "0") not in az.vms
     assert az.scale_sets[("gpu-rg", "gpu-vmss")]["sku"]["capacity"] == 3  # put back after the delete
-    assert az.verbs().index("delete") < az.verbs().index("update")
+    verbs = az.verbs()
+    assert "update" in verbs[verbs.index("delete"):]  # the capacity comes back after the delete
+    assert "gpu-health-replace" not in az.scale_sets[("gpu-rg", "gpu-vmss")]["tags"]  # the marker is cleared
     assert await p.replaced(ref, "rem-3") == Observation.DONE
     assert az.scale_set_actions == []
 
@@ -212,3 +214,154 @@ def test_config_errors_name_keys():
         AzureProvider.from_config({"base_url": "http://127.0.0.1:1"}, "providers.azure")
     with pytest.raises(ConfigError, match=r"providers.azure.replace_mode"):
         AzureProvider.from_config({"replace_mode": "reimage_all"}, "providers.azure")
+
+
+# ---------------------------------------------------------------------------------------------- crash safety
+
+
+async def test_redeploy_and_reimage_are_ambiguous_after_a_crash(az, tls):
+    for mode in ("redeploy", "reimage"):
+        p = provider(az, tls, replace_mode=mode)
+        assert await p.replaced(await ref_of(p), "rem-20") == Observation.AMBIGUOUS
+    assert not {"restart", "redeploy", "reimage", "delete", "update"} & set(az.verbs())
+
+
+async def test_delete_interrupted_before_scale_out_is_finished_on_rerun(az, tls):
+    p = provider(az, tls, replace_mode="delete")
+    ref = await ref_of(p, instance="1")
+    vmss = az.scale_sets[("gpu-rg", "gpu-vmss")]
+    assert await p.replaced(ref, "rem-21") == Observation.NOT_DONE  # nothing sent yet
+    # The webhook died after the delete and before the scale-out: marker written, VM gone, capacity down by one.
+    vmss["tags"] = {"team": "ml", "gpu-health-replace": "rem-21:3"}
+    del az.vms[("gpu-rg", "gpu-vmss", "1")]
+    vmss["sku"]["capacity"] = 2
+    assert await p.replaced(ref, "rem-21") == Observation.NOT_DONE  # the scale-out is still owed
+    assert await p.replaced(ref, "someone-else") == Observation.DONE
+    result = await p.replace(ref, "rem-21", "t")
+    assert "interrupted by a restart" in result.detail
+    assert vmss["sku"]["capacity"] == 3 and vmss["tags"] == {"team": "ml"}
+    assert "delete" not in az.verbs()  # nothing deleted twice
+    assert await p.replaced(ref, "rem-21") == Observation.DONE
+
+
+async def test_delete_writes_its_marker_before_deleting(az, tls):
+    p = provider(az, tls, replace_mode="delete")
+    az.op_errors["delete"] = {"code": "InternalExecutionError", "message": "boom"}
+    with pytest.raises(ProviderError):
+        await p.replace(await ref_of(p, instance="2"), "rem-22", "t")
+    assert az.scale_sets[("gpu-rg", "gpu-vmss")]["tags"]["gpu-health-replace"] == "rem-22:3"
+    assert az.verbs().index("update") < az.verbs().index("delete")
+
+
+# ---------------------------------------------------------------------------------------------- AKS
+
+CLUSTER = f"/subscriptions/{SUB}/resourceGroups/aks-rg/providers/Microsoft.ContainerService/managedClusters/aks1"
+NODE_RG = "MC_aks-rg_aks1_eastus"
+
+
+@pytest.fixture(name="aks")
+def _aks(az):
+    az.add_scale_set(NODE_RG, "aks-gpu-12345678-vmss", instances=2, tags={"aks-managed-poolName": "gpu"})
+    az.machines_names = az.add_cluster("aks-rg", "aks1", node_rg=NODE_RG, pool="gpu",
+                                       scale_set="aks-gpu-12345678-vmss", node_prefix="aks-gpu-12345678-vmss")
+    return az
+
+
+def aks_node(instance: str = "1", pool: str = "gpu") -> NodeIdentity:
+    pid = PID.replace("gpu-rg", NODE_RG).format("aks-gpu-12345678-vmss", instance)
+    return NodeIdentity(f"aks-gpu-12345678-vmss{int(instance):06d}", "u", provider_id=pid,
+                        labels={"kubernetes.azure.com/agentpool": pool})
+
+
+VMSS_WRITES = {"restart", "redeploy", "reimage", "delete", "update"}
+
+
+async def test_aks_replace_deletes_the_machine_and_restores_the_count(aks, tls):
+    p = provider(aks, tls, aks_cluster=CLUSTER)
+    ref = await p.resolve(aks_node("1"))
+    result = await p.replace(ref, "rem-30", "xid 79")
+    assert result.new_host and "/operations/" in result.operation
+    deletes = [path for verb, path in aks.seen if verb == "delete_machines"]
+    assert deletes == ["/subscriptions/" + SUB + "/resourceGroups/aks-rg/providers/Microsoft.ContainerService/"
+                       "managedClusters/aks1/agentPools/gpu/deleteMachines"]
+    assert (NODE_RG.lower(), "aks-gpu-12345678-vmss", "1") not in aks.vms
+    assert aks.pools[("aks-rg", "aks1", "gpu")]["properties"]["count"] == 2  # put back after deleteMachines
+    assert aks.verbs().index("delete_machines") < aks.verbs().index("put_pool")
+    assert not VMSS_WRITES & set(aks.verbs()) and aks.scale_set_actions == []
+    assert await p.replaced(ref, "rem-30") == Observation.AMBIGUOUS  # fixed pool: the owed count is unknowable
+
+
+async def test_aks_autoscaling_pool_is_left_to_the_autoscaler(aks, tls):
+    aks.pools[("aks-rg", "aks1", "gpu")]["properties"]["enableAutoScaling"] = True
+    p = provider(aks, tls, aks_cluster=CLUSTER)
+    ref = await p.resolve(aks_node("0"))
+    assert await p.replaced(ref, "rem-31") == Observation.NOT_DONE
+    result = await p.replace(ref, "rem-31", "t")
+    assert "autoscaler" in result.detail and "put_pool" not in aks.verbs()
+    assert aks.pools[("aks-rg", "aks1", "gpu")]["properties"]["count"] == 1
+    assert await p.replaced(ref, "rem-31") == Observation.DONE
+
+
+async def test_aks_reboot_is_refused_without_any_vmss_call(aks, tls):
+    p = provider(aks, tls, aks_cluster=CLUSTER)
+    for verb in (p.reboot, p.move):
+        with pytest.raises(ProviderError) as err:
+            await verb(await p.resolve(aks_node("0")), "rem-32", "t")
+        assert err.value.kind == "unsupported" and "using: executor" in err.value.detail
+    assert aks.seen == []
+
+
+async def test_aks_cluster_of_another_node_group_is_not_touched(aks, tls):
+    aks.clusters[("aks-rg", "aks1")]["properties"]["nodeResourceGroup"] = "MC_other"
+    p = provider(aks, tls, aks_cluster=CLUSTER)
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(aks_node("0")), "rem-33", "t")
+    assert err.value.kind == "unsupported" and "MC_other" in err.value.detail
+    assert "delete_machines" not in aks.verbs()
+
+
+async def test_aks_errors(aks, tls):
+    p = provider(aks, tls, aks_cluster=CLUSTER)
+    with pytest.raises(ProviderError) as err:  # a hostile pool label: no call at all
+        await p.replace(await p.resolve(aks_node("0", pool="gpu;rm -rf")), "rem-34", "t")
+    assert err.value.kind == "invalid" and aks.seen == []
+    gone = NodeIdentity("aks-gpu-12345678-vmss000009", "u", provider_id=aks_node("0").provider_id,
+                        labels={"kubernetes.azure.com/agentpool": "gpu"})
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(gone), "rem-35", "t")
+    assert err.value.kind == "not_found" and "delete_machines" not in aks.verbs()
+    aks.script["delete_machines"] = [FORBIDDEN]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(aks_node("0")), "rem-36", "t")
+    assert err.value.kind == "auth" and "deploy/iam/azure-aks-role-definition.json" in err.value.detail
+    aks.script["delete_machines"] = [THROTTLED]
+    result = await p.replace(await p.resolve(aks_node("0")), "rem-37", "t")
+    assert result.new_host and aks.verbs().count("delete_machines") == 3
+    aks.op_errors["delete_machines"] = {"code": "OperationNotAllowed", "message": "Another operation is in progress"}
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(aks_node("1")), "rem-38", "t")
+    assert err.value.kind in ("failed", "capacity") and "OperationNotAllowed" in err.value.detail
+
+
+def test_aks_cluster_config_is_validated():
+    with pytest.raises(ConfigError, match=r"providers.azure.aks_cluster"):
+        AzureProvider.from_config({"aks_cluster": "aks1"}, "providers.azure")
+    with pytest.raises(ConfigError, match=r"providers.azure.aks_cluster"):
+        AzureProvider.from_config({"aks_cluster": CLUSTER.replace(SUB, "x")}, "providers.azure")
+    assert AzureProvider.from_config({"aks_cluster": CLUSTER}, "providers.azure").aks_cluster == CLUSTER
+
+
+def test_role_definitions_grant_what_the_provider_calls_and_deny_scale_set_wide_actions():
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    vmss = json.loads((root / "deploy/iam/azure-role-definition.json").read_text())
+    assert {"Microsoft.Compute/virtualMachineScaleSets/virtualMachines/redeploy/action",
+            "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/delete",
+            "Microsoft.Compute/virtualMachineScaleSets/write"} <= set(vmss["Actions"])
+    assert "Microsoft.Compute/virtualMachineScaleSets/reimageall/action" in vmss["NotActions"]
+    aks = json.loads((root / "deploy/iam/azure-aks-role-definition.json").read_text())
+    assert {"Microsoft.ContainerService/managedClusters/agentPools/deleteMachines/action",
+            "Microsoft.ContainerService/managedClusters/agentPools/write"} <= set(aks["Actions"])
+    assert not any(a.startswith("Microsoft.Compute/") for a in aks["Actions"])  # never VMSS calls on AKS nodes
+    assert all("managedClusters/" in scope for scope in aks["AssignableScopes"])

@@ -16,6 +16,21 @@ InProgress once, then Succeeded, or Failed with the error set in `op_errors[verb
 a test can assert it never happened. `script[verb]` answers the next calls of a verb ("get_vmss", "get_vm",
 "restart", "redeploy", "reimage", "delete", "update", "operation") with (status, json body) first. Requests
 without `Authorization: Bearer <token>` get 401.
+
+A scale-set PATCH applies `sku.capacity` and `tags` (ARM PATCH replaces the whole tags object).
+
+AKS, Microsoft.ContainerService api-version 2026-08-01 (the default of azure-mgmt-containerservice 41.8), for
+ContainerServiceClient:
+
+  GET  /subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.ContainerService/managedClusters/{c}
+  GET  .../managedClusters/{c}/agentPools/{pool}                     properties.count, enableAutoScaling
+  PUT  .../managedClusters/{c}/agentPools/{pool}                     properties.count  -> 200 + async op
+  GET  .../managedClusters/{c}/agentPools/{pool}/machines/{machine}
+  POST .../managedClusters/{c}/agentPools/{pool}/deleteMachines      {"machineNames": [...]} -> 202 + async op
+
+deleteMachines removes the machines and the VMSS VMs behind them and lowers the pool's count (and the scale set's
+capacity), as AKS does. Verbs for `script` and `op_errors`: "get_cluster", "get_pool", "put_pool",
+"get_machine", "delete_machines". Every AKS request is recorded in `seen` like the compute ones.
 """
 
 from __future__ import annotations
@@ -30,7 +45,11 @@ from typing import Any
 
 VMSS = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.Compute/"
                   r"virtualMachineScaleSets/([^/]+)(?:/virtualMachines/([^/]+))?(?:/([A-Za-z]+))?", re.IGNORECASE)
-OPERATION = re.compile(r"/subscriptions/[^/]+/providers/Microsoft\.Compute/locations/[^/]+/operations/([^/]+)")
+OPERATION = re.compile(r"/subscriptions/[^/]+/providers/Microsoft\.(?:Compute|ContainerService)/locations/[^/]+/"
+                       r"operations/([^/]+)")
+AKS = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.ContainerService/"
+                 r"managedClusters/([^/]+)(?:/agentPools/([^/]+)(?:/(machines|deleteMachines)(?:/([^/]+))?)?)?",
+                 re.IGNORECASE)
 
 
 def arm_error(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
@@ -54,6 +73,9 @@ class AzureFake:
         self.script: dict[str, list[tuple[int, Any]]] = {}
         self.seen: list[tuple[str, str]] = []  # (verb, path)
         self.scale_set_actions: list[str] = []
+        self.clusters: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pools: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.machines: dict[tuple[str, str, str, str], tuple[str, str, str]] = {}  # -> the VMSS VM key
         self._lock = threading.Lock()
         outer = self
 
@@ -141,6 +163,9 @@ class AzureFake:
                 state["on_success"]()
                 state["on_success"] = None
             return 200, {"name": op[1], "status": "Succeeded"}, {}
+        aks = AKS.fullmatch(path)
+        if aks:
+            return self._aks(method, aks.groups(), body, path)
         m = VMSS.fullmatch(path)
         if m is None:
             return (*arm_error(404, "NotFound", f"no route {path}"), {})
@@ -167,9 +192,13 @@ class AzureFake:
             if verb == "update":
                 capacity = (body.get("sku") or {}).get("capacity")
 
+                tags = body.get("tags")
+
                 def apply() -> None:
                     if capacity is not None:
                         vmss["sku"]["capacity"] = int(capacity)
+                    if tags is not None:
+                        vmss["tags"] = dict(tags)
                 _, _, headers = self._lro("update", apply)
                 return 200, vmss, headers  # PATCH answers 200 with the model and an async operation
             return (*arm_error(400, "BadRequest", verb), {})
@@ -187,4 +216,87 @@ class AzureFake:
             return self._lro("delete", gone)
         if verb in ("restart", "redeploy", "reimage"):
             return self._lro(verb)
+        return (*arm_error(400, "BadRequest", verb), {})
+
+    # ------------------------------------------------------------------------------------------------ AKS
+
+    def add_cluster(self, rg: str, name: str, *, node_rg: str, pool: str, scale_set: str, node_prefix: str,
+                    autoscale: bool = False) -> list[str]:
+        """An AKS cluster whose pool `pool` is the existing scale set `scale_set` in `node_rg`; its machines are
+        named `<node_prefix><instance id as 6 digits>` (AKS's `aks-<pool>-<n>-vmss000000`). Returns their names."""
+        self.clusters[(rg.lower(), name.lower())] = {
+            "id": f"/subscriptions/{self.subscription}/resourceGroups/{rg}/providers/Microsoft.ContainerService/"
+                  f"managedClusters/{name}", "name": name, "location": "eastus",
+            "type": "Microsoft.ContainerService/ManagedClusters",
+            "properties": {"provisioningState": "Succeeded", "nodeResourceGroup": node_rg}}
+        vms = sorted(k for k in self.vms if k[:2] == (node_rg.lower(), scale_set.lower()))
+        self.pools[(rg.lower(), name.lower(), pool)] = {
+            "id": f"{self.clusters[(rg.lower(), name.lower())]['id']}/agentPools/{pool}", "name": pool,
+            "type": "Microsoft.ContainerService/managedClusters/agentPools",
+            "properties": {"count": len(vms), "vmSize": "Standard_ND96isr_H100_v5", "mode": "User",
+                           "type": "VirtualMachineScaleSets", "enableAutoScaling": autoscale,
+                           "provisioningState": "Succeeded", "osType": "Linux"}}
+        names = []
+        for key in vms:
+            machine = f"{node_prefix}{int(key[2]):06d}"
+            self.machines[(rg.lower(), name.lower(), pool, machine)] = key
+            names.append(machine)
+        return names
+
+    def _aks(self, method: str, groups: tuple[Any, ...], body: dict[str, Any],
+             path: str) -> tuple[int, Any, dict[str, str]]:
+        sub, rg, cluster, pool, sub_kind, machine = groups
+        verb = ("get_cluster" if pool is None else "get_pool" if sub_kind is None and method == "GET"
+                else "put_pool" if sub_kind is None and method == "PUT"
+                else "get_machine" if sub_kind == "machines" and machine else "delete_machines"
+                if sub_kind == "deleteMachines" and method == "POST" else f"aks_{method.lower()}")
+        self.seen.append((verb, path))
+        queue = self.script.get(verb)
+        if queue:
+            return (*queue.pop(0), {})
+        mc = self.clusters.get((rg.lower(), cluster.lower())) if sub == self.subscription else None
+        if mc is None:
+            return (*arm_error(404, "ResourceNotFound", f"The Resource 'Microsoft.ContainerService/managedClusters/"
+                                                        f"{cluster}' under resource group '{rg}' was not found."), {})
+        if verb == "get_cluster":
+            return 200, mc, {}
+        ap = self.pools.get((rg.lower(), cluster.lower(), pool))
+        if ap is None:
+            return (*arm_error(404, "NotFound", f"agent pool {pool} not found"), {})
+        if verb == "get_pool":
+            return 200, ap, {}
+        if verb == "put_pool":
+            count = int((body.get("properties") or {}).get("count", ap["properties"]["count"]))
+            if ap["properties"]["enableAutoScaling"] and count != ap["properties"]["count"]:
+                return (*arm_error(400, "InvalidParameter", "Cannot set count while autoscaling is enabled"), {})
+
+            def scale() -> None:
+                ap["properties"]["count"] = count
+                ap["properties"]["provisioningState"] = "Succeeded"
+            ap["properties"]["provisioningState"] = "Scaling"
+            _, _, headers = self._lro("put_pool", scale)
+            return 200, ap, headers
+        if verb == "get_machine":
+            key = self.machines.get((rg.lower(), cluster.lower(), pool, machine))
+            if key is None:
+                return (*arm_error(404, "NotFound", f"machine {machine} not found in agent pool {pool}"), {})
+            vm = self.vms[key]
+            return 200, {"id": f"{ap['id']}/machines/{machine}", "name": machine,
+                         "properties": {"resourceId": vm["id"]}}, {}
+        if verb == "delete_machines":
+            names = list(body.get("machineNames") or [])
+            keys = [(rg.lower(), cluster.lower(), pool, n) for n in names]
+            missing = [n for n, k in zip(names, keys, strict=True) if k not in self.machines]
+            if not names or missing:
+                return (*arm_error(400, "InvalidParameter", f"machines not in agent pool {pool}: {missing}"), {})
+            ap["properties"]["provisioningState"] = "Deleting"
+
+            def delete() -> None:
+                for k in keys:
+                    vm_key = self.machines.pop(k)
+                    self.vms.pop(vm_key, None)
+                    self.scale_sets[vm_key[:2]]["sku"]["capacity"] -= 1
+                ap["properties"]["count"] -= len(keys)
+                ap["properties"]["provisioningState"] = "Succeeded"
+            return self._lro("delete_machines", delete)
         return (*arm_error(400, "BadRequest", verb), {})
