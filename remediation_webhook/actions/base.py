@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 from ..inventory.base import NodeIdentity
 from ..kube import RecordingKube
@@ -126,3 +126,13 @@ def no_options(raw: Mapping[str, Any], key: str) -> None:
         from ..errors import ConfigError
 
         raise ConfigError(f"{key}: takes no options, got {', '.join(sorted(map(str, raw)))}")
+
+
+class NoOptions:
+    """Mixin for an action that takes no options (cordon, uncordon): from_config refuses any options and
+    returns the default instance."""
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], key: str) -> Self:
+        no_options(raw, key)
+        return cls()

@@ -5,8 +5,7 @@ A node someone else cordoned is left exactly as it is (and never uncordoned by u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from .base import (
     ANN_CORDONED_BY,
@@ -14,26 +13,21 @@ from .base import (
     ANN_REMEDIATION_ID,
     OWNER,
     ActionContext,
+    NoOptions,
     Observation,
     Outcome,
     StepResult,
     annotations,
-    no_options,
     our_metadata,
 )
 
 
-class Cordon:
+class Cordon(NoOptions):
     name: ClassVar[str] = "cordon"
     scope: ClassVar[str] = "node"
     idempotent: ClassVar[bool] = True
     cordons: ClassVar[bool] = True
     internal: ClassVar[bool] = False
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any], key: str) -> Cordon:
-        no_options(raw, key)
-        return cls()
 
     async def run(self, ctx: ActionContext) -> StepResult:
         node = await ctx.kube.read_node(ctx.node.name)

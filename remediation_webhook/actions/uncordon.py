@@ -6,7 +6,6 @@ not ours, is left as it is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import KubeConflict
@@ -20,15 +19,15 @@ from .base import (
     LABEL_REMEDIATION_ID,
     OWNER,
     ActionContext,
+    NoOptions,
     Observation,
     Outcome,
     StepResult,
     annotations,
-    no_options,
 )
 
 
-class Uncordon:
+class Uncordon(NoOptions):
     name: ClassVar[str] = "uncordon"
     scope: ClassVar[str] = "node"
     idempotent: ClassVar[bool] = True
@@ -37,11 +36,6 @@ class Uncordon:
 
     def __init__(self, taint_key: str = "gpu-health.io/quarantine") -> None:
         self.taint_key = taint_key
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any], key: str) -> Uncordon:
-        no_options(raw, key)
-        return cls()
 
     async def run(self, ctx: ActionContext) -> StepResult:
         for _ in range(5):
