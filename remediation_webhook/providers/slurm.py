@@ -1,15 +1,27 @@
-"""Slurm: drain, reboot and resume one node through `scontrol` (argument lists, never a shell).
+"""Slurm: drain, reboot and resume one node through `scontrol` (argument lists, never a shell), or through
+slurmrestd with a JWT (drain and resume only).
 
   drain   scontrol update NodeName=<node> State=DRAIN Reason=<sanitised>
+          POST /slurm/v0.0.41/node/<node> {"state": ["DRAIN"], "reason": "<sanitised>"}
   reboot  scontrol reboot ASAP nextstate=RESUME reason=<sanitised> <node>   (ASAP drains first)
+          REST: unsupported -- slurmrestd has no reboot operation (see _slurmrest.py for the source read)
   resume  scontrol update NodeName=<node> State=RESUME
+          POST /slurm/v0.0.41/node/<node> {"state": ["RESUME"]}
+  show    scontrol show node -o <node>  |  GET /slurm/v0.0.41/node/<node>
 
 `NodeName` accepts host-list expressions (gpu[001-512], a,b): a node name is checked against a strict pattern
-(letters, digits, '.', '_' and '-', at most 63) before any call, and `scontrol show node -o <node>` must
-return exactly one record. Reasons are printable ASCII, no newlines, bounded, prefixed gpu-health:.
+(letters, digits, '.', '_' and '-', at most 63) before any call, and `scontrol show node -o <node>` (or the GET)
+must return exactly that one node. Reasons are printable ASCII, no newlines, bounded, prefixed gpu-health:.
 
   providers:
     slurm: {scontrol: /usr/bin/scontrol, timeout: 30s}
+  or
+    slurm:
+      rest: {url: https://slurmrestd:6820, token_file: /run/secrets/slurm-jwt, user: slurm,
+             api_version: v0.0.41, ca_file: /etc/ssl/slurm-ca.pem, timeout: 30s}
+
+`scontrol` and `rest` are alternatives. The token file is re-read on every call (rotation works) and the token is
+sent as X-SLURM-USER-TOKEN, never logged nor put in an error message.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from ..actions.base import Observation
 from ..errors import ConfigError
 from ..inventory.base import NodeIdentity
 from . import InstanceRef, ProviderError, ProviderResult, duration, only_keys, opt
+from ._slurmrest import SlurmRest
 
 SLURM_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -53,17 +66,27 @@ def parse_show(text: str) -> list[dict[str, str]]:
 class SlurmProvider:
     name: ClassVar[str] = "slurm"
 
-    def __init__(self, scontrol: str = "scontrol", timeout: float = 30.0) -> None:
+    def __init__(self, scontrol: str = "scontrol", timeout: float = 30.0, rest: SlurmRest | None = None) -> None:
         self.scontrol = scontrol
         self.timeout = timeout
+        self.rest = rest
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], key: str) -> SlurmProvider:
-        only_keys(raw, key, {"scontrol", "timeout"})
+        only_keys(raw, key, {"scontrol", "timeout", "rest"})
+        timeout = duration(raw, key, "timeout", "30s")
+        if "rest" in raw:
+            if "scontrol" in raw:
+                raise ConfigError(f"{key}.rest: scontrol and rest are alternatives; set one of them (reboots "
+                                  f"need scontrol)")
+            rest_raw = raw["rest"]
+            if isinstance(rest_raw, Mapping) and "timeout" not in rest_raw and "timeout" in raw:
+                rest_raw = {**rest_raw, "timeout": raw["timeout"]}
+            return cls(timeout=timeout, rest=SlurmRest.from_config(rest_raw, f"{key}.rest"))
         exe = opt(raw, key, "scontrol", str, "scontrol")
         if not exe or any(c.isspace() for c in exe):
             raise ConfigError(f"{key}.scontrol: a path or command name without spaces")
-        return cls(exe, duration(raw, key, "timeout", "30s"))
+        return cls(exe, timeout)
 
     async def run(self, *args: str) -> str:
         exe = shutil.which(self.scontrol) or self.scontrol
@@ -98,6 +121,8 @@ class SlurmProvider:
 
     async def show(self, name: str) -> dict[str, str]:
         node = self._node(name)
+        if self.rest is not None:
+            return await self.rest.show(node)
         records = parse_show(await self.run("show", "node", "-o", node))
         if len(records) != 1 or records[0].get("NodeName") != node:
             raise ProviderError("not_found", f"slurm: `scontrol show node {node}` returned {len(records)} records")
@@ -109,16 +134,28 @@ class SlurmProvider:
 
     async def drain(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         node = self._node(ref.instance_id)
+        if self.rest is not None:
+            await self.rest.update(node, {"state": ["DRAIN"], "reason": sanitise_reason(reason, rid)})
+            return ProviderResult(f"slurm node {node} set to DRAIN (slurmrestd)")
         await self.run("update", f"NodeName={node}", "State=DRAIN", f"Reason={sanitise_reason(reason, rid)}")
         return ProviderResult(f"slurm node {node} set to DRAIN")
 
     async def resume(self, ref: InstanceRef) -> ProviderResult:
         node = self._node(ref.instance_id)
+        if self.rest is not None:
+            await self.rest.update(node, {"state": ["RESUME"]})
+            return ProviderResult(f"slurm node {node} resumed (slurmrestd)")
         await self.run("update", f"NodeName={node}", "State=RESUME")
         return ProviderResult(f"slurm node {node} resumed")
 
     async def reboot(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         node = self._node(ref.instance_id)
+        if self.rest is not None:
+            raise ProviderError("unsupported", f"slurm: slurmrestd cannot reboot a node ({node} untouched): it has "
+                                               f"no reboot operation and slurmctld refuses state REBOOT_REQUESTED in a "
+                                               f"node update; configure providers.slurm.scontrol instead of "
+                                               f"providers.slurm.rest for reboots, or use reboot with using: "
+                                               f"executor")
         await self.show(node)
         await self.run("reboot", "ASAP", "nextstate=RESUME", f"reason={sanitise_reason(reason, rid)}", node)
         return ProviderResult(f"slurm will reboot {node} once its jobs finish (ASAP), then resume it")

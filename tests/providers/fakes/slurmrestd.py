@@ -1,0 +1,161 @@
+"""A local HTTP fake of slurmrestd, OpenAPI data_parser v0.0.41 (Slurm 24.05 .. 25.05), just the calls the Slurm
+provider's REST transport makes; a real HTTP server on 127.0.0.1 in a thread.
+
+  GET  /slurm/v0.0.41/node/{node_name}   -> 200 {"nodes": [<node>], "last_update", "meta", "errors", "warnings"}
+  POST /slurm/v0.0.41/node/{node_name}   body UPDATE_NODE_MSG ({"state": [...], "reason": ...}) -> 200 {"meta",
+                                            "errors": [], "warnings": []}
+
+Faithful, as read from SchedMD/slurm (src/slurmrestd/plugins/openapi/slurmctld/nodes.c, src/slurmrestd/
+operations.c, src/slurmctld/node_mgr.c, src/plugins/data_parser/v0.0.41/parsers.c), to:
+  - auth: a missing or wrong X-SLURM-USER-TOKEN answers 401 with the text body "Authentication failure";
+  - an unknown path or api version answers 404 "Unable find requested URL. ...";
+  - GET of a node slurmctld does not know: 200 with "nodes": [] and an error "Failure to query node <n>"
+    (slurm_load_node_single returns zero records, errno 0);
+  - POST for an unknown node: 500, errors [{"error_number": 2017, "error": "Invalid node name specified",
+    "description": "Failure to update node <n>", "source": "_update_node"}];
+  - state names outside update_node()'s accepted set (REBOOT_REQUESTED, REBOOT_ISSUED, ...): 500 with 2028
+    "Invalid node state specified"; an unknown flag name: 400 (ESLURM_REST_FAIL_PARSING);
+  - DRAIN adds the DRAIN flag and the reason; RESUME clears DRAIN/FAIL and the reason.
+Not modelled: job state, power saving, other endpoints, the meta block's exact content.
+
+`script[verb]` ("get", "update") answers the next calls of that verb with (status, json body or text) first,
+after the token check. `seen` records (method, path, headers, body) of every request, authenticated or not.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import threading
+import urllib.parse
+from typing import Any
+
+API = "v0.0.41"
+PATH = re.compile(r"/slurm/(v0\.0\.\d+)/node/([^/]+)")
+UPDATABLE = {"DOWN", "DRAIN", "FAIL", "NOT_RESPONDING", "UNDRAIN", "RESUME", "REBOOT_CANCELED", "FUTURE", "IDLE",
+             "POWER_DOWN", "POWER_UP", "POWER_DRAIN", "POWERED_DOWN"}
+KNOWN_FLAGS = UPDATABLE | {"UNKNOWN", "ALLOCATED", "ERROR", "MIXED", "RESERVED", "CLOUD", "COMPLETING",
+                           "POWERING_UP", "MAINTENANCE", "REBOOT_REQUESTED", "REBOOT_ISSUED", "POWERING_DOWN",
+                           "DYNAMIC_FUTURE", "PLANNED", "INVALID_REG", "DYNAMIC_NORM", "INVALID"}
+META = {"plugin": {"type": "openapi/slurmctld", "name": "Slurm OpenAPI slurmctld", "data_parser": f"data_parser/{API}",
+                   "accounting_storage": ""}, "client": {"source": "[127.0.0.1]:0", "user": "slurm", "group": "slurm"},
+        "command": [], "slurm": {"version": {"major": "24", "micro": "5", "minor": "05"}, "release": "24.05.5",
+                                 "cluster": "gpu"}}
+
+
+def no_val(number: int) -> dict[str, Any]:
+    return {"set": True, "infinite": False, "number": number}
+
+
+def slurm_error(status: int, number: int, error: str, description: str, source: str) -> tuple[int, dict[str, Any]]:
+    return status, {"meta": META, "errors": [{"description": description, "error_number": number, "error": error,
+                                              "source": source}], "warnings": []}
+
+
+ACCESS_DENIED = slurm_error(500, 2010, "Invalid user id", "Failure to update node gpu001", "_update_node")
+CTLD_DOWN = slurm_error(502, 1800, "Unable to contact slurm controller (connect failure)",
+                        "Failure to query node gpu001", "_dump_nodes")
+RATE_LIMITED = (429, "Too Many Requests")
+UNAVAILABLE = (503, "Service Unavailable")
+
+
+class SlurmrestdFake:
+    def __init__(self, token: str, nodes: tuple[str, ...] = ("gpu001", "gpu002")) -> None:
+        self.token = token
+        self.nodes: dict[str, dict[str, Any]] = {
+            n: {"name": n, "hostname": n, "address": n, "architecture": "x86_64", "state": ["IDLE"],
+                "partitions": ["gpu"], "boot_time": no_val(1704067200), "reason": "", "gres": "gpu:h100:8"}
+            for n in nodes}
+        self.script: dict[str, list[tuple[int, Any]]] = {}
+        self.seen: list[tuple[str, str, dict[str, str], Any]] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw.decode(errors="replace")
+                with outer._lock:
+                    status, payload = outer.handle(self.command, url.path, dict(self.headers.items()), body)
+                if isinstance(payload, str):
+                    data, mime = payload.encode(), "text/plain"
+                else:
+                    data, mime = json.dumps(payload).encode(), "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", mime)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.close_connection = True
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                                        name="slurmrestd-fake")
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def requests(self, method: str | None = None) -> list[tuple[str, str, dict[str, str], Any]]:
+        return [r for r in self.seen if method is None or r[0] == method]
+
+    # ---------------------------------------------------------------------------------------- dispatch
+    def handle(self, method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        self.seen.append((method, path, headers, body))
+        lower = {k.lower(): v for k, v in headers.items()}
+        if lower.get("x-slurm-user-token") != self.token:
+            return 401, "Authentication failure"
+        m = PATH.fullmatch(path)
+        if m is None or m[1] != API or method not in ("GET", "POST"):
+            return 404, "Unable find requested URL. Please view /openapi/v3 for API reference."
+        name = urllib.parse.unquote(m[2])
+        verb = "get" if method == "GET" else "update"
+        queue = self.script.get(verb)
+        if queue:
+            return queue.pop(0)
+        if method == "GET":
+            node = self.nodes.get(name)
+            if node is None:
+                return 200, {"nodes": [], "last_update": no_val(1704067200), "meta": META,
+                             "errors": [{"description": f"Failure to query node {name}", "error_number": 0,
+                                         "error": "No error", "source": "_dump_nodes"}], "warnings": []}
+            return 200, {"nodes": [dict(node)], "last_update": no_val(1704067200), "meta": META, "errors": [],
+                         "warnings": []}
+        return self._update(name, body if isinstance(body, dict) else {})
+
+    def _update(self, name: str, body: dict[str, Any]) -> tuple[int, Any]:
+        states = body.get("state") or []
+        if isinstance(states, str):
+            states = [states]
+        if any(s not in KNOWN_FLAGS for s in states):
+            return slurm_error(400, 9001, "Failure during parsing", f"Unknown node state flag in {states}",
+                               "_update_node")
+        node = self.nodes.get(name)
+        if node is None:
+            return slurm_error(500, 2017, "Invalid node name specified", f"Failure to update node {name}",
+                               "_update_node")
+        if any(s not in UPDATABLE for s in states):
+            return slurm_error(500, 2028, "Invalid node state specified", f"Failure to update node {name}",
+                               "_update_node")
+        if body.get("reason"):
+            node["reason"] = str(body["reason"])
+        if "DRAIN" in states and "DRAIN" not in node["state"]:
+            node["state"] = [*node["state"], "DRAIN"]
+        if "RESUME" in states:
+            node["state"] = [s for s in node["state"] if s not in ("DRAIN", "FAIL")]
+            node["reason"] = ""
+        return 200, {"meta": META, "errors": [], "warnings": []}
