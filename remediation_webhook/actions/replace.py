@@ -83,6 +83,12 @@ class Replace:
             return Observation.NOT_DONE
         try:
             ref = await provider.resolve(ctx.node)
+        except ProviderError as exc:
+            # The machine cannot be found any more, with our replace in flight: it is gone, which is what replace
+            # was for. karpenter / cluster_api resolve through the Node, and their controller deletes the Node
+            # with its NodeClaim / Machine; a re-run could not resolve it either and would end CANCELLED.
+            return Observation.DONE if exc.kind == "not_found" else Observation.UNKNOWN
+        try:
             return await provider.replaced(ref, ctx.remediation_id)
         except ProviderError:
             return Observation.UNKNOWN

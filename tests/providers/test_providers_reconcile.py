@@ -1,0 +1,704 @@
+"""reset_gpu, reboot and replace in dry-run, and after a crash mid-step (reconciliation through `observe`).
+
+Dry-run: the webhook reads what it needs and journals what it would do; kmock, moto and the fake scontrol see no
+mutating call. Crash: the webhook runs up to the step's intent row (and, where the case needs it, the side
+effect), the process "dies" there (its engine is cancelled: no completion row), the world moves on, and a
+second webhook on the same journal reconciles: DONE completes the step without repeating it, NOT_DONE re-runs
+it, and an outcome that cannot be told and must not be repeated (a cloud reboot, an Azure redeploy) goes to a
+human. Every test counts the mutating calls the fakes saw, so a repeated side effect fails it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import gc
+import ipaddress
+import json
+import logging
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from remediation_webhook.executor import job_name
+from tests.providers.fakes.support import (
+    FakeAlertmanager,
+    KubeFake,
+    alert,
+    await_for,
+    base_config,
+    close_harness,
+    make_harness,
+    notification,
+)
+
+FAKES = Path(__file__).parent / "fakes"
+UUID = "GPU-11111111-2222-3333-4444-555555555555"
+JOBS = "/apis/batch/v1/namespaces/gpu-health/jobs"
+NODECLAIMS = "/apis/karpenter.sh/v1/nodeclaims"
+KW = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+RECONCILED_DONE = "reconciled after a restart: already done"
+SUB = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
+AZURE_PID = (f"azure:///subscriptions/{SUB}/resourceGroups/gpu-rg/providers/Microsoft.Compute/"
+             f"virtualMachineScaleSets/gpu-vmss/virtualMachines/{{}}")
+SETUP = {"User-Agent": "webhook-test-setup"}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(name="kube")
+def _kube():
+    fake = KubeFake()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module", name="moto_url")
+def _moto():
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    yield f"http://{host}:{port}"
+    srv.stop()
+
+
+@pytest.fixture(name="aws")
+def _aws(moto_url):
+    """A 3-instance ASG in moto, behind the recording proxy (aws.proxy.seen lists every API action called)."""
+    boto3 = pytest.importorskip("boto3")
+    import requests
+
+    from tests.providers.fakes.aws_proxy import AwsProxy
+
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    proxy = AwsProxy(moto_url)
+    ec2 = boto3.client("ec2", endpoint_url=moto_url, **KW)
+    asg = boto3.client("autoscaling", endpoint_url=moto_url, **KW)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    lt = ec2.create_launch_template(LaunchTemplateName="gpu", LaunchTemplateData={
+        "ImageId": ami, "InstanceType": "p5.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
+    asg.create_auto_scaling_group(AutoScalingGroupName="gpu-asg", MinSize=0, MaxSize=5, DesiredCapacity=3,
+                                  LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"],
+                                  Tags=[{"Key": "remediation-fleet", "Value": "gpu", "PropagateAtLaunch": True}])
+    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups(
+        AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]["Instances"]]
+    yield type("Aws", (), {"proxy": proxy, "ec2": ec2, "asg": asg, "ids": ids, "url": proxy.url})
+    proxy.close()
+
+
+@pytest.fixture(name="slurm_env")
+def _slurm_env(tmp_path, monkeypatch):
+    """The fake scontrol first on PATH; returns a function listing the argv of every call it got."""
+    log = tmp_path / "scontrol.log"
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SCONTROL_LOG", str(log))
+    monkeypatch.setenv("SCONTROL_NODES", "gpu001,gpu002")
+    return lambda: [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def config(tmp_path, kube_url, ladder, *, dry_run=False, providers=None, **actions):
+    raw = base_config(tmp_path, kube_url,
+                      executor={"namespace": "gpu-health", "image": "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04",
+                                "poll_interval": "20ms", "job_timeout": "30s"},
+                      policy={"dry_run": dry_run, "rules": [{
+                          "name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ladder,
+                          "remediation_map": {"reboot": ladder[-1]}, "requires_approval": []}]},
+                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, **actions})
+    if providers:
+        raw["providers"] = providers
+    return raw
+
+
+def aws_cfg(aws):
+    return {"region": "us-east-1", "endpoint_url": aws.url, "access_key_id": "testing",
+            "secret_access_key": "testing", "poll_interval": "50ms", "replacement_timeout": "20s",
+            "retry_base": "10ms", "max_attempts": 4}
+
+
+def gpu_node(kube, name, *, provider_id=None, boot="boot-1"):
+    kube.add_node(name, provider_id=provider_id)
+    kube.add_pod("kube-system", f"dcgm-exporter-{name}", name, daemonset=True)  # stays; declares pods in kmock
+    patch_status(kube, name, {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "7"},
+                              "nodeInfo": {"bootID": boot}, "conditions": [{"type": "Ready", "status": "True"}]})
+
+
+def patch_status(kube, name, status):
+    r = kube.http.patch(f"{kube.url}/api/v1/nodes/{name}", json={"status": status},
+                        headers={"Content-Type": "application/merge-patch+json", **SETUP}, timeout=5)
+    assert r.status_code < 300, r.text
+
+
+def job(kube, name):
+    r = kube.http.get(f"{kube.url}{JOBS}/{name}", headers=SETUP, timeout=5)
+    return r.json() if r.status_code == 200 else None
+
+
+def finish_job(kube, name):
+    r = kube.http.patch(f"{kube.url}{JOBS}/{name}",
+                        json={"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+                        headers={"Content-Type": "application/merge-patch+json", **SETUP}, timeout=5)
+    assert r.status_code < 300, r.text
+
+
+def job_posts(kube):
+    return [c for c in kube.calls(mutating=True) if c[0] == "POST" and c[1] == JOBS]
+
+
+def karpenter_node(kube, node, claim):
+    for path, body in ((NODECLAIMS, {"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
+                                     "metadata": {"name": claim}}),
+                       ("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {
+                           "name": node, "uid": f"uid-{node}", "creationTimestamp": "2020-01-01T00:00:00Z",
+                           "labels": {"karpenter.sh/nodepool": "gpu-pool", "kubernetes.io/hostname": node},
+                           "ownerReferences": [{"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "name": claim,
+                                                "uid": "c1", "blockOwnerDeletion": True}]},
+                           "spec": {"providerID": "aws:///us-east-1a/i-0123456789abcdef0"}})):
+        r = kube.http.post(f"{kube.url}{path}", json=body, headers=SETUP, timeout=5)
+        assert r.status_code < 300, r.text
+    kube.add_pod("kube-system", f"dcgm-{node}", node, daemonset=True)
+
+
+def claim_exists(kube, claim):
+    return kube.http.get(f"{kube.url}{NODECLAIMS}/{claim}", headers=SETUP, timeout=5).status_code == 200
+
+
+def instance(aws, iid):
+    """(tags, EC2 state, ASG lifecycle state or None)."""
+    res = aws.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    rows = aws.asg.describe_auto_scaling_instances(InstanceIds=[iid])["AutoScalingInstances"]
+    return ({t["Key"]: t["Value"] for t in res.get("Tags", [])}, res["State"]["Name"],
+            rows[0]["LifecycleState"] if rows else None)
+
+
+async def rid_of(h, node):
+    return (await await_for(lambda: h.sql("SELECT id FROM remediation WHERE node=?", node), what="remediation"))[0][0]
+
+
+def steps(h, rid):
+    return h.sql("SELECT action, state, detail FROM step WHERE remediation_id=? ORDER BY seq", rid)
+
+
+def journal_rows(tmp_path):
+    """What a crashed process left behind: remediation states and step states, read straight from SQLite."""
+    db = sqlite3.connect(tmp_path / "journal.db")
+    try:
+        rems = dict(db.execute("SELECT node, state FROM remediation"))
+        rows = db.execute("SELECT action, state FROM step ORDER BY remediation_id, seq").fetchall()
+    finally:
+        db.close()
+    return rems, rows
+
+
+class Hang:
+    """An async callable that records that it was reached and never returns: the process dies right here."""
+
+    def __init__(self, before=None):
+        self.before = before
+        self.reached = asyncio.Event()
+
+    async def __call__(self, *args, **kwargs):
+        if self.before is not None:
+            await self.before(*args, **kwargs)
+        self.reached.set()
+        await asyncio.Event().wait()
+
+
+class Stuck:
+    """Stands in for an action in the first process: the intent row is written, the process dies before the
+    action sends anything. Everything but run() is the real action's."""
+
+    def __init__(self, real):
+        self._real = real
+        self.run = Hang()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+async def crash(h, tmp_path, action):
+    """Wait until `action`'s intent row is in the journal, then kill the process there (nothing completes)."""
+    await await_for(lambda: h.sql("SELECT 1 FROM step WHERE action=? AND state='INTENT'", action), what="intent")
+    await close_harness(h)
+    rems, rows = journal_rows(tmp_path)
+    assert list(rems.values()) == ["RUNNING"]
+    assert rows[-1] == (action, "INTENT"), rows  # an intent row without completion
+    assert [s for _, s in rows[:-1]] == ["SUCCEEDED"] * (len(rows) - 1)
+
+
+# ------------------------------------------------------------------------------------------------ dry-run
+
+
+async def test_dry_run_reset_gpu_creates_no_job(tmp_path, kube):
+    gpu_node(kube, "gpu-d1")
+    h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "reset_gpu"], dry_run=True,
+                                  reset_gpu={"verify_timeout": "5s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-d1", remediation="reset_gpu", gpu="3", uuid=UUID)))
+        rid = await rid_of(h, "gpu-d1")
+        await await_for(lambda: h.states().get("gpu-d1") == "DRY_RUN_RECORDED", what="dry run recorded")
+        name = job_name("reset_gpu", rid)
+        assert kube.calls(mutating=True) == []  # no Job, no cordon, no eviction, no Event
+        assert job(kube, name) is None
+        assert [a for a, _, _ in steps(h, rid)] == ["cordon", "drain", "reset_gpu"]
+        assert steps(h, rid)[0][1] == "DRY_RUN" and steps(h, rid)[2][1] == "DRY_RUN"
+        assert steps(h, rid)[2][2] == f"would create job gpu-health/{name} on gpu-d1 to reset {UUID}"
+        calls = json.loads(h.sql("SELECT calls_json FROM step WHERE remediation_id=? AND action='reset_gpu'",
+                                 rid)[0][0])
+        posts = [c for c in calls if c["method"] == "POST" and c["path"] == JOBS]
+        assert len(posts) == 1 and posts[0]["performed"] is False  # the Job it would have created, recorded
+        assert kube.node("gpu-d1").get("spec", {}).get("unschedulable") is not True
+    finally:
+        await close_harness(h)
+
+
+async def test_dry_run_reboot_by_executor_creates_no_job(tmp_path, kube):
+    gpu_node(kube, "gpu-d2")
+    h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "reboot"], dry_run=True,
+                                  reboot={"using": "executor", "verify_timeout": "5s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-d2", remediation="reboot")))
+        rid = await rid_of(h, "gpu-d2")
+        await await_for(lambda: h.states().get("gpu-d2") == "DRY_RUN_RECORDED", what="dry run recorded")
+        assert kube.calls(mutating=True) == []
+        assert job(kube, job_name("reboot", rid)) is None
+        action, state, detail = steps(h, rid)[-1]
+        assert (action, state) == ("reboot", "DRY_RUN")
+        assert detail == f"would create job {job_name('reboot', rid)} to reboot gpu-d2"
+    finally:
+        await close_harness(h)
+
+
+async def test_dry_run_reboot_by_aws_calls_no_aws_api(tmp_path, kube, aws):
+    victim = aws.ids[0]
+    gpu_node(kube, "gpu-d3", provider_id=f"aws:///us-east-1a/{victim}")
+    h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "reboot"], dry_run=True,
+                                  providers={"aws": aws_cfg(aws)},
+                                  reboot={"using": "aws", "verify_timeout": "5s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-d3", remediation="reboot")))
+        rid = await rid_of(h, "gpu-d3")
+        await await_for(lambda: h.states().get("gpu-d3") == "DRY_RUN_RECORDED", what="dry run recorded")
+        assert aws.proxy.seen == []  # the instance comes from the providerID: not even a read
+        assert kube.calls(mutating=True) == []
+        assert steps(h, rid)[-1] == ("reboot", "DRY_RUN", f"would reboot aws:us-east-1a/{victim}")
+        tags, state, lifecycle = instance(aws, victim)
+        assert state == "running" and lifecycle == "InService" and "remediation/id" not in tags
+    finally:
+        await close_harness(h)
+
+
+async def test_dry_run_reboot_by_slurm_runs_no_scontrol_reboot(tmp_path, slurm_env):
+    raw = base_config(tmp_path, "http://127.0.0.1:1", inventory={"kind": "slurm"},
+                      providers={"slurm": {"timeout": "10s"}},
+                      policy={"dry_run": True, "rules": [{"name": "gpu", "match_re": {"alertname": "GPU.*"},
+                                                          "ladder": ["reboot"]}]},
+                      actions={"reboot": {"using": "slurm"}})
+    raw.pop("kubernetes")
+    h = await make_harness(raw, tmp_path, None, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu001", remediation="reboot")))
+        rid = await rid_of(h, "gpu001")
+        await await_for(lambda: h.states().get("gpu001") == "DRY_RUN_RECORDED", what="dry run recorded")
+        assert steps(h, rid) == [("reboot", "DRY_RUN", "would run scontrol reboot ASAP for gpu001")]
+        calls = slurm_env()
+        assert calls and all(c[0] == "show" for c in calls), calls  # only reads; no reboot, no update
+    finally:
+        await close_harness(h)
+
+
+async def test_dry_run_replace_by_aws_terminates_nothing(tmp_path, kube, aws):
+    victim = aws.ids[1]
+    gpu_node(kube, "gpu-d4", provider_id=f"aws:///us-east-1a/{victim}")
+    h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "replace"], dry_run=True,
+                                  providers={"aws": aws_cfg(aws)}, replace={"using": "aws"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-d4", remediation="reboot")))
+        rid = await rid_of(h, "gpu-d4")
+        await await_for(lambda: h.states().get("gpu-d4") == "DRY_RUN_RECORDED", what="dry run recorded")
+        assert "TerminateInstanceInAutoScalingGroup" not in aws.proxy.seen
+        assert aws.proxy.seen == []
+        assert steps(h, rid)[-1] == ("replace", "DRY_RUN", f"would replace aws:us-east-1a/{victim}")
+        tags, state, lifecycle = instance(aws, victim)
+        assert (state, lifecycle) == ("running", "InService") and "remediation/id" not in tags
+        g = aws.asg.describe_auto_scaling_groups(AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]
+        assert g["DesiredCapacity"] == 3 and victim in {i["InstanceId"] for i in g["Instances"]}
+    finally:
+        await close_harness(h)
+
+
+async def test_dry_run_replace_by_karpenter_keeps_the_nodeclaim(tmp_path, kube):
+    karpenter_node(kube, "gpu-d5", "gpu-pool-d5")
+    h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "replace"], dry_run=True,
+                                  providers={"karpenter": {"poll_interval": "20ms", "timeout": "5s"}},
+                                  replace={"using": "karpenter"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-d5", remediation="reboot")))
+        rid = await rid_of(h, "gpu-d5")
+        await await_for(lambda: h.states().get("gpu-d5") == "DRY_RUN_RECORDED", what="dry run recorded")
+        assert claim_exists(kube, "gpu-pool-d5")
+        assert kube.calls(mutating=True) == []
+        assert steps(h, rid)[-1] == ("replace", "DRY_RUN", "would replace karpenter:gpu-pool-d5")
+    finally:
+        await close_harness(h)
+
+
+# ------------------------------------------------------------------------------------------------ crash
+
+
+async def test_crash_reset_gpu_after_the_job_succeeded_is_done_without_a_second_job(tmp_path, kube):
+    gpu_node(kube, "gpu-c1")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reset_gpu"],
+                 reset_gpu={"verify_timeout": "5s", "verify_interval": "20ms"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    await h.post(notification(alert("gpu-c1", remediation="reset_gpu", gpu="3", uuid=UUID)))
+    rid = await rid_of(h, "gpu-c1")
+    name = job_name("reset_gpu", rid)
+    await await_for(lambda: job(kube, name), what="reset job")  # the webhook now waits for the Job
+    await crash(h, tmp_path, "reset_gpu")
+    # while the webhook is down the Job finishes and the device plugin reports the GPU again
+    finish_job(kube, name)
+    patch_status(kube, "gpu-c1", {"allocatable": {"nvidia.com/gpu": "8"}})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c1") == "SUCCEEDED", what="reconciled")
+        assert steps(h, rid)[-1] == ("reset_gpu", "SUCCEEDED", RECONCILED_DONE)
+        assert len(job_posts(kube)) == 1  # not re-run: no second create (not even one answered 409)
+        assert h.metric("gpu_remediation_actions_total", node="gpu-c1", gpu="3", uuid=UUID, action="reset_gpu",
+                        result="success") == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_reset_gpu_before_the_job_is_re_run(tmp_path, kube):
+    gpu_node(kube, "gpu-c2")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reset_gpu"],
+                 reset_gpu={"verify_timeout": "5s", "verify_interval": "20ms"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    h.engine.actions["reset_gpu"] = Stuck(h.engine.actions["reset_gpu"])  # dies before creating the Job
+    await h.post(notification(alert("gpu-c2", remediation="reset_gpu", gpu="0", uuid=UUID)))
+    rid = await rid_of(h, "gpu-c2")
+    await crash(h, tmp_path, "reset_gpu")
+    name = job_name("reset_gpu", rid)
+    assert job(kube, name) is None and job_posts(kube) == []
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: job(kube, name), what="the re-run's Job")
+        finish_job(kube, name)
+        patch_status(kube, "gpu-c2", {"allocatable": {"nvidia.com/gpu": "8"}})
+        await await_for(lambda: h.states().get("gpu-c2") == "SUCCEEDED", what="succeeded")
+        rows = steps(h, rid)
+        assert [(a, s) for a, s, _ in rows[2:]] == [("reset_gpu", "ABANDONED"), ("reset_gpu", "SUCCEEDED")]
+        assert "observed not_done; re-run" in rows[2][2]
+        assert "allocatable 8 of 8" in rows[3][2]
+        assert len(job_posts(kube)) == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_reboot_by_executor_with_a_new_boot_id_is_done(tmp_path, kube):
+    gpu_node(kube, "gpu-c3", boot="boot-1")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"],
+                 reboot={"using": "executor", "verify_timeout": "20s", "verify_interval": "20ms"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    await h.post(notification(alert("gpu-c3", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c3")
+    name = job_name("reboot", rid)
+    body = await await_for(lambda: job(kube, name), what="reboot job")
+    assert body["metadata"]["annotations"]["gpu-health.io/boot-id-before"] == "boot-1"
+    await crash(h, tmp_path, "reboot")
+    patch_status(kube, "gpu-c3", {"nodeInfo": {"bootID": "boot-2"}})  # the host rebooted while we were down
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c3") == "SUCCEEDED", what="reconciled")
+        assert steps(h, rid)[-1] == ("reboot", "SUCCEEDED", RECONCILED_DONE)
+        assert len(job_posts(kube)) == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_path, kube, aws):
+    victim = aws.ids[0]
+    gpu_node(kube, "gpu-c4", provider_id=f"aws:///us-east-1a/{victim}", boot="boot-1")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"], providers={"aws": aws_cfg(aws)},
+                 reboot={"using": "aws", "verify_timeout": "30s", "verify_interval": "20ms"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    await h.post(notification(alert("gpu-c4", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c4")
+    await await_for(lambda: "RebootInstances" in aws.proxy.seen, what="RebootInstances")
+    await crash(h, tmp_path, "reboot")  # sent; the boot id never changed before the crash
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c4") == "NEEDS_HUMAN", what="needs human")
+        await h.settle()
+        action, state, detail = steps(h, rid)[-1]
+        assert (action, state) == ("reboot", "AMBIGUOUS")
+        assert "cannot tell whether it happened" in detail
+        reason = h.sql("SELECT reason FROM remediation WHERE id=?", rid)[0][0]
+        assert reason.startswith("reboot may or may not have happened and cannot safely be repeated")
+        assert aws.proxy.seen.count("RebootInstances") == 1  # a second reboot would be a second outage
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_replace_by_aws_after_the_terminate_is_done(tmp_path, kube, aws):
+    victim = aws.ids[0]
+    gpu_node(kube, "gpu-c5", provider_id=f"aws:///us-east-1a/{victim}")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers={"aws": aws_cfg(aws)},
+                 replace={"using": "aws"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    provider = h.engine.actions["replace"].deps.providers["aws"]
+    provider._await_replacement = waiting = Hang()  # dies after the terminate, before the replacement is seen
+    await h.post(notification(alert("gpu-c5", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c5")
+    await asyncio.wait_for(waiting.reached.wait(), 20)
+    await crash(h, tmp_path, "replace")
+    tags, state, _ = instance(aws, victim)
+    assert state in ("shutting-down", "terminated") and tags["remediation/id"] == rid
+    kube.delete_node("gpu-c5")  # the cloud node controller removes the Node of a terminated instance
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c5") == "SUCCEEDED", what="reconciled")
+        assert steps(h, rid)[-1] == ("replace", "SUCCEEDED", RECONCILED_DONE)
+        assert aws.proxy.seen.count("TerminateInstanceInAutoScalingGroup") == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_replace_by_aws_before_the_terminate_is_re_run(tmp_path, kube, aws):
+    victim = aws.ids[1]
+    gpu_node(kube, "gpu-c6", provider_id=f"aws:///us-east-1a/{victim}")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers={"aws": aws_cfg(aws)},
+                 replace={"using": "aws"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    provider = h.engine.actions["replace"].deps.providers["aws"]
+    real_call, stop = provider.call, Hang()
+
+    async def call(service, op, **kwargs):
+        if op == "terminate_instance_in_auto_scaling_group":
+            await stop()
+        return await real_call(service, op, **kwargs)
+
+    provider.call = call  # dies after tagging the instance, before the terminate is sent
+    await h.post(notification(alert("gpu-c6", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c6")
+    await asyncio.wait_for(stop.reached.wait(), 20)
+    await crash(h, tmp_path, "replace")
+    tags, state, lifecycle = instance(aws, victim)
+    assert (state, lifecycle) == ("running", "InService") and tags["remediation/id"] == rid
+    assert "TerminateInstanceInAutoScalingGroup" not in aws.proxy.seen
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c6") == "SUCCEEDED", timeout=30, what="re-run replace")
+        rows = steps(h, rid)
+        assert [(a, s) for a, s, _ in rows[2:]] == [("replace", "ABANDONED"), ("replace", "SUCCEEDED")]
+        assert "observed not_done; re-run" in rows[2][2]
+        assert aws.proxy.seen.count("TerminateInstanceInAutoScalingGroup") == 1
+        assert instance(aws, victim)[1] in ("shutting-down", "terminated")
+    finally:
+        await close_harness(h)
+
+
+@pytest.mark.parametrize("node_gone", [False, True], ids=["node-still-there", "node-deleted-by-karpenter"])
+async def test_crash_replace_by_karpenter_with_the_nodeclaim_gone_is_done(tmp_path, kube, node_gone):
+    karpenter_node(kube, "gpu-c7", "gpu-pool-c7")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"],
+                 providers={"karpenter": {"poll_interval": "20ms", "timeout": "5s"}}, replace={"using": "karpenter"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    provider = h.engine.actions["replace"].deps.providers["karpenter"]
+    provider._get = waiting = Hang()  # dies after the DELETE, before it saw the NodeClaim go
+    await h.post(notification(alert("gpu-c7", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c7")
+    await asyncio.wait_for(waiting.reached.wait(), 20)
+    await crash(h, tmp_path, "replace")
+    assert not claim_exists(kube, "gpu-pool-c7")
+    if node_gone:
+        kube.delete_node("gpu-c7")  # Karpenter's termination finalizer deletes the Node with its NodeClaim
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c7") not in ("RUNNING", "PLANNED", "BLOCKED"), what="settled")
+        assert h.states()["gpu-c7"] == "SUCCEEDED", h.sql("SELECT reason FROM remediation")
+        assert steps(h, rid)[-1] == ("replace", "SUCCEEDED", RECONCILED_DONE)
+        deletes = [c for c in kube.calls(mutating=True) if c[0] == "DELETE" and c[1].startswith(NODECLAIMS)]
+        assert len(deletes) == 1
+    finally:
+        await close_harness(h)
+
+
+async def test_crash_replace_by_cluster_api_with_machine_and_node_gone_is_done(tmp_path, kube):
+    machines = "/apis/cluster.x-k8s.io/v1beta1/namespaces/capi-system/machines"
+    r = kube.http.post(f"{kube.url}{machines}", headers=SETUP, timeout=5, json={
+        "apiVersion": "cluster.x-k8s.io/v1beta1", "kind": "Machine", "metadata": {
+            "name": "md-gpu-c9", "namespace": "capi-system", "ownerReferences": [{
+                "apiVersion": "cluster.x-k8s.io/v1beta1", "kind": "MachineSet", "name": "md-gpu", "uid": "ms1",
+                "controller": True}]}})
+    assert r.status_code < 300, r.text
+    gpu_node(kube, "gpu-c9")
+    r = kube.http.patch(f"{kube.url}/api/v1/nodes/gpu-c9", timeout=5, json={"metadata": {"annotations": {
+        "cluster.x-k8s.io/machine": "md-gpu-c9", "cluster.x-k8s.io/cluster-namespace": "capi-system"}}},
+                        headers={"Content-Type": "application/merge-patch+json", **SETUP})
+    assert r.status_code < 300, r.text
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"],
+                 providers={"cluster_api": {"poll_interval": "20ms", "timeout": "5s"}},
+                 replace={"using": "cluster_api"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    provider = h.engine.actions["replace"].deps.providers["cluster_api"]
+    real_get, waiting, reads = provider._get, Hang(), []
+
+    async def get(ref):  # the first read checks the MachineSet owner; the next one waits for the delete
+        if reads:
+            await waiting()
+        reads.append(ref)
+        return await real_get(ref)
+
+    provider._get = get  # dies after the DELETE, before it saw the Machine go
+    await h.post(notification(alert("gpu-c9", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c9")
+    await asyncio.wait_for(waiting.reached.wait(), 20)
+    await crash(h, tmp_path, "replace")
+    assert kube.http.get(f"{kube.url}{machines}/md-gpu-c9", headers=SETUP, timeout=5).status_code == 404
+    kube.delete_node("gpu-c9")  # Cluster API deletes the Node of a deleted Machine
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c9") not in ("RUNNING", "PLANNED", "BLOCKED"), what="settled")
+        assert h.states()["gpu-c9"] == "SUCCEEDED", h.sql("SELECT reason FROM remediation")
+        assert steps(h, rid)[-1] == ("replace", "SUCCEEDED", RECONCILED_DONE)
+        deletes = [c for c in kube.calls(mutating=True) if c[0] == "DELETE" and c[1].startswith(machines)]
+        assert len(deletes) == 1
+    finally:
+        await close_harness(h)
+
+
+# ------------------------------------------------------------------------------------------------ Azure
+
+
+class StaticToken:
+    def get_token(self, *scopes, **kwargs):
+        from azure.core.credentials import AccessToken
+
+        return AccessToken("good-token", int(time.time()) + 3600)
+
+
+@pytest.fixture(scope="module", name="tls")
+def _tls(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (cert file = CA file, key file)."""
+    pytest.importorskip("azure.mgmt.compute")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = tmp_path_factory.mktemp("azure-tls-reconcile")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+@pytest.fixture(name="az")
+def _az(tls):
+    from tests.providers.fakes.azure_compute import AzureFake
+
+    fake = AzureFake(*tls, subscription=SUB)
+    fake.add_scale_set("gpu-rg", "gpu-vmss", instances=3)
+    fake.providers = []
+    yield fake
+    for p in fake.providers:
+        p.close()
+    fake.close()
+    with warnings.catch_warnings():  # see test_providers_azure.py: urllib3 drops TLS sockets on error answers
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def azure_provider(az, h):
+    p = h.engine.actions["replace"].deps.providers["azure"]
+    p.credential = StaticToken()
+    az.providers.append(p)
+    return p
+
+
+async def test_crash_replace_by_azure_redeploy_goes_to_a_human_without_a_second_redeploy(tmp_path, kube, az, tls):
+    gpu_node(kube, "gpu-c8", provider_id=AZURE_PID.format(1))
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], replace={"using": "azure"},
+                 providers={"azure": {"base_url": az.url, "ca_file": tls[0], "polling_interval": "10ms",
+                                      "max_attempts": 2, "operation_timeout": "10s", "replace_mode": "redeploy"}})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    provider = azure_provider(az, h)
+    provider.lro = sent = Hang(before=provider.lro)  # the redeploy runs to the end; the process dies after it
+    await h.post(notification(alert("gpu-c8", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c8")
+    await asyncio.wait_for(sent.reached.wait(), 20)
+    await crash(h, tmp_path, "replace")
+    assert az.verbs().count("redeploy") == 1
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    azure_provider(az, h)
+    try:
+        await await_for(lambda: h.states().get("gpu-c8") == "NEEDS_HUMAN", what="needs human")
+        await h.settle()
+        action, state, _ = steps(h, rid)[-1]
+        assert (action, state) == ("replace", "AMBIGUOUS")
+        reason = h.sql("SELECT reason FROM remediation WHERE id=?", rid)[0][0]
+        assert reason.startswith("replace may or may not have happened and cannot safely be repeated")
+        assert az.verbs().count("redeploy") == 1  # Replace is idempotent in general; an Azure redeploy is not
+        assert az.scale_set_actions == []
+    finally:
+        await close_harness(h)
+
+
+@pytest.mark.parametrize("mode,expected", [("redeploy", "ambiguous"), ("reimage", "ambiguous"),
+                                           ("delete", "not_done")])
+async def test_replace_observe_by_azure_mode(kube, az, tls, mode, expected):
+    """Replace.observe on its own: redeploy and reimage leave nothing to observe; a delete not yet sent is safe."""
+    from remediation_webhook.actions.base import ActionContext, ActionDeps, Observation
+    from remediation_webhook.actions.replace import Replace
+    from remediation_webhook.inventory.base import NodeIdentity
+    from remediation_webhook.kube import (
+        KubernetesApi,
+        KubernetesSettings,
+        RecordingKube,
+    )
+    from remediation_webhook.models import Target
+    from remediation_webhook.providers.azure import AzureProvider
+
+    p = AzureProvider.from_config({"base_url": az.url, "ca_file": tls[0], "replace_mode": mode,
+                                   "polling_interval": "10ms", "max_attempts": 2}, "providers.azure")
+    p.credential = StaticToken()
+    az.providers.append(p)
+    api = KubernetesApi(KubernetesSettings(host=kube.url, request_timeout=5))
+    try:
+        node = NodeIdentity("gpu-az", "uid", provider_id=AZURE_PID.format(2))
+        ctx = ActionContext(remediation_id="0123456789abcdef0123", node=node, target=Target("gpu-az", "", ""),
+                            reason="test", kube=RecordingKube(api, dry_run=False), dry_run=False,
+                            should_stop=lambda: None, sleep=asyncio.sleep, clock=time.time)
+        seen = await Replace("azure", ActionDeps(providers={"azure": p})).observe(ctx)
+        assert seen == Observation(expected)
+        assert not {"redeploy", "reimage", "delete", "restart"} & set(az.verbs())
+    finally:
+        api.close()
