@@ -4,17 +4,24 @@ gce://<project>/<zone>/<name>.
   reboot          instances.reset (same host, hard reset, no guest shutdown)
   move            instances.reportHostAsFaulty (A3 Ultra / A4 / A4X, RUNNING, reservation-bound; new host); other
                   machine types: kind "unsupported", no call
-  replace         instanceGroupManagers.recreateInstances on the instance's managed instance group (zonal), with
-                  a requestId derived from the remediation id, verified through listManagedInstances: the
-                  operation is DONE once the flag is set, so we wait until the instance's currentAction is NONE
-                  and its status RUNNING. With `report_faulty_host: true`, an eligible machine type (A3 Ultra, A4,
-                  A4X) is reported as faulty instead (new host). An instance in no MIG is never touched.
+  replace         recreateInstances on the instance's managed instance group, with a requestId derived from the
+                  remediation id, verified through listManagedInstances: the operation is DONE once the flag is
+                  set, so we wait until the instance's currentAction is NONE and its status RUNNING. The MIG
+                  comes from the instance's `created-by` metadata:
+                    projects/P/zones/Z/instanceGroupManagers/M    zonal: instanceGroupManagers.*, Z must be the
+                                                                  instance's zone
+                    projects/P/regions/R/instanceGroupManagers/M  regional: regionInstanceGroupManagers.*, the
+                                                                  instance's zone must lie in R
+                  With `report_faulty_host: true`, an eligible machine type (A3 Ultra, A4, A4X) is reported as
+                  faulty instead (new host). An instance in no MIG, or in a MIG outside `allowed_groups`, is never
+                  touched; a created-by that fails validation is kind "invalid" and nothing is written.
   tag             instances.setLabels with the current labelFingerprint (re-read once on 412)
 
 Every mutating call carries a requestId (UUIDv5 of the remediation id and the verb), so a retry, or a re-run
-after a crash, is the same request to Compute Engine. The returned zonal operation is polled with
-zoneOperations.wait; its name is the step's `operation`. 429 and 503 are retried by our full-jitter backoff
-(the client's own retry is off). Blocking calls run in a thread. Permissions: deploy/iam/gcp-custom-role.yaml.
+after a crash, is the same request to Compute Engine. The returned operation is polled with zoneOperations.wait,
+or regionOperations.wait for a regional MIG's recreateInstances; its name is the step's `operation`. 429 and 503
+are retried by our full-jitter backoff (the client's own retry is off), zonal and regional calls alike. Blocking
+calls run in a thread. Permissions: deploy/iam/gcp-custom-role.yaml.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,7 +56,9 @@ IAM_FILE = "deploy/iam/gcp-custom-role.yaml"
 REQUEST_NS = uuid.UUID("5b0e7a3c-8a51-4c55-9f3e-6f1d2a8c0b71")  # fixed: request ids must be stable across runs
 # reportHostAsFaulty works only on these families (remediation-practice.md §3.5)
 FAULTY_HOST_TYPES = re.compile(r"(a3-ultragpu|a4-highgpu|a4x-highgpu|a4x-maxgpu)-.*")
-MIG_OF = re.compile(r"projects/[^/]+/zones/([^/]+)/instanceGroupManagers/([^/]+)")
+# created-by of a MIG member; only the scope, location and name are used (the project is the node's own)
+MIG_OF = re.compile(r"projects/[^/]+/(zones|regions)/([^/]+)/instanceGroupManagers/([^/]+)")
+GCE_REGION = re.compile(r"[a-z]+-[a-z]+\d+")
 CAPACITY = ("ZONE_RESOURCE_POOL_EXHAUSTED", "QUOTA_EXCEEDED", "RESOURCE_POOL_EXHAUSTED",
             "STOCKOUT", "INSUFFICIENT_CAPACITY")
 FAULT_BEHAVIORS = ("UNRECOVERABLE_GPU_ERROR", "SILENT_DATA_CORRUPTION", "PERFORMANCE", "BEHAVIOR_UNSPECIFIED")
@@ -113,6 +123,49 @@ def _retryable(exc: Exception) -> bool:
 
 def _enum(value: Any) -> str:
     return str(getattr(value, "name", value) or "")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a MIG or an operation lives: a zone (the zonal APIs) or a region (the regional ones)."""
+
+    regional: bool
+    location: str
+
+    @property
+    def word(self) -> str:
+        return "region" if self.regional else "zone"
+
+    @property
+    def where(self) -> dict[str, str]:
+        """The request field naming the location: zone=… or region=…"""
+        return {self.word: self.location}
+
+    # (our client key, the Compute API resource named in messages), zonal or regional
+    @property
+    def migs(self) -> tuple[str, str]:
+        return ("region_migs", "regionInstanceGroupManagers") if self.regional else ("migs", "instanceGroupManagers")
+
+    @property
+    def operations(self) -> tuple[str, str]:
+        return ("region_operations", "regionOperations") if self.regional else ("operations", "zoneOperations")
+
+
+@dataclass(frozen=True)
+class Mig:
+    name: str
+    scope: Scope
+
+    def describe(self) -> str:
+        return f"{'regional' if self.scope.regional else 'zonal'} MIG {self.name} ({self.scope.location})"
+
+
+def _is_instance(url: str, ref: InstanceRef) -> bool:
+    """A managed instance's URL (…/zones/<z>/instances/<name>) names this instance, zone included when given."""
+    m = re.search(r"(?:^|/)zones/([^/]+)/instances/([^/]+)$", url)
+    if m:
+        return m[1] == ref.zone and m[2] == ref.instance_id
+    return url.rsplit("/", 1)[-1] == ref.instance_id
 
 
 class GcpProvider:
@@ -196,7 +249,9 @@ class GcpProvider:
             options = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
             cls = {"instances": compute_v1.InstancesClient,
                    "migs": compute_v1.InstanceGroupManagersClient,
-                   "operations": compute_v1.ZoneOperationsClient}[service]
+                   "operations": compute_v1.ZoneOperationsClient,
+                   "region_migs": compute_v1.RegionInstanceGroupManagersClient,
+                   "region_operations": compute_v1.RegionOperationsClient}[service]
             self._clients[service] = cls(credentials=credentials, client_options=options, transport="rest")
         return self._clients[service]
 
@@ -219,20 +274,24 @@ class GcpProvider:
         return await with_backoff(once, retryable=_retryable, attempts=self.max_attempts, base=self.retry_base,
                                   cap=self.retry_cap, on_retry=count)
 
-    async def wait_operation(self, ref: InstanceRef, op: Any, what: str) -> str:
-        """Poll a zonal operation until DONE; an operation error becomes kind failed (or capacity)."""
+    async def wait_operation(self, ref: InstanceRef, op: Any, what: str, scope: Scope | None = None) -> str:
+        """Poll an operation until DONE: zonal (zoneOperations.wait, in the instance's zone unless `scope` says
+        otherwise) or regional (regionOperations.wait, `scope` regional). An operation error becomes kind failed
+        (or capacity, auth)."""
         from google.cloud import compute_v1
 
+        scope = scope or Scope(False, ref.zone)
+        wait = compute_v1.WaitRegionOperationRequest if scope.regional else compute_v1.WaitZoneOperationRequest
         name = str(op.name)
         deadline = time.monotonic() + self.operation_timeout
         while _enum(op.status) != "DONE":
             if time.monotonic() > deadline:
                 raise ProviderError("failed", f"{what}: operation {name} not DONE within "
                                               f"{self.operation_timeout:.0f}s; check it with `gcloud compute "
-                                              f"operations describe {name} --zone {ref.zone}`")
-            op = await self.call("operations", "wait", f"compute.zoneOperations.wait({name})",
-                                 request=compute_v1.WaitZoneOperationRequest(project=ref.project, zone=ref.zone,
-                                                                             operation=name))
+                                              f"operations describe {name} --{scope.word} {scope.location}`")
+            service, api = scope.operations
+            op = await self.call(service, "wait", f"compute.{api}.wait({name})",
+                                 request=wait(project=ref.project, operation=name, **scope.where))
             if _enum(op.status) != "DONE":
                 await asyncio.sleep(self.poll_interval)
         errors = list(op.error.errors) if op.error else []
@@ -329,12 +388,32 @@ class GcpProvider:
         raise ProviderError("unsupported", "GCP has no mark-unhealthy; use replace (recreateInstances)")
 
     @staticmethod
-    def _mig(inst: Any) -> tuple[str, str] | None:
+    def _mig(ref: InstanceRef, inst: Any) -> Mig | None:
+        """The instance's MIG from its created-by metadata, zonal or regional, every part validated; None when no
+        MIG created it. A created-by naming a MIG that does not validate, or whose zone / region does not hold
+        the instance's zone, is kind invalid (nothing written)."""
         for item in inst.metadata.items if inst.metadata else []:
-            if item.key == "created-by":
-                m = MIG_OF.fullmatch(str(item.value))
-                if m and GCE_ZONE.fullmatch(m[1]) and GCE_NAME.fullmatch(m[2]):
-                    return m[1], m[2]
+            if item.key != "created-by":
+                continue
+            value = str(item.value)
+            m = MIG_OF.fullmatch(value)
+            if m is None:
+                if "instanceGroupManagers" in value:
+                    raise ProviderError("invalid", f"{ref.instance_id}: created-by {value[:200]!r} is not "
+                                                   f"projects/…/(zones|regions)/…/instanceGroupManagers/<name>; "
+                                                   f"not touched")
+                return None
+            kind, location, name = m.groups()
+            scope = Scope(kind == "regions", location)
+            valid = GCE_REGION.fullmatch(location) if scope.regional else GCE_ZONE.fullmatch(location)
+            if not (valid and GCE_NAME.fullmatch(name)):
+                raise ProviderError("invalid", f"{ref.instance_id}: created-by {value[:200]!r} names no valid "
+                                               f"{scope.word} / MIG name; not touched")
+            holds = ref.zone.startswith(location + "-") if scope.regional else ref.zone == location
+            if not holds:
+                raise ProviderError("invalid", f"{ref.instance_id} is in zone {ref.zone}, but its created-by names "
+                                               f"MIG {name} in {scope.word} {location}; not touched")
+            return Mig(name, scope)
         return None
 
     async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
@@ -345,48 +424,58 @@ class GcpProvider:
         return Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
-        from google.cloud import compute_v1
-
         self._check(ref)
         inst = await self._instance(ref)
         machine = str(inst.machine_type).rsplit("/", 1)[-1]
         if self.report_faulty_host and FAULTY_HOST_TYPES.fullmatch(machine):
             return await self._report_faulty(ref, inst, rid, reason)
-        mig = self._mig(inst)
+        mig = self._mig(ref, inst)
         if mig is None:
             raise ProviderError("unsupported", f"{ref.instance_id} is in no managed instance group: nothing would "
                                                f"recreate it, so it was not touched. Replace it by hand, or use "
                                                f"replace with human")
-        mig_zone, mig_name = mig
-        if mig_zone != ref.zone:
-            raise ProviderError("unsupported", f"{ref.instance_id} belongs to {mig_name} in {mig_zone}; regional "
-                                               f"MIGs are not supported yet")
-        if self.allowed_groups and mig_name not in self.allowed_groups:
-            raise ProviderError("unsupported", f"{ref.instance_id} is in MIG {mig_name}, which "
+        if self.allowed_groups and mig.name not in self.allowed_groups:
+            raise ProviderError("unsupported", f"{ref.instance_id} is in {mig.describe()}, which "
                                                f"providers.gcp.allowed_groups does not list; not touched")
         old_id = str(inst.id)
         await self.tag(ref, {"id": rid, "action": "replace", "state": "replacing"})
-        body = compute_v1.InstanceGroupManagersRecreateInstancesRequest(
-            instances=[f"zones/{ref.zone}/instances/{ref.instance_id}"])
-        op = await self.call("migs", "recreate_instances_unary",
-                             f"compute.instanceGroupManagers.recreateInstances({mig_name})",
-                             request=compute_v1.RecreateInstancesInstanceGroupManagerRequest(
-                                 project=ref.project, zone=ref.zone, instance_group_manager=mig_name,
-                                 request_id=request_id(rid, "recreate"),
-                                 instance_group_managers_recreate_instances_request_resource=body))
-        name = await self.wait_operation(ref, op, f"recreateInstances of {ref.instance_id} in {mig_name}")
-        return await self._await_recreated(ref, mig_name, old_id, name)
+        name = await self._recreate(ref, mig, rid)
+        return await self._await_recreated(ref, mig, old_id, name)
 
-    async def _await_recreated(self, ref: InstanceRef, mig: str, old_id: str, operation: str) -> ProviderResult:
-        """DONE means "flag set": wait for currentAction NONE and status RUNNING in listManagedInstances."""
+    async def _recreate(self, ref: InstanceRef, mig: Mig, rid: str) -> str:
+        """recreateInstances of this one instance, zonal or regional (same requestId scheme), and its operation
+        waited for in the MIG's scope. Returns the operation's name."""
+        from google.cloud import compute_v1
+
+        instances = [f"zones/{ref.zone}/instances/{ref.instance_id}"]
+        common = {"project": ref.project, "instance_group_manager": mig.name,
+                  "request_id": request_id(rid, "recreate"), **mig.scope.where}
+        if mig.scope.regional:
+            regional_body = compute_v1.RegionInstanceGroupManagersRecreateRequest(instances=instances)
+            request: Any = compute_v1.RecreateInstancesRegionInstanceGroupManagerRequest(
+                region_instance_group_managers_recreate_request_resource=regional_body, **common)
+        else:
+            zonal_body = compute_v1.InstanceGroupManagersRecreateInstancesRequest(instances=instances)
+            request = compute_v1.RecreateInstancesInstanceGroupManagerRequest(
+                instance_group_managers_recreate_instances_request_resource=zonal_body, **common)
+        service, api = mig.scope.migs
+        op = await self.call(service, "recreate_instances_unary", f"compute.{api}.recreateInstances({mig.name})",
+                             request=request)
+        return await self.wait_operation(ref, op, f"recreateInstances of {ref.instance_id} in {mig.describe()}",
+                                         mig.scope)
+
+    async def _await_recreated(self, ref: InstanceRef, mig: Mig, old_id: str, operation: str) -> ProviderResult:
+        """DONE means "flag set": wait for currentAction NONE and status RUNNING in listManagedInstances (the
+        zonal or the regional one, as the MIG is)."""
+        service, api = mig.scope.migs
         deadline = time.monotonic() + self.replacement_timeout
         last = "absent"
         while True:
-            pager = await self.call("migs", "list_managed_instances",
-                                    f"compute.instanceGroupManagers.listManagedInstances({mig})",
-                                    project=ref.project, zone=ref.zone, instance_group_manager=mig)
+            pager = await self.call(service, "list_managed_instances",
+                                    f"compute.{api}.listManagedInstances({mig.name})",
+                                    project=ref.project, instance_group_manager=mig.name, **mig.scope.where)
             rows = await asyncio.to_thread(list, pager)
-            mine = [m for m in rows if str(m.instance).rsplit("/", 1)[-1] == ref.instance_id]
+            mine = [m for m in rows if _is_instance(str(m.instance), ref)]
             if mine:
                 m = mine[0]
                 action, status = _enum(m.current_action), _enum(m.instance_status)
@@ -394,14 +483,14 @@ class GcpProvider:
                 if action == "NONE" and status == "RUNNING":
                     new_id = str(m.id) if m.id else ""
                     changed = f"; instance id {old_id} -> {new_id}" if new_id and new_id != old_id else ""
-                    return ProviderResult(f"recreated {ref.instance_id} in MIG {mig}: RUNNING with no pending "
-                                          f"action{changed}", new_host=True, operation=operation,
+                    return ProviderResult(f"recreated {ref.instance_id} in {mig.describe()}: RUNNING with no "
+                                          f"pending action{changed}", new_host=True, operation=operation,
                                           replacement=new_id)
             if time.monotonic() > deadline:
-                raise ProviderError("failed", f"MIG {mig}: {ref.instance_id} not recreated and RUNNING within "
-                                              f"{self.replacement_timeout:.0f}s (last seen: {last}); check "
-                                              f"`gcloud compute instance-groups managed list-instances {mig} "
-                                              f"--zone {ref.zone}`")
+                raise ProviderError("failed", f"{mig.describe()}: {ref.instance_id} not recreated and RUNNING "
+                                              f"within {self.replacement_timeout:.0f}s (last seen: {last}); check "
+                                              f"`gcloud compute instance-groups managed list-instances {mig.name} "
+                                              f"--{mig.scope.word} {mig.scope.location}`")
             await asyncio.sleep(self.poll_interval)
 
 

@@ -37,6 +37,8 @@ def _gcp():
         fake.add_instance(name)
     fake.add_instance("lone", in_mig=False)
     fake.add_instance("ultra-1", machine_type="a3-ultragpu-8g")
+    for name in ("rgpu-1", "rgpu-2"):  # members of the regional MIG gpu-rmig (us-central1), in us-central1-a
+        fake.add_instance(name, regional=True)
     yield fake
     fake.close()
 
@@ -80,6 +82,140 @@ async def test_retry_with_the_same_request_id_is_idempotent(gcp):
     ops = {s[2]["requestId"] for s in gcp.seen if s[0] == "recreateInstances"}
     assert ops == {request_id("rem-2", "recreate")}
     assert len([o for o in gcp.operations if o.endswith("recreateInstances")]) == 1
+
+
+REGIONAL_MIG = "/compute/v1/projects/gpu-proj/regions/us-central1/instanceGroupManagers/gpu-rmig"
+
+
+def mig_paths(gcp) -> list[str]:
+    """The paths of every MIG call and every operation poll, in order."""
+    return [path for _, path in gcp.paths if "/instanceGroupManagers/" in path or "/operations/" in path]
+
+
+async def test_regional_replace_recreates_in_the_regional_mig_and_waits_for_running(gcp):
+    p = provider(gcp)
+    old_id = gcp.instances["rgpu-1"]["id"]
+    result = await p.replace(await ref_of(p, "rgpu-1"), "rem-r1", "xid 79")
+    assert result.new_host and result.operation.endswith("recreateInstances")
+    assert result.replacement and result.replacement != old_id
+    assert "regional MIG gpu-rmig (us-central1)" in result.detail
+    recreate = [s for s in gcp.seen if s[0] == "recreateInstances"]
+    assert len(recreate) == 1
+    _, mig, query, body = recreate[0]
+    assert mig == "gpu-rmig" and body == {"instances": ["zones/us-central1-a/instances/rgpu-1"]}
+    assert query["requestId"] == request_id("rem-r1", "recreate")
+    # the regional API end to end: recreate, the regional operation polled through regionOperations.wait (the
+    # zonal one would be a 404), then the regional listManagedInstances until NONE / RUNNING (RECREATING twice)
+    op = result.operation
+    assert [(m, path) for m, path in gcp.paths if path.startswith(REGIONAL_MIG) or "/regions/" in path] == [
+        ("POST", f"{REGIONAL_MIG}/recreateInstances"),
+        ("POST", f"/compute/v1/projects/gpu-proj/regions/us-central1/operations/{op}/wait"),
+        ("POST", f"{REGIONAL_MIG}/listManagedInstances"),
+        ("POST", f"{REGIONAL_MIG}/listManagedInstances"),
+        ("POST", f"{REGIONAL_MIG}/listManagedInstances")]
+    assert not [path for path in mig_paths(gcp) if "/zones/us-central1-a/instanceGroupManagers/" in path]
+    labels = next(s[3]["labels"] for s in gcp.seen if s[0] == "setLabels")
+    assert labels["remediation-id"] == "rem-r1" and labels["remediation-action"] == "replace"
+
+
+async def test_regional_replace_second_delivery_sends_the_same_request_id(gcp):
+    p = provider(gcp)
+    ref = await ref_of(p, "rgpu-2")
+    first = await p.replace(ref, "rem-r2", "t")
+    second = await p.replace(ref, "rem-r2", "t")  # a re-delivery / a re-run after a crash
+    assert [s[2]["requestId"] for s in gcp.seen if s[0] == "recreateInstances"] == [
+        request_id("rem-r2", "recreate")] * 2
+    assert second.operation == first.operation
+    ops = [o for o in gcp.operations.values() if o["operationType"] == "recreateInstances"]
+    assert len(ops) == 1 and ops[0]["_scope"] == ("regions", "us-central1")
+
+
+async def test_regional_mig_outside_allowed_groups_is_not_touched(gcp):
+    p = provider(gcp, allowed_groups=["gpu-mig"])  # the zonal MIG only
+    labels = dict(gcp.instances["rgpu-1"]["labels"])
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "rgpu-1"), "rem-r3", "t")
+    assert err.value.kind == "unsupported" and "allowed_groups" in err.value.detail
+    assert "regional MIG gpu-rmig" in err.value.detail
+    assert gcp.seen_verbs() == ["get"] and gcp.instances["rgpu-1"]["labels"] == labels
+    # listed by name, the regional MIG is replaced
+    p = provider(gcp, allowed_groups=["gpu-rmig"])
+    assert (await p.replace(await ref_of(p, "rgpu-1"), "rem-r4", "t")).new_host
+    assert [s[1] for s in gcp.seen if s[0] == "recreateInstances"] == ["gpu-rmig"]
+
+
+@pytest.mark.parametrize("created_by", [
+    "projects/123456/regions/europe-west4/instanceGroupManagers/gpu-rmig",   # another region
+    "projects/123456/regions/us-central/instanceGroupManagers/gpu-rmig",     # a prefix of the zone, no region
+    "projects/123456/regions/us/instanceGroupManagers/gpu-rmig",             # the zone starts with "us-": no region
+    "projects/123456/regions/us-central1-a/instanceGroupManagers/gpu-rmig",  # a zone where a region belongs
+    "projects/123456/regions/US-central1/instanceGroupManagers/gpu-rmig",
+    "projects/123456/regions/us-central1;rm/instanceGroupManagers/gpu-rmig",
+    "projects/123456/regions/us-central1/instanceGroupManagers/GPU_rmig",
+    "projects/123456/regions/us-central1/instanceGroupManagers/gpu-rmig/x",
+    "projects/123456/zones/us-east1-b/instanceGroupManagers/gpu-mig",        # a zonal MIG in another zone
+])
+async def test_created_by_that_does_not_hold_the_instance_is_refused_before_any_call(gcp, created_by):
+    gcp.add_instance("stray-1", created_by=created_by)
+    p = provider(gcp)
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "stray-1"), "rem-r5", "t")
+    assert err.value.kind == "invalid" and "not touched" in err.value.detail
+    assert gcp.seen_verbs() == ["get"]  # reading created-by is the only call: no label, no MIG call
+
+
+async def test_regional_throttled_then_success(gcp):
+    p = provider(gcp)
+    gcp.script["regions:recreateInstances"] = [RATE_LIMITED, UNAVAILABLE]
+    gcp.script["regions:wait"] = [RATE_LIMITED]
+    gcp.script["regions:listManagedInstances"] = [RATE_LIMITED]
+    result = await p.replace(await ref_of(p, "rgpu-2"), "rem-r6", "t")
+    assert result.new_host and result.replacement
+    assert p.retries_seen == 4
+    recreate = [path for path in mig_paths(gcp) if path.endswith("/recreateInstances")]
+    assert recreate == [f"{REGIONAL_MIG}/recreateInstances"] * 3
+    assert {s[2]["requestId"] for s in gcp.seen if s[0] == "recreateInstances"} == {request_id("rem-r6", "recreate")}
+    assert len([path for path in mig_paths(gcp) if "/regions/us-central1/operations/" in path]) == 2
+
+
+async def test_regional_errors_are_classified_as_the_zonal_ones(gcp):
+    p = provider(gcp, max_attempts=2)
+    gcp.script["regions:recreateInstances"] = [RATE_LIMITED, RATE_LIMITED]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "rgpu-1"), "rem-r7", "t")
+    assert err.value.kind == "throttled" and "regionInstanceGroupManagers.recreateInstances(gpu-rmig)" in \
+        err.value.detail
+    gcp.script["regions:recreateInstances"] = [FORBIDDEN]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "rgpu-2"), "rem-r8", "t")
+    assert err.value.kind == "auth" and "deploy/iam/gcp-custom-role.yaml" in err.value.detail
+    gcp.op_errors["recreateInstances"] = [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED",
+                                           "message": "The zone does not have enough resources"}]
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await ref_of(p, "rgpu-2"), "rem-r9", "t")
+    assert err.value.kind == "capacity" and "regional MIG gpu-rmig" in err.value.detail
+
+
+def test_iam_role_covers_the_zonal_and_regional_calls():
+    """Every Compute API the provider calls, and the permission GCP checks for it (REST reference)."""
+    import yaml
+
+    role = yaml.safe_load((Path(__file__).parents[2] / "deploy/iam/gcp-custom-role.yaml").read_text())
+    needed = {
+        "instances.get": "compute.instances.get",
+        "instances.setLabels": "compute.instances.setLabels",
+        "instances.reset": "compute.instances.reset",
+        "instances.reportHostAsFaulty": "compute.instances.reportHostAsFaulty",
+        "instanceGroupManagers.recreateInstances": "compute.instanceGroupManagers.update",
+        "instanceGroupManagers.listManagedInstances": "compute.instanceGroupManagers.get",
+        "regionInstanceGroupManagers.recreateInstances": "compute.instanceGroupManagers.update",
+        "regionInstanceGroupManagers.listManagedInstances": "compute.instanceGroupManagers.get",
+        "zoneOperations.wait": "compute.zoneOperations.get",
+        "regionOperations.wait": "compute.regionOperations.get",
+    }
+    missing = {api: perm for api, perm in needed.items() if perm not in role["includedPermissions"]}
+    assert not missing
+    assert set(role["includedPermissions"]) == set(needed.values())  # and nothing more
 
 
 async def test_reboot_is_a_reset_on_the_same_host(gcp):
