@@ -49,6 +49,9 @@ class Reboot:
             raise ConfigError(f"{key}: no executor for reboot yet: set {key}.using to one of "
                               f"{', '.join(USING)} or auto (see docs/providers.md)")
         using = choose(opt(raw, key, "using", str, ""), USING, deps, key)
+        if using == "slurm" and getattr(deps.providers["slurm"], "rest", None) is not None:
+            raise ConfigError(f"{key}.using: slurm reboots need scontrol, and providers.slurm uses slurmrestd, which "
+                              f"has no reboot operation; use executor, or configure providers.slurm.scontrol")
         return cls(using, deps, duration(raw, key, "verify_timeout", "20m"),
                    duration(raw, key, "verify_interval", "15s"))
 
@@ -61,10 +64,13 @@ class Reboot:
             if self.deps.executor is None:
                 return StepResult(Outcome.FAILURE, "reboot: no executor configured for a node without a cloud API")
             body = job_spec(self.deps.executor.settings, self.name, ctx, list(REBOOT_ARGV), {ANN_BOOT_ID: before})
-            await self.deps.executor.start(ctx, body)
+            job = await self.deps.executor.start(ctx, body)
             if ctx.dry_run:
                 return StepResult(Outcome.DRY_RUN, f"would create job {body['metadata']['name']} to reboot "
                                                    f"{ctx.node.name}")
+            # A re-run after a restart adopts the Job it created before (same name, no second reboot): compare
+            # against the boot id that Job recorded, since the one read just now may already be the new one.
+            before = _recorded_boot_id(job) or before
             how = f"job {body['metadata']['name']}"
         else:
             provider = self.deps.providers.get(using)
@@ -120,11 +126,19 @@ class Reboot:
             return Observation.UNKNOWN
         if job is None:
             return Observation.NOT_DONE
-        before = ((job.get("metadata") or {}).get("annotations") or {}).get(ANN_BOOT_ID, "")
+        before = _recorded_boot_id(job)
         now = await boot_id(ctx)
         if before and now and now != before:
             return Observation.DONE
+        if before:
+            # The Job exists and the node has not rebooted yet: a re-run adopts this Job (no second reboot) and
+            # waits for a boot id other than the one it recorded.
+            return Observation.NOT_DONE
         return Observation.UNKNOWN if job_state(job)[0] != "failed" else Observation.NOT_DONE
+
+
+def _recorded_boot_id(job: Mapping[str, Any] | None) -> str:
+    return str((((job or {}).get("metadata") or {}).get("annotations") or {}).get(ANN_BOOT_ID, "") or "")
 
 
 ACTION = Reboot

@@ -433,6 +433,31 @@ async def test_crash_reboot_by_executor_with_a_new_boot_id_is_done(tmp_path, kub
         await close_harness(h)
 
 
+async def test_crash_reboot_by_executor_before_the_boot_adopts_the_job(tmp_path, kube):
+    gpu_node(kube, "gpu-c4", boot="boot-1")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"],
+                 reboot={"using": "executor", "verify_timeout": "20s", "verify_interval": "20ms"})
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    await h.post(notification(alert("gpu-c4", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c4")
+    name = job_name("reboot", rid)
+    await await_for(lambda: job(kube, name), what="reboot job")
+    await crash(h, tmp_path, "reboot")  # the Job exists; the host has not gone down yet
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: len(steps(h, rid)) == 4, what="the re-run")
+        patch_status(kube, "gpu-c4", {"nodeInfo": {"bootID": "boot-2"}})  # the adopted Job's reboot lands
+        await await_for(lambda: h.states().get("gpu-c4") == "SUCCEEDED", what="succeeded")
+        rows = steps(h, rid)
+        assert [(a, s) for a, s, _ in rows[2:]] == [("reboot", "ABANDONED"), ("reboot", "SUCCEEDED")]
+        assert "new boot id" in rows[3][2]
+        # the re-run's create was answered 409 and adopted the first Job: one reboot, not two
+        assert len(job_posts(kube)) == 2 and job(kube, name)["metadata"]["annotations"][
+            "gpu-health.io/boot-id-before"] == "boot-1"
+    finally:
+        await close_harness(h)
+
+
 async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_path, kube, aws):
     victim = aws.ids[0]
     gpu_node(kube, "gpu-c4", provider_id=f"aws:///us-east-1a/{victim}", boot="boot-1")

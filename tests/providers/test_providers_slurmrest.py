@@ -343,3 +343,15 @@ def test_top_level_timeout_applies_to_rest_and_scontrol_still_default(tmp_path):
     assert rest.rest is not None and rest.rest.timeout == 7.0
     plain = SlurmProvider.from_config({}, "providers.slurm")
     assert plain.rest is None and plain.scontrol == "scontrol"
+
+
+def test_reboot_using_a_rest_only_slurm_is_a_config_error():
+    from remediation_webhook.actions.base import ActionDeps
+    from remediation_webhook.actions.reboot import Reboot
+    from remediation_webhook.providers.slurm import SlurmProvider
+
+    rest_only = ActionDeps(providers={"slurm": SlurmProvider(rest=object())})
+    with pytest.raises(ConfigError, match=r"actions.reboot.using: slurm reboots need scontrol"):
+        Reboot.from_config({"using": "slurm"}, "actions.reboot", rest_only)
+    scontrol = ActionDeps(providers={"slurm": SlurmProvider()})
+    assert Reboot.from_config({"using": "slurm"}, "actions.reboot", scontrol).using == "slurm"
