@@ -1,9 +1,10 @@
 """A Kubernetes API for the stack: kmock 0.8 (a real HTTP server over an in-memory store) on its own event loop in a
 background thread, with Node and Pod objects and scripted evictions.
 
-kmock has no eviction subresource (evictions are scripted here: 201 and the pod is deleted), no field selectors, no
-resourceVersion and no controllers: nothing runs a Job or restarts a kubelet, so whoever drives the stack (a test,
-the demo) plays those parts through the helpers below. See docs/webhook.md, "What the tests run against".
+kmock has no eviction subresource (evictions are scripted here: 201 and the pod is deleted, unless `evictions` says
+otherwise), no field selectors, no resourceVersion and no controllers: nothing runs a Job or restarts a kubelet, so
+whoever drives the stack (a test, the demo) plays those parts through the helpers below. See docs/webhook.md, "What the
+tests run against".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import kmock
 import requests
@@ -28,12 +29,17 @@ SETUP_UA = {"User-Agent": "gpu-health-stack"}
 class KubeFake:
     """kmock on 127.0.0.1:<random port>; `url` is what the webhook's `kubernetes.host` points at."""
 
+    # Our own setup and reads carry this User-Agent, so calls() leaves them out.
+    setup_ua: ClassVar[dict[str, str]] = SETUP_UA
+
     def __init__(self) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.http = requests.Session()
         self.url = ""
         self.node_labels: dict[str, dict[str, str]] = {}
+        # (namespace, pod) -> the statuses its next evictions answer (429: a PodDisruptionBudget says not now)
+        self.evictions: dict[tuple[str, str], list[int]] = {}
         self._thread = threading.Thread(target=self._run, daemon=True, name="kmock")
         self._thread.start()
         if not self._ready.wait(15):
@@ -59,8 +65,17 @@ class KubeFake:
             await self._stop.wait()
 
     def _evict(self, request: kmock.Request) -> kmock.Response:
-        """Eviction: no PodDisruptionBudget here, every eviction is granted and the pod is deleted."""
+        """Eviction: granted and the pod deleted, unless `evictions` scripts a 429 (PodDisruptionBudget) or an error."""
         key = (str(request.namespace), str(request.name))
+        script = self.evictions.get(key)
+        status = script.pop(0) if script else 201
+        if status == 429:
+            return kmock.Response(status=429, payload={
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "TooManyRequests", "code": 429,
+                "message": "Cannot evict pod as it would violate the pod's disruption budget."})
+        if status >= 400:
+            return kmock.Response(status=status, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                          "reason": "InternalError", "code": status})
         try:
             self.km.objects[PODS, key[0], key[1]].delete()
         except KeyError:
@@ -78,12 +93,12 @@ class KubeFake:
     # ---- setup, as a client of its own (so it never shows up in calls())
 
     def _post(self, path: str, body: dict[str, Any]) -> None:
-        r = self.http.post(f"{self.url}{path}", json=body, headers=SETUP_UA, timeout=5)
+        r = self.http.post(f"{self.url}{path}", json=body, headers=self.setup_ua, timeout=5)
         if r.status_code >= 300:
             raise RuntimeError(f"POST {path}: HTTP {r.status_code}: {r.text}")
 
     def _get(self, path: str) -> Any:
-        r = self.http.get(f"{self.url}{path}", headers=SETUP_UA, timeout=5)
+        r = self.http.get(f"{self.url}{path}", headers=self.setup_ua, timeout=5)
         if r.status_code >= 300:
             raise RuntimeError(f"GET {path}: HTTP {r.status_code}: {r.text}")
         return r.json()
@@ -171,7 +186,7 @@ class KubeFake:
 
     def _patch(self, path: str, body: dict[str, Any]) -> None:
         r = self.http.patch(f"{self.url}{path}", json=body, timeout=5,
-                            headers={**SETUP_UA, "Content-Type": "application/merge-patch+json"})
+                            headers={**self.setup_ua, "Content-Type": "application/merge-patch+json"})
         if r.status_code >= 300:
             raise RuntimeError(f"PATCH {path}: HTTP {r.status_code}: {r.text}")
 
@@ -188,11 +203,14 @@ class KubeFake:
         """The device plugin's part: how many GPUs the kubelet reports allocatable (one drops out during a reset)."""
         self._patch(f"/api/v1/nodes/{node}", {"status": {"allocatable": {"nvidia.com/gpu": str(count)}}})
 
+    def delete_node(self, name: str) -> None:
+        r = self.http.delete(f"{self.url}/api/v1/nodes/{name}", headers=self.setup_ua, timeout=5)
+        if r.status_code >= 300:
+            raise RuntimeError(f"DELETE node {name}: HTTP {r.status_code}: {r.text}")
+
     def replace_node(self, node: str, provider_id: str) -> None:
         """The cloud's part after a replace: the old Node object goes, the new machine registers under the name."""
-        r = self.http.delete(f"{self.url}/api/v1/nodes/{node}", headers=SETUP_UA, timeout=5)
-        if r.status_code >= 300:
-            raise RuntimeError(f"DELETE node {node}: HTTP {r.status_code}: {r.text}")
+        self.delete_node(node)
         labels = {k: v for k, v in (self.node_labels.get(node) or {}).items()}
         self.add_node(node, provider_id=provider_id, labels=labels,
                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

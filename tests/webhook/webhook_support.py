@@ -13,14 +13,14 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import kmock
 import pytest
-import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gpu_health_stack.kube import KubeFake as StackKubeFake
 from remediation_webhook.admin import create_admin_app
 from remediation_webhook.alertmanager import AlertState
 from remediation_webhook.app import Services, create_app
@@ -32,8 +32,6 @@ from remediation_webhook.kube import KubernetesApi, KubernetesSettings
 from remediation_webhook.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent.parent
-PODS = kmock.resource("", "v1", "pods")
-OFFICIAL_CLIENT = "OpenAPI-Generator"
 SETUP_UA = {"User-Agent": "webhook-test-setup"}
 
 
@@ -68,46 +66,19 @@ async def await_for(predicate: Callable[[], Any], timeout: float = 10.0, interva
         await asyncio.sleep(interval)
 
 
-class KubeFake:
-    """kmock 0.8 (a real HTTP server over an in-memory store) on its own loop in a background thread.
+class KubeFake(StackKubeFake):
+    """gpu_health_stack's kmock 0.8 fake (a real HTTP server over an in-memory store on its own loop in a background
+    thread, with scripted evictions: `evictions`), plus what only these tests need.
 
     Gaps it has that matter here (see docs/webhook.md): no field selectors (the adapter also filters pods
-    client-side), no resourceVersion, no eviction subresource (scripted below), no PDB logic (scripted 429s).
+    client-side), no resourceVersion, no eviction subresource (scripted), no PDB logic (scripted 429s).
     """
 
+    setup_ua: ClassVar[dict[str, str]] = SETUP_UA
+
     def __init__(self) -> None:
-        self._ready = threading.Event()
-        self.http = requests.Session()
-        self.evictions: dict[tuple[str, str], list[int]] = {}  # (ns, pod) -> statuses still to answer
+        super().__init__()
         self.conflicts: list[str] = []  # node names whose next PATCH answers 409
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True, name="kmock")
-        self._thread.start()
-        assert self._ready.wait(10), "kmock did not start"
-
-    async def _main(self) -> None:
-        async with kmock.KubernetesEmulator() as km, kmock.Server(km) as srv:
-            self.km = km
-            self.url = str(srv.url).rstrip("/")
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            km[kmock.subresource("eviction")] << self._evict
-            self._ready.set()
-            await self._stop.wait()
-
-    def _evict(self, request: kmock.Request) -> kmock.Response:
-        key = (str(request.namespace), str(request.name))
-        script = self.evictions.get(key)
-        status = script.pop(0) if script else 201
-        if status == 429:
-            return kmock.Response(status=429, payload={
-                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "TooManyRequests", "code": 429,
-                "message": "Cannot evict pod as it would violate the pod's disruption budget."})
-        if status >= 400:
-            return kmock.Response(status=status, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                          "reason": "InternalError", "code": status})
-        self.km.objects[PODS, key[0], key[1]].delete()
-        return kmock.Response(status=201, payload={"kind": "Status", "apiVersion": "v1", "status": "Success",
-                                                   "code": 201})
 
     def gate(self, method: str, plural: str, name: str | None = None) -> tuple[threading.Event, Callable[[], None]]:
         """Hold the next `method` request on `plural` (after the store applied it) until released."""
@@ -138,11 +109,6 @@ class KubeFake:
 
         self.km["patch", kmock.resource("", "v1", "nodes")] << react
 
-    def close(self) -> None:
-        self.http.close()
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
     # ---- setup through HTTP, as a different client so it does not show up in calls()
     def add_node(self, name: str, *, uid: str | None = None, created: str = "2020-01-01T00:00:00Z",
                  provider_id: str | None = None, labels: dict[str, str] | None = None, unschedulable: bool = False,
@@ -161,10 +127,6 @@ class KubeFake:
         assert r.status_code < 300, r.text
         return body
 
-    def delete_node(self, name: str) -> None:
-        r = self.http.delete(f"{self.url}/api/v1/nodes/{name}", headers=SETUP_UA, timeout=5)
-        assert r.status_code < 300, r.text
-
     def add_pod(self, namespace: str, name: str, node: str, *, daemonset: bool = False, mirror: bool = False) -> None:
         meta: dict[str, Any] = {"name": name, "namespace": namespace}
         if daemonset:
@@ -179,32 +141,6 @@ class KubeFake:
                 "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}}
         r = self.http.post(f"{self.url}/api/v1/namespaces/{namespace}/pods", json=body, headers=SETUP_UA, timeout=5)
         assert r.status_code < 300, r.text
-
-    def node(self, name: str) -> dict[str, Any]:
-        r = self.http.get(f"{self.url}/api/v1/nodes/{name}", headers=SETUP_UA, timeout=5)
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-    def pods(self, node: str) -> list[str]:
-        r = self.http.get(f"{self.url}/api/v1/pods", headers=SETUP_UA, timeout=5)
-        return sorted(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in r.json()["items"]
-                      if p["spec"].get("nodeName") == node)
-
-    def calls(self, *, mutating: bool = False) -> list[tuple[str, str, Any]]:
-        """(METHOD, path, body) of every request the webhook's official client made."""
-        out = []
-        for req in list(self.km):
-            if not str(req.headers.get("User-Agent", "")).startswith(OFFICIAL_CLIENT):
-                continue
-            method = str(req.method.value if hasattr(req.method, "value") else req.method).upper()
-            if mutating and method in ("GET", "HEAD"):
-                continue
-            out.append((method, req.url.path, req.data))
-        return out
-
-    def cordoned(self) -> list[str]:
-        r = self.http.get(f"{self.url}/api/v1/nodes", headers=SETUP_UA, timeout=5)
-        return sorted(n["metadata"]["name"] for n in r.json()["items"] if n.get("spec", {}).get("unschedulable"))
 
 
 @pytest.fixture(name="kube")
