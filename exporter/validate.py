@@ -1,7 +1,8 @@
-"""Small validators for parsed YAML config values, shared by the exporter's web config and the webhook's config.
+"""Reading a YAML config file and small validators for its values, shared by the exporter's config files and the
+webhook's config.
 
 Each raises ``error`` (the exporter's ConfigError unless the caller passes its own class) with a message that
-starts with the key it was given, so every package keeps its own exception type and the same wording.
+starts with the key or file it was given, so every package keeps its own exception type and the same wording.
 """
 
 from __future__ import annotations
@@ -9,7 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import ConfigError
+
+
+def read_yaml(path: str, what: str, *, error: type[Exception] = ConfigError) -> Any:
+    """The parsed YAML file at ``path``; an unreadable or invalid file raises ``error`` naming ``what``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise error(f"{what}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{what}: not valid YAML: {exc}") from exc
 
 
 def mapping(value: object, key: str, *, error: type[Exception] = ConfigError) -> dict[Any, Any]:

@@ -65,7 +65,6 @@ from types import MappingProxyType
 from typing import Any
 
 import bcrypt
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -272,13 +271,7 @@ def middleware(config: WebConfig) -> Middleware:
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     """Parse and fully validate the file (certificates included) so a bad file stops startup."""
     name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"web.config.file {name}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"web.config.file {name}: not valid YAML: {exc}") from exc
+    raw = validate.read_yaml(name, f"web.config.file {name}")
     try:
         return _build(name, raw)
     except ConfigError as exc:

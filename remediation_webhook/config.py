@@ -18,8 +18,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from exporter import validate
 from exporter.durations import parse_duration
 from exporter.errors import ConfigError as ExporterConfigError
@@ -239,13 +237,7 @@ class Config:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{name}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{name}: not valid YAML: {exc}") from exc
+    raw = validate.read_yaml(name, name, error=ConfigError)
     return build_config(raw, base=Path(name).parent, path=name)
 
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pynvml
-import yaml
 
 from ..durations import parse_duration
 from ..errors import ConfigError
+from ..validate import read_yaml
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +150,7 @@ class SimConfig:
 
 def load_sim_config(path: str) -> SimConfig:
     """Parse and validate a --sim-config file; errors name the file and the key."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError(f"--sim-config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--sim-config {path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, f"--sim-config {path}") or {}
     try:
         return sim_config_from_dict(raw)
     except ConfigError as exc:
