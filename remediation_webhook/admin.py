@@ -6,6 +6,12 @@ POST /v1/remediations/{id}:approve | /{id}/approve    let an AWAITING_APPROVAL s
 POST /v1/remediations/{id}:cancel  | /{id}/cancel     cancel an unfinished remediation
 POST /v1/pause, DELETE /v1/pause (= POST /v1/resume)  the global kill switch (checked before every step)
 GET  /v1/breaker; POST /v1/breaker:reset {"mode": "resume"|"skip-backlog", "reason": "..."}
+     resume: the backlog runs (each step still verified). skip-backlog: the backlog is cancelled, and a firing
+     alert that began at or before the reset (the same storm, delivered late by Alertmanager or still pending in
+     Prometheus at the reset) is refused, journaled and audited, and counted as blocked, without a remediation.
+     It is acted on once it resolves and fires again (a new startsAt); an alert that begins after the reset acts.
+     The cut-off is GET /v1/breaker's "skip_before" (Unix seconds); it survives restarts, a later skip-backlog
+     reset moves it, a resume reset lifts it.
 GET  /v1/policy                                       the effective policy and its hash
 POST /v1/evaluate                                     plan a pasted Alertmanager payload; acts on nothing
 """
@@ -100,22 +106,21 @@ async def remediation_verb(request: web.Request) -> web.Response:
     return web.json_response(await s.journal.run(j.detail, rid))
 
 
-async def pause(request: web.Request) -> web.Response:
+async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     s = request.app[SERVICES]
     reason = _reason(await _body(request))
-    await s.journal.run(j.set_pause, True, _actor(request), time.time(), reason)
-    s.engine.set_paused(True)
-    s.metrics.paused.set(1)
-    return web.json_response({"paused": True})
+    await s.journal.run(j.set_pause, paused, _actor(request), time.time(), reason)
+    s.engine.set_paused(paused)
+    s.metrics.paused.set(int(paused))
+    return web.json_response({"paused": paused})
+
+
+async def pause(request: web.Request) -> web.Response:
+    return await _set_paused(request, True)
 
 
 async def resume(request: web.Request) -> web.Response:
-    s = request.app[SERVICES]
-    reason = _reason(await _body(request))
-    await s.journal.run(j.set_pause, False, _actor(request), time.time(), reason)
-    s.engine.set_paused(False)
-    s.metrics.paused.set(0)
-    return web.json_response({"paused": False})
+    return await _set_paused(request, False)
 
 
 async def breaker(request: web.Request) -> web.Response:
@@ -165,6 +170,7 @@ async def evaluate(request: web.Request) -> web.Response:
     now = time.time()
     paused = await s.journal.run(j.get_meta, "pause") is not None
     breaker_open = await s.journal.run(j.get_meta, "breaker") is not None
+    skip = j.skip_cutoff(await s.journal.run(j.get_meta, "breaker_reset"))
     plans = []
     for jd in judge_all(notification, s.config, datetime.fromtimestamp(now, UTC)):
         a = jd.alert
@@ -175,7 +181,11 @@ async def evaluate(request: web.Request) -> web.Response:
         if jd.decision == "plan" and isinstance(jd.target, Target):
             plan.update({"rule": jd.rule.name if jd.rule else "", "ladder": list(jd.ladder), "dry_run": jd.dry_run,
                          "paused": paused, "breaker_open": breaker_open})
-            plan.update(await _plan_calls(s, jd.target, list(jd.ladder)))
+            skipped = j.storm_skip_reason(skip, a.starts_at.timestamp())
+            if skipped:
+                plan["refused"] = skipped
+            else:
+                plan.update(await _plan_calls(s, jd.target, list(jd.ladder)))
         plans.append(plan)
     return web.json_response({"policy_hash": s.config.policy_hash, "alerts": plans})
 
