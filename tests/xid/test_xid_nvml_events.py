@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,16 +16,9 @@ from exporter.registry import GpuKey
 from exporter.xid.nvml_events import NvmlXidEvents, XidDeduper
 from exporter.xid.sources import FileSource
 from exporter.xid.store import STATE_FILE, XidStore
+from tests.xid.xid_support import wait_until
 
 GPU0, GPU1 = GpuKey(0, "GPU-aaaa"), GpuKey(1, "GPU-bbbb")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.002)
 
 
 class FakeEventNvml:

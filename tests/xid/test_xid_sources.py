@@ -26,16 +26,7 @@ from exporter.xid.sources import (
     make_source,
     validate_spec,
 )
-
-DEADLINE = 5.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.002)
+from tests.xid.xid_support import DEADLINE, wait_until
 
 
 class Collected:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from exporter.state import ExpectedGpus
 from exporter.xid.parse import parse_line
 from exporter.xid.sources import FileSource, NullSource
 from exporter.xid.store import STATE_FILE, XidStore, XidView
+from tests.xid.xid_support import wait_until
 
 GPU0 = GpuKey(0, "GPU-aaaa")
 GPU1 = GpuKey(1, "GPU-bbbb")
@@ -28,14 +28,6 @@ XID13 = "NVRM: Xid (PCI:0000:18:00): 13, pid=7, name=python3, Graphics SM Warp E
 XID154 = "NVRM: Xid (PCI:0000:2a:00): 154, GPU recovery action changed from 0x0 (None) to 0x2 (Node Reboot Required)"
 SXID = "nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 24007, Fatal, Link 28 sourcetrack timeout error (First)"
 UNKNOWN_PCI = "NVRM: Xid (PCI:0000:77:00): 31, pid=9, name=secret-job, MMU Fault"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.002)
 
 
 def events(*lines: str, ts: float = 100.0) -> list:
