@@ -60,6 +60,9 @@ def alert_in(j: Judgement) -> AlertIn:
     blocked = None
     if j.decision == "refuse" and node is not None and j.wants:
         blocked = (*metric_target(j.wants, t), j.wants, "blocked") if t else None
+    skip = None  # counted if the journal refuses the plan (an alert of a skipped storm): its first rung, blocked
+    if j.decision == "plan" and isinstance(t, Target) and j.ladder:
+        skip = (*metric_target(j.ladder[0], t), j.ladder[0], "blocked")
     return AlertIn(
         fingerprint=a.fingerprint, starts_key=a.starts_key, starts_ts=a.starts_at.timestamp(), status=a.status,
         alertname=a.alertname if j.decision != "reject" else printable(a.alertname, 200),
@@ -67,7 +70,7 @@ def alert_in(j: Judgement) -> AlertIn:
         decision=j.decision, reason=j.reason, wants=j.wants, rule=j.rule.name if j.rule else "", ladder=j.ladder,
         target_index=j.target_index, dry_run=j.dry_run,
         requires_approval=tuple(sorted(j.rule.requires_approval)) if j.rule else (), fault_ts=_fault_ts(j),
-        blocked_event=blocked)
+        blocked_event=blocked, skip_event=skip)
 
 
 def judge_all(notification: Notification, config: Config, now: datetime) -> list[Judgement]:

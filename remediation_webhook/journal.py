@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from .config import BreakerConfig, RateLimit, SafetyConfig
@@ -313,6 +314,7 @@ class AlertIn:
     requires_approval: tuple[str, ...] = ()
     fault_ts: float | None = None
     blocked_event: MetricEvent | None = None  # metric labels if a refusal counts as a blocked action
+    skip_event: MetricEvent | None = None  # first rung's labels, counted if a plan is refused (a skipped storm)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,7 @@ def accept(conn: sqlite3.Connection, batch: AcceptIn) -> AcceptOut:
     out = AcceptOut()
     now, safety = batch.now, batch.safety
     breaker_open = get_meta(conn, "breaker") is not None
+    skip = skip_cutoff(get_meta(conn, "breaker_reset"))
     window_start = now - safety.breaker.window
     new_node = False  # a node not alerting within the breaker window before: the storm count may grow
     for a in batch.alerts:
@@ -371,18 +374,20 @@ def accept(conn: sqlite3.Connection, batch: AcceptIn) -> AcceptOut:
             audit(conn, now, batch.actor, "recurrence", row["remediation_id"], a.node, fingerprint=a.fingerprint,
                   fault_ts=a.fault_ts)
         else:
-            if a.status == "firing" and a.node is not None and a.wants and not new_node:
+            # An alert of a skipped storm no longer counts towards the next storm, like the backlog it belongs to.
+            wants = "" if storm_skip_reason(skip, a.starts_ts) else a.wants
+            if a.status == "firing" and a.node is not None and wants and not new_node:
                 new_node = conn.execute("SELECT 1 FROM occurrence WHERE node=? AND first_seen>=? AND status='firing' "
                                         "AND wants!='' LIMIT 1", (a.node, window_start)).fetchone() is None
             conn.execute("INSERT INTO occurrence(fingerprint, starts_at, status, first_seen, last_seen, alertname, "
                          "node, wants, labels_json, group_key, decision, reason, fault_ts) "
                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                         (a.fingerprint, a.starts_key, a.status, now, now, a.alertname[:1000], a.node, a.wants,
+                         (a.fingerprint, a.starts_key, a.status, now, now, a.alertname[:1000], a.node, wants,
                           a.labels_json, batch.group_key[:2000], a.decision, a.reason, a.fault_ts))
         if a.status == "firing":
             if a.alertname in safety.breaker.trip_on_alerts and not breaker_open:
                 breaker_open = _trip(conn, now, f"alert {a.alertname} is firing", batch.actor, out)
-        decision, reason, rid = _decide(conn, a, batch, breaker_open, out)
+        decision, reason, rid = _decide(conn, a, batch, breaker_open, skip, out)
         conn.execute("UPDATE occurrence SET decision=?, reason=?, remediation_id=? "
                      "WHERE fingerprint=? AND starts_at=? AND status=?",
                      (decision, reason, rid, a.fingerprint, a.starts_key, a.status))
@@ -419,8 +424,28 @@ def _trip(conn: sqlite3.Connection, now: float, reason: str, actor: str, out: Ac
     return True
 
 
+def skip_cutoff(reset: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The last breaker reset if it was a skip-backlog one (its `skip_before` is the storm's cut-off), else None."""
+    if reset is None or reset.get("mode") != "skip-backlog" or reset.get("skip_before") is None:
+        return None
+    return reset
+
+
+def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float) -> str:
+    """Why an alert that began at `starts_ts` belongs to the storm skipped by `skip` ('' if it does not).
+
+    An alert belongs to the skipped storm when it began at or before the skip-backlog reset: a group Alertmanager
+    delivers later, or an alert still pending in Prometheus at the reset. It is acted on once it resolves and fires
+    again (a new startsAt), or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
+    """
+    if skip is None or starts_ts > float(skip["skip_before"]):
+        return ""
+    at = datetime.fromtimestamp(float(skip["skip_before"]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"began before the breaker reset with skip-backlog at {at} by {skip.get('by', '?')}"
+
+
 def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open: bool,
-            out: AcceptOut) -> tuple[str, str, str | None]:
+            skip: Mapping[str, Any] | None, out: AcceptOut) -> tuple[str, str, str | None]:
     now, safety = batch.now, batch.safety
     if a.status == "resolved":
         out.ignored += 1
@@ -443,6 +468,14 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
         if a.blocked_event:
             _result(conn, now, a.blocked_event, None, out.metric_events)
         return "refused", a.reason, None
+    skipped = storm_skip_reason(skip, a.starts_ts)
+    if skipped:  # part of a storm the operator chose not to act on: refused like the backlog it missed
+        out.refused += 1
+        audit(conn, now, batch.actor, "refused", None, a.node, fingerprint=a.fingerprint, startsAt=a.starts_key,
+              reason=skipped)
+        if a.skip_event:
+            _result(conn, now, a.skip_event, None, out.metric_events)
+        return "refused", skipped, None
     assert a.node is not None
     active = conn.execute(f"SELECT * FROM remediation WHERE node=? AND state IN ({_ACTIVE_SQL})", (a.node,)).fetchone()
     if active is not None:
@@ -679,7 +712,9 @@ def set_pause(conn: sqlite3.Connection, paused: bool, actor: str, now: float, re
 
 def reset_breaker(conn: sqlite3.Connection, mode: str, actor: str, now: float, reason: str,
                   blocked_event: Callable[[Remediation], MetricEvent | None]) -> dict[str, Any]:
-    """mode resume: the backlog runs (each step still verified); skip-backlog: it is cancelled."""
+    """mode resume: the backlog runs (each step still verified); skip-backlog: it is cancelled, and firing alerts
+    that began at or before now (the same storm, delivered late) are refused until the next reset
+    (`skip_before` in the breaker_reset meta; see storm_skip_reason). A resume reset lifts that cut-off."""
     state = get_meta(conn, "breaker")
     skipped: list[str] = []
     if mode == "skip-backlog":
@@ -693,11 +728,15 @@ def reset_breaker(conn: sqlite3.Connection, mode: str, actor: str, now: float, r
             skipped.append(rem.id)
     # Occurrences seen before the reset no longer count towards the next storm.
     set_meta(conn, "breaker", None)
-    set_meta(conn, "breaker_reset", {"at": now, "by": actor, "mode": mode})
+    reset: dict[str, Any] = {"at": now, "by": actor, "mode": mode, "reason": reason}
+    if mode == "skip-backlog":
+        reset["skip_before"] = now
+    set_meta(conn, "breaker_reset", reset)
     conn.execute("UPDATE remediation SET not_before=0 WHERE state='BLOCKED'")  # look again now
     conn.execute("UPDATE occurrence SET wants='' WHERE first_seen<=? AND status='firing'", (now,))
-    audit(conn, now, actor, "breaker_reset", mode=mode, reason=reason, was=state, skipped=skipped)
-    return {"was": state, "mode": mode, "skipped": skipped}
+    audit(conn, now, actor, "breaker_reset", mode=mode, reason=reason, was=state, skipped=skipped,
+          skip_before=reset.get("skip_before"))
+    return {"was": state, "mode": mode, "skipped": skipped, "skip_before": reset.get("skip_before")}
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -750,9 +789,13 @@ def breaker_status(conn: sqlite3.Connection, now: float, breaker: BreakerConfig,
     n = conn.execute("SELECT COUNT(DISTINCT node) FROM occurrence WHERE status='firing' AND node IS NOT NULL "
                      "AND wants!='' AND first_seen>=?", (now - breaker.window,)).fetchone()[0]
     backlog = conn.execute("SELECT COUNT(*) FROM remediation WHERE state IN ('PLANNED','BLOCKED')").fetchone()[0]
+    last_reset = get_meta(conn, "breaker_reset")
+    skip = skip_cutoff(last_reset)
     return {"open": state is not None, **({"reason": state["reason"], "since": state["since"]} if state else {}),
             "alerting_nodes_in_window": n, "threshold": breaker.threshold(pool), "window_seconds": breaker.window,
-            "backlog": backlog, "last_reset": get_meta(conn, "breaker_reset")}
+            "backlog": backlog, "last_reset": last_reset,
+            # firing alerts that began at or before this time belong to the skipped storm and are refused
+            "skip_before": skip["skip_before"] if skip else None}
 
 
 def ping(conn: sqlite3.Connection, now: float) -> None:

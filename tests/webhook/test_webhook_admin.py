@@ -3,6 +3,8 @@ and reset (resume or skip the backlog), the effective policy, and /v1/evaluate w
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from tests.webhook.webhook_support import alert, notification
 
 
@@ -82,11 +84,124 @@ async def test_breaker_reset_skip_backlog_cancels_it(harness, kube):
     assert len((await r.json())["skipped"]) == 3
     await h.settle()
     assert set(h.states().values()) == {"CANCELLED"} and kube.calls(mutating=True) == []
-    # the skipped backlog does not count towards the next storm, and new alerts act again
+    # the skipped backlog does not count towards the next storm, and new alerts (begun after the reset) act again
     kube.add_node("fresh")
-    await h.post(notification(alert("fresh")))
+    await h.post(notification(alert("fresh", starts_at=datetime.now(UTC))))
     await h.settle()
     assert h.states()["fresh"] == "SUCCEEDED"
+
+
+async def _storm(h, kube, mode: str, *, nodes: int = 3) -> float:
+    """Trip the breaker with a storm of `nodes` alerts, reset it with `mode`; returns the reset time."""
+    for i in range(nodes):
+        kube.add_node(f"n{i}")
+    await h.post(notification(*(alert(f"n{i}") for i in range(nodes)), truncated=1))
+    await h.settle()
+    assert (await (await h.admin.get("/v1/breaker")).json())["open"]
+    before = datetime.now(UTC).timestamp()
+    r = await h.admin.post("/v1/breaker:reset", json={"mode": mode, "reason": "driver rollout"})
+    assert r.status == 200
+    await h.settle()
+    return before
+
+
+def _late(node: str, starts: float) -> dict:
+    return alert(node, starts_at=datetime.fromtimestamp(starts, UTC))
+
+
+async def test_skip_backlog_refuses_late_alerts_of_the_storm_and_acts_on_new_ones(harness, kube):
+    """Alerts of the skipped storm that reach the webhook after the reset (other groups, sent per group_interval;
+    alerts still pending in Prometheus) are refused with the reason, journaled and audited; they neither act nor
+    count towards the next storm. An alert that begins after the reset acts."""
+    h = await harness()
+    before = await _storm(h, kube, "skip-backlog")
+    status = await (await h.admin.get("/v1/breaker")).json()
+    cut = status["skip_before"]
+    assert cut is not None and before <= cut <= datetime.now(UTC).timestamp()
+    assert status["last_reset"]["mode"] == "skip-backlog" and status["last_reset"]["skip_before"] == cut
+    late = ["late0", "late1", "late2"]  # more nodes than the breaker's threshold (2): they must not trip it again
+    for node in late:
+        kube.add_node(node)
+    out = await (await h.post(notification(_late("late0", cut - 300), _late("late1", cut - 5),
+                                           _late("late2", cut)))).json()
+    assert out["refused"] == 3 and out["accepted"] == 0 and "breaker_tripped" not in out, out
+    await h.settle()
+    assert kube.calls(mutating=True) == [] and not kube.cordoned()
+    assert not any(n in h.states() for n in late)
+    rows = h.sql("SELECT node, decision, reason, remediation_id, wants FROM occurrence WHERE node LIKE 'late%' "
+                 "ORDER BY node")
+    at = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    reason = f"began before the breaker reset with skip-backlog at {at} by anonymous"
+    assert rows == [(n, "refused", reason, None, "") for n in late]
+    audited = h.sql("SELECT node, event, detail_json FROM audit WHERE node LIKE 'late%' ORDER BY node")
+    assert [(n, e) for n, e, _ in audited] == [(n, "refused") for n in late] and reason in audited[0][2]
+    assert h.metric("gpu_remediation_actions_total", node="late1", gpu="", uuid="", action="cordon",
+                    result="blocked") == 1
+    assert h.metric("gpu_remediation_webhook_alerts_total", decision="refused") == 3
+    assert not (await (await h.admin.get("/v1/breaker")).json())["open"]
+    # /v1/evaluate says the same
+    plan = (await (await h.admin.post("/v1/evaluate", json=notification(_late("late0", cut - 300)))).json())
+    assert plan["alerts"][0]["refused"] == reason
+    # an alert that begins after the reset is another incident: it acts
+    kube.add_node("after")
+    out = await (await h.post(notification(_late("after", cut + 1)))).json()
+    assert out["accepted"] == 1, out
+    await h.settle()
+    assert h.states()["after"] == "SUCCEEDED" and kube.cordoned() == ["after"]
+
+
+async def test_resume_reset_does_not_refuse_late_alerts(harness, kube):
+    h = await harness(safety={"fleet_cap": {"max_nodes": 10, "max_percent": 100}})
+    await _storm(h, kube, "resume")
+    assert (await (await h.admin.get("/v1/breaker")).json())["skip_before"] is None
+    kube.add_node("late")
+    out = await (await h.post(notification(_late("late", datetime.now(UTC).timestamp() - 300)))).json()
+    assert out["accepted"] == 1 and out["refused"] == 0, out
+    await h.settle()
+    assert h.states()["late"] == "SUCCEEDED" and "late" in kube.cordoned()
+
+
+async def test_later_resets_move_or_lift_the_skip_cut_off(harness, kube):
+    h = await harness(safety={"fleet_cap": {"max_nodes": 10, "max_percent": 100}})
+    first = await _storm(h, kube, "skip-backlog")
+    cut1 = (await (await h.admin.get("/v1/breaker")).json())["skip_before"]
+    assert cut1 >= first
+    # A second skip-backlog reset (another storm) moves the cut-off: an alert begun between the two is refused.
+    r = await h.admin.post("/v1/breaker:reset", json={"mode": "skip-backlog", "reason": "second storm"})
+    cut2 = (await r.json())["skip_before"]
+    assert cut2 > cut1 and (await (await h.admin.get("/v1/breaker")).json())["skip_before"] == cut2
+    kube.add_node("between")
+    out = await (await h.post(notification(_late("between", (cut1 + cut2) / 2)))).json()
+    assert out["refused"] == 1 and "between" not in h.states(), out
+    # A resume reset lifts it: an alert begun before either reset acts.
+    assert (await h.admin.post("/v1/breaker:reset", json={"mode": "resume"})).status == 200
+    assert (await (await h.admin.get("/v1/breaker")).json())["skip_before"] is None
+    kube.add_node("old")
+    out = await (await h.post(notification(_late("old", cut1 - 60)))).json()
+    assert out["accepted"] == 1, out
+    await h.settle()
+    assert h.states()["old"] == "SUCCEEDED" and "between" not in kube.cordoned()
+
+
+async def test_skip_cut_off_survives_a_restart(harness, kube):
+    h = await harness()
+    await _storm(h, kube, "skip-backlog")
+    cut = (await (await h.admin.get("/v1/breaker")).json())["skip_before"]
+    await h.engine.stop()
+    h.journal.close()
+    h2 = await harness()  # the same journal file
+    assert (await (await h2.admin.get("/v1/breaker")).json())["skip_before"] == cut
+    kube.add_node("late")
+    out = await (await h2.post(notification(_late("late", cut - 30)))).json()
+    assert out["refused"] == 1 and out["accepted"] == 0, out
+    await h2.settle()
+    assert "late" not in h2.states() and kube.calls(mutating=True) == []
+    assert h2.sql("SELECT decision FROM occurrence WHERE node='late'") == [("refused",)]
+    kube.add_node("after")
+    out = await (await h2.post(notification(_late("after", cut + 1)))).json()
+    assert out["accepted"] == 1, out
+    await h2.settle()
+    assert kube.cordoned() == ["after"]
 
 
 async def test_policy_shows_the_effective_policy(harness, kube):
