@@ -3,7 +3,7 @@ provider calls with error accounting, dry-run records and the node boot-id check
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import ConfigError, KubeApiError
@@ -50,6 +50,20 @@ async def call(ctx: ActionContext, provider: str, action: str, verb: str, fn: An
     result: ProviderResult = await fn(ref, ctx.remediation_id, ctx.reason)
     record(ctx, provider, verb, ref.describe(), True, result.operation or "ok")
     return result
+
+
+async def provider_step(ctx: ActionContext, using: str, action: str, verb: str, provider: Any,
+                        would: Callable[[Any], str]) -> ProviderResult | StepResult:
+    """Resolve the node at `provider` and, unless dry-run, call its `verb`. Returns the ProviderResult, or a
+    StepResult to hand back as it is: the dry-run's `would(ref)`, or a provider error journaled and counted."""
+    try:
+        ref = await provider.resolve(ctx.node)
+        if ctx.dry_run:
+            record(ctx, using, verb, ref.describe(), False)
+            return StepResult(Outcome.DRY_RUN, would(ref))
+        return await call(ctx, using, action, verb, getattr(provider, verb), ref)
+    except ProviderError as exc:
+        return failed(ctx, using, action, exc)
 
 
 async def boot_id(ctx: ActionContext) -> str:

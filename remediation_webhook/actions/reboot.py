@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError, KubeApiError
 from ..executor import ANN_BOOT_ID, REBOOT_ARGV, job_name, job_spec, job_state, poll
-from ..providers import ProviderError, duration, only_keys, opt
-from ._provider_common import boot_id, call, choose, failed, pick, ready, record
+from ..providers import duration, only_keys, opt
+from ._provider_common import boot_id, choose, pick, provider_step, ready
 from .base import ActionContext, ActionDeps, Observation, Outcome, StepResult
 
 USING = ("executor", "aws", "gcp", "azure", "slurm")
@@ -76,14 +76,10 @@ class Reboot:
             provider = self.deps.providers.get(using)
             if provider is None:
                 return StepResult(Outcome.FAILURE, f"reboot: providers.{using} is not configured")
-            try:
-                ref = await provider.resolve(ctx.node)
-                if ctx.dry_run:
-                    record(ctx, using, "reboot", ref.describe(), False)
-                    return StepResult(Outcome.DRY_RUN, f"would reboot {ref.describe()}")
-                result = await call(ctx, using, self.name, "reboot", provider.reboot, ref)
-            except ProviderError as exc:
-                return failed(ctx, using, self.name, exc)
+            result = await provider_step(ctx, using, self.name, "reboot", provider,
+                                         lambda ref: f"would reboot {ref.describe()}")
+            if isinstance(result, StepResult):
+                return result
             how = result.detail
         if not before:
             return StepResult(Outcome.SUCCESS, f"{how}; no boot id to verify against")
@@ -106,15 +102,10 @@ class Reboot:
                                            f"{self.verify_timeout:.0f}s")
 
     async def _slurm(self, ctx: ActionContext) -> StepResult:
-        slurm = self.deps.providers["slurm"]
-        try:
-            ref = await slurm.resolve(ctx.node)
-            if ctx.dry_run:
-                record(ctx, "slurm", "reboot", ref.describe(), False)
-                return StepResult(Outcome.DRY_RUN, f"would run scontrol reboot ASAP for {ref.instance_id}")
-            result = await call(ctx, "slurm", self.name, "reboot", slurm.reboot, ref)
-        except ProviderError as exc:
-            return failed(ctx, "slurm", self.name, exc)
+        result = await provider_step(ctx, "slurm", self.name, "reboot", self.deps.providers["slurm"],
+                                     lambda ref: f"would run scontrol reboot ASAP for {ref.instance_id}")
+        if isinstance(result, StepResult):
+            return result
         return StepResult(Outcome.SUCCESS, result.detail)
 
     async def observe(self, ctx: ActionContext) -> Observation:

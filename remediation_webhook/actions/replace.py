@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..providers import ProviderError, only_keys, opt
-from ._provider_common import call, choose, failed, pick, record
+from ._provider_common import choose, pick, provider_step
 from .base import ActionContext, ActionDeps, Observation, Outcome, StepResult
 
 USING = ("aws", "gcp", "azure", "karpenter", "cluster_api", "human")
@@ -63,14 +63,10 @@ class Replace:
         if provider is None:
             return StepResult(Outcome.FAILURE, f"replace: providers.{using} is not configured for node "
                                                f"{ctx.node.name} ({ctx.node.provider_id or 'no providerID'})")
-        try:
-            ref = await provider.resolve(ctx.node)
-            if ctx.dry_run:
-                record(ctx, using, "replace", ref.describe(), False)
-                return StepResult(Outcome.DRY_RUN, f"would replace {ref.describe()}")
-            result = await call(ctx, using, self.name, "replace", provider.replace, ref)
-        except ProviderError as exc:
-            return failed(ctx, using, self.name, exc)
+        result = await provider_step(ctx, using, self.name, "replace", provider,
+                                     lambda ref: f"would replace {ref.describe()}")
+        if isinstance(result, StepResult):
+            return result
         if using == "human":
             ctx.note("human", self.name, "human_handoff")
             return StepResult(Outcome.SUCCESS, result.detail, needs_human=True)

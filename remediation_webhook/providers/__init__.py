@@ -120,6 +120,14 @@ def parse_provider_id(provider_id: str) -> InstanceRef | None:
     return None
 
 
+def ref_of_node(node: NodeIdentity, provider: str, shape: str) -> InstanceRef:
+    """The node's providerID as `provider`'s InstanceRef, or ProviderError(invalid) saying the `shape` expected."""
+    ref = parse_provider_id(node.provider_id) if node.provider_id else None
+    if ref is None or ref.provider != provider:
+        raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not {shape}")
+    return ref
+
+
 PROVIDER_OF_PREFIX = {"aws": "aws", "gce": "gcp", "azure": "azure"}
 
 

@@ -35,7 +35,7 @@ from . import (
     duration,
     only_keys,
     opt,
-    parse_provider_id,
+    ref_of_node,
     with_backoff,
 )
 
@@ -188,10 +188,7 @@ class AwsProvider:
 
     async def resolve(self, node: NodeIdentity) -> InstanceRef:
         if node.provider_id:
-            ref = parse_provider_id(node.provider_id)
-            if ref is None or ref.provider != "aws":
-                raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not AWS")
-            return ref
+            return ref_of_node(node, "aws", "AWS")
         if self.lookup != "private-dns-name":
             raise ProviderError("invalid", f"node {node.name} has no providerID; set providers.aws.lookup: "
                                            f"private-dns-name to look it up by its private DNS name")

@@ -49,7 +49,7 @@ from . import (
     duration,
     only_keys,
     opt,
-    parse_provider_id,
+    ref_of_node,
 )
 
 IAM_FILE = "deploy/iam/azure-role-definition.json"
@@ -232,10 +232,7 @@ class AzureProvider:
     # ------------------------------------------------------------------------------------------ verbs
 
     async def resolve(self, node: NodeIdentity) -> InstanceRef:
-        ref = parse_provider_id(node.provider_id) if node.provider_id else None
-        if ref is None or ref.provider != "azure":
-            raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not an "
-                                           f"Azure VM scale set VM")
+        ref = ref_of_node(node, "azure", "an Azure VM scale set VM")
         # AKS names a machine after its node, and labels the node with its agent pool.
         extra = {"machine": node.name, "pool": str(node.labels.get(AKS_POOL_LABEL, ""))}
         return InstanceRef(ref.provider, ref.instance_id, zone=ref.zone, project=ref.project,

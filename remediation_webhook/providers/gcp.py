@@ -48,7 +48,7 @@ from . import (
     duration,
     only_keys,
     opt,
-    parse_provider_id,
+    ref_of_node,
     with_backoff,
 )
 
@@ -306,11 +306,7 @@ class GcpProvider:
     # ------------------------------------------------------------------------------------------ verbs
 
     async def resolve(self, node: NodeIdentity) -> InstanceRef:
-        ref = parse_provider_id(node.provider_id) if node.provider_id else None
-        if ref is None or ref.provider != "gcp":
-            raise ProviderError("invalid", f"node {node.name}: providerID {node.provider_id[:200]!r} is not "
-                                           f"gce://<project>/<zone>/<name>")
-        return ref
+        return ref_of_node(node, "gcp", "gce://<project>/<zone>/<name>")
 
     def _check(self, ref: InstanceRef) -> None:
         if ref.provider != "gcp" or not (GCE_PROJECT.fullmatch(ref.project) and GCE_ZONE.fullmatch(ref.zone)
