@@ -2,71 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("moto")
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("boto3")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tests.providers.fakes.aws_proxy import ACCESS_DENIED, THROTTLING, AwsProxy, capacity_failure
+from tests.providers.fakes.aws_proxy import ACCESS_DENIED, THROTTLING, capacity_failure
 from tests.providers.fakes.support import (
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
+    aws_cfg,
     base_config,
     close_harness,
     make_harness,
     notification,
+    replace_config,
 )
 
 from remediation_webhook.inventory.base import NodeIdentity
 from remediation_webhook.providers import ProviderError
 from remediation_webhook.providers.aws import AwsProvider
-
-KW = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-
-
-@pytest.fixture(scope="module", name="moto_url")
-def _moto():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-
-
-@pytest.fixture(name="aws")
-def _aws(moto_url):
-    import requests
-
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
-    proxy = AwsProxy(moto_url)
-    ec2 = boto3.client("ec2", endpoint_url=moto_url, **KW)
-    asg = boto3.client("autoscaling", endpoint_url=moto_url, **KW)
-    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    lt = ec2.create_launch_template(LaunchTemplateName="gpu", LaunchTemplateData={
-        "ImageId": ami, "InstanceType": "p5.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
-    asg.create_auto_scaling_group(AutoScalingGroupName="gpu-asg", MinSize=0, MaxSize=5, DesiredCapacity=3,
-                                  LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"],
-                                  Tags=[{"Key": "remediation-fleet", "Value": "gpu", "PropagateAtLaunch": True}])
-    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups(
-        AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]["Instances"]]
-    yield type("Aws", (), {"proxy": proxy, "ec2": ec2, "asg": asg, "ids": ids, "url": proxy.url})
-    proxy.close()
-
-
-def provider_cfg(aws, **extra):
-    return {"region": "us-east-1", "endpoint_url": aws.url, "access_key_id": "testing",
-            "secret_access_key": "testing", "poll_interval": "50ms", "replacement_timeout": "10s",
-            "retry_base": "10ms", "max_attempts": 4, **extra}
 
 
 def group(aws):
@@ -78,24 +34,12 @@ def tags(aws, iid):
     return {t["Key"]: t["Value"] for t in res.get("Tags", [])}, res["State"]["Name"]
 
 
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
-
-
 async def test_replace_through_the_webhook_ladder(tmp_path, kube, aws):
     """remediation=reboot under a "replace, don't repair" rule: cordon -> drain -> replace in the ASG."""
     victim = aws.ids[0]
     kube.add_node("gpu-a", provider_id=f"aws:///us-east-1a/{victim}")
     kube.add_pod("kube-system", "dcgm-a", "gpu-a", daemonset=True)
-    raw = base_config(tmp_path, kube.url, providers={"aws": provider_cfg(aws)},
-                      policy={"dry_run": False, "rules": [{
-                          "name": "replace-dont-repair", "match_re": {"alertname": "GPU.*"},
-                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
-                          "requires_approval": []}]},
-                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "aws"}})
+    raw = replace_config(tmp_path, kube.url, "aws", aws_cfg(aws), rule="replace-dont-repair")
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
         payload = notification(alert("gpu-a", remediation="reboot"))
@@ -133,7 +77,7 @@ def test_replace_requires_approval_by_default(tmp_path):
 
 
 async def test_throttling_then_success(aws):
-    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    p = AwsProvider.from_config(aws_cfg(aws), "providers.aws")
     aws.proxy.script["TerminateInstanceInAutoScalingGroup"] = [THROTTLING, THROTTLING]
     aws.proxy.script["DescribeAutoScalingInstances"] = [THROTTLING]
     node = NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[1]}")
@@ -144,7 +88,7 @@ async def test_throttling_then_success(aws):
 
 
 async def test_capacity_failure_is_reported(aws):
-    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    p = AwsProvider.from_config(aws_cfg(aws), "providers.aws")
     aws.proxy.script["DescribeScalingActivities"] = [capacity_failure("gpu-asg")]
     node = NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[2]}")
     with pytest.raises(ProviderError) as err:
@@ -153,7 +97,7 @@ async def test_capacity_failure_is_reported(aws):
 
 
 async def test_auth_error_not_found_and_no_asg(aws):
-    p = AwsProvider.from_config(provider_cfg(aws, max_attempts=1), "providers.aws")
+    p = AwsProvider.from_config(aws_cfg(aws, max_attempts=1), "providers.aws")
     aws.proxy.script["TerminateInstanceInAutoScalingGroup"] = [ACCESS_DENIED]
     ref = await p.resolve(NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[0]}"))
     with pytest.raises(ProviderError) as err:
@@ -172,7 +116,7 @@ async def test_auth_error_not_found_and_no_asg(aws):
 
 
 async def test_reboot_and_hostile_ids(aws):
-    p = AwsProvider.from_config(provider_cfg(aws), "providers.aws")
+    p = AwsProvider.from_config(aws_cfg(aws), "providers.aws")
     ref = await p.resolve(NodeIdentity("n", "u", provider_id=f"aws:///us-east-1a/{aws.ids[0]}"))
     result = await p.reboot(ref, "rid-5", "test")
     assert not result.new_host and "RebootInstances" in result.detail

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from tests.providers.fakes.support import (
+    UUID,
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
     base_config,
     close_harness,
+    finish_job,
+    gpu_node,
+    job,
     make_harness,
     notification,
+    patch_status,
+    rid_of,
 )
 
 from remediation_webhook.executor import job_name
-
-UUID = "GPU-11111111-2222-3333-4444-555555555555"
-JOBS = "/apis/batch/v1/namespaces/gpu-health/jobs"
-
-
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
 
 
 def config(tmp_path, kube, ladder, **actions):
@@ -39,42 +30,6 @@ def config(tmp_path, kube, ladder, **actions):
                        policy={"dry_run": False, "rules": [{"name": "gpu", "match_re": {"alertname": "GPU.*"},
                                                             "ladder": ladder}]},
                        actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, **actions})
-
-
-def gpu_node(kube, name, allocatable="7", boot="boot-1"):
-    kube.add_node(name)
-    kube.add_pod("kube-system", f"dcgm-exporter-{name}", name, daemonset=True)  # stays; declares pods in kmock
-    patch_status(kube, name, {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": allocatable},
-                              "nodeInfo": {"bootID": boot},
-                              "conditions": [{"type": "Ready", "status": "True"}]})
-
-
-def patch_status(kube, name, status):
-    r = kube.http.patch(f"{kube.url}/api/v1/nodes/{name}", json={"status": status},
-                        headers={"Content-Type": "application/merge-patch+json", **wc_ua()}, timeout=5)
-    assert r.status_code < 300, r.text
-
-
-def wc_ua():
-    return {"User-Agent": "webhook-test-setup"}
-
-
-def job(kube, name):
-    r = kube.http.get(f"{kube.url}{JOBS}/{name}", headers=wc_ua(), timeout=5)
-    return r.json() if r.status_code == 200 else None
-
-
-def finish_job(kube, name, ok=True, message=""):
-    status = ({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]} if ok else
-              {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                                            "message": message}]})
-    r = kube.http.patch(f"{kube.url}{JOBS}/{name}", json={"status": status},
-                        headers={"Content-Type": "application/merge-patch+json", **wc_ua()}, timeout=5)
-    assert r.status_code < 300, r.text
-
-
-async def rid_of(h, node):
-    return (await await_for(lambda: h.sql("SELECT id FROM remediation WHERE node=?", node), what="remediation"))[0][0]
 
 
 async def test_reset_gpu_job_spec_success_and_verification(tmp_path, kube):

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("google.cloud.compute_v1")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fakes.gcp_compute import FORBIDDEN, RATE_LIMITED, UNAVAILABLE, GcpFake
-from fakes.support import (
+from tests.providers.fakes.gcp_compute import FORBIDDEN, RATE_LIMITED, UNAVAILABLE, GcpFake
+from tests.providers.fakes.support import (
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
     base_config,
     close_harness,
     make_harness,
     notification,
+    replace_config,
 )
 
 from remediation_webhook.errors import ConfigError
@@ -329,22 +327,10 @@ def test_config_errors_name_keys(tmp_path):
         build_config(raw, base=tmp_path)
 
 
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
-
-
 async def test_replace_through_the_webhook(tmp_path, kube, gcp):
     kube.add_node("gpu-a", provider_id=PID.format("gpu-1"))
     kube.add_pod("kube-system", "dcgm-a", "gpu-a", daemonset=True)
-    raw = base_config(tmp_path, kube.url, providers={"gcp": cfg(gcp)},
-                      policy={"dry_run": False, "rules": [{
-                          "name": "replace", "match_re": {"alertname": "GPU.*"},
-                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
-                          "requires_approval": []}]},
-                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "gcp"}})
+    raw = replace_config(tmp_path, kube.url, "gcp", cfg(gcp))
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
         assert (await h.post(notification(alert("gpu-a", remediation="reboot")))).status == 200
@@ -360,12 +346,7 @@ async def test_auth_failure_through_the_webhook_is_journaled(tmp_path, kube, gcp
     kube.add_node("gpu-b", provider_id=PID.format("gpu-2"))
     kube.add_pod("kube-system", "dcgm-b", "gpu-b", daemonset=True)
     gcp.script["recreateInstances"] = [FORBIDDEN]
-    raw = base_config(tmp_path, kube.url, providers={"gcp": cfg(gcp)},
-                      policy={"dry_run": False, "rules": [{
-                          "name": "replace", "match_re": {"alertname": "GPU.*"},
-                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
-                          "requires_approval": []}]},
-                      actions={"drain": {"poll_interval": "20ms", "timeout": "5s"}, "replace": {"using": "gcp"}})
+    raw = replace_config(tmp_path, kube.url, "gcp", cfg(gcp))
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
         assert (await h.post(notification(alert("gpu-b", remediation="reboot")))).status == 200

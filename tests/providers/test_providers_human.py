@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).parent))
 from tests.providers.fakes.support import (
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
     base_config,
@@ -19,13 +13,6 @@ from tests.providers.fakes.support import (
     make_harness,
     notification,
 )
-
-
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
 
 
 async def test_bare_metal_replace_opens_a_record(tmp_path, kube):

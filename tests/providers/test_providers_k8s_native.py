@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import kmock
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fakes.support import (
+from tests.providers.fakes.support import (
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
     base_config,
     close_harness,
     make_harness,
     notification,
+    replace_config,
 )
 
 from remediation_webhook.actions.base import Observation
@@ -32,13 +28,6 @@ from remediation_webhook.providers.k8s_native import (
 
 NODECLAIMS = kmock.resource("karpenter.sh", "v1", "nodeclaims")
 MACHINES = kmock.resource("cluster.x-k8s.io", "v1beta1", "machines")
-
-
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
 
 
 def post(kube, path, body):
@@ -189,12 +178,7 @@ def test_config_needs_kubernetes(tmp_path):
 async def test_replace_using_karpenter_through_the_webhook(tmp_path, kube):
     karpenter_node(kube, node="gpu-w", claim="gpu-pool-wxyz1")
     kube.add_pod("kube-system", "dcgm-w", "gpu-w", daemonset=True)
-    raw = base_config(tmp_path, kube.url, providers={"karpenter": {"poll_interval": "20ms", "timeout": "5s"}},
-                      policy={"dry_run": False, "rules": [{
-                          "name": "replace", "match_re": {"alertname": "GPU.*"},
-                          "ladder": ["cordon", "drain", "replace"], "remediation_map": {"reboot": "replace"},
-                          "requires_approval": []}]},
-                      actions={"replace": {"using": "karpenter"}})
+    raw = replace_config(tmp_path, kube.url, "karpenter", {"poll_interval": "20ms", "timeout": "5s"}, drain=False)
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
         assert (await h.post(notification(alert("gpu-w", remediation="reboot")))).status == 200

@@ -11,98 +11,39 @@ human. Every test counts the mutating calls the fakes saw, so a repeated side ef
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import gc
-import ipaddress
 import json
-import logging
-import os
 import sqlite3
 import time
-import warnings
-from pathlib import Path
 
 import pytest
 
 from remediation_webhook.executor import job_name
 from tests.providers.fakes.support import (
+    AZURE_SUB,
+    JOBS,
+    SETUP_UA,
+    UUID,
     FakeAlertmanager,
-    KubeFake,
     alert,
     await_for,
+    aws_cfg,
+    azure_credential,
+    azure_provider,
     base_config,
     close_harness,
+    finish_job,
+    gpu_node,
+    job,
     make_harness,
     notification,
+    patch_status,
+    rid_of,
 )
 
-FAKES = Path(__file__).parent / "fakes"
-UUID = "GPU-11111111-2222-3333-4444-555555555555"
-JOBS = "/apis/batch/v1/namespaces/gpu-health/jobs"
 NODECLAIMS = "/apis/karpenter.sh/v1/nodeclaims"
-KW = {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 RECONCILED_DONE = "reconciled after a restart: already done"
-SUB = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
-AZURE_PID = (f"azure:///subscriptions/{SUB}/resourceGroups/gpu-rg/providers/Microsoft.Compute/"
+AZURE_PID = (f"azure:///subscriptions/{AZURE_SUB}/resourceGroups/gpu-rg/providers/Microsoft.Compute/"
              f"virtualMachineScaleSets/gpu-vmss/virtualMachines/{{}}")
-SETUP = {"User-Agent": "webhook-test-setup"}
-
-
-# ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(name="kube")
-def _kube():
-    fake = KubeFake()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture(scope="module", name="moto_url")
-def _moto():
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-
-
-@pytest.fixture(name="aws")
-def _aws(moto_url):
-    """A 3-instance ASG in moto, behind the recording proxy (aws.proxy.seen lists every API action called)."""
-    boto3 = pytest.importorskip("boto3")
-    import requests
-
-    from tests.providers.fakes.aws_proxy import AwsProxy
-
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
-    proxy = AwsProxy(moto_url)
-    ec2 = boto3.client("ec2", endpoint_url=moto_url, **KW)
-    asg = boto3.client("autoscaling", endpoint_url=moto_url, **KW)
-    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    lt = ec2.create_launch_template(LaunchTemplateName="gpu", LaunchTemplateData={
-        "ImageId": ami, "InstanceType": "p5.48xlarge"})["LaunchTemplate"]["LaunchTemplateId"]
-    asg.create_auto_scaling_group(AutoScalingGroupName="gpu-asg", MinSize=0, MaxSize=5, DesiredCapacity=3,
-                                  LaunchTemplate={"LaunchTemplateId": lt}, AvailabilityZones=["us-east-1a"],
-                                  Tags=[{"Key": "remediation-fleet", "Value": "gpu", "PropagateAtLaunch": True}])
-    ids = [i["InstanceId"] for i in asg.describe_auto_scaling_groups(
-        AutoScalingGroupNames=["gpu-asg"])["AutoScalingGroups"][0]["Instances"]]
-    yield type("Aws", (), {"proxy": proxy, "ec2": ec2, "asg": asg, "ids": ids, "url": proxy.url})
-    proxy.close()
-
-
-@pytest.fixture(name="slurm_env")
-def _slurm_env(tmp_path, monkeypatch):
-    """The fake scontrol first on PATH; returns a function listing the argv of every call it got."""
-    log = tmp_path / "scontrol.log"
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SCONTROL_LOG", str(log))
-    monkeypatch.setenv("SCONTROL_NODES", "gpu001,gpu002")
-    return lambda: [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -121,35 +62,9 @@ def config(tmp_path, kube_url, ladder, *, dry_run=False, providers=None, **actio
     return raw
 
 
-def aws_cfg(aws):
-    return {"region": "us-east-1", "endpoint_url": aws.url, "access_key_id": "testing",
-            "secret_access_key": "testing", "poll_interval": "50ms", "replacement_timeout": "20s",
-            "retry_base": "10ms", "max_attempts": 4}
-
-
-def gpu_node(kube, name, *, provider_id=None, boot="boot-1"):
-    kube.add_node(name, provider_id=provider_id)
-    kube.add_pod("kube-system", f"dcgm-exporter-{name}", name, daemonset=True)  # stays; declares pods in kmock
-    patch_status(kube, name, {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "7"},
-                              "nodeInfo": {"bootID": boot}, "conditions": [{"type": "Ready", "status": "True"}]})
-
-
-def patch_status(kube, name, status):
-    r = kube.http.patch(f"{kube.url}/api/v1/nodes/{name}", json={"status": status},
-                        headers={"Content-Type": "application/merge-patch+json", **SETUP}, timeout=5)
-    assert r.status_code < 300, r.text
-
-
-def job(kube, name):
-    r = kube.http.get(f"{kube.url}{JOBS}/{name}", headers=SETUP, timeout=5)
-    return r.json() if r.status_code == 200 else None
-
-
-def finish_job(kube, name):
-    r = kube.http.patch(f"{kube.url}{JOBS}/{name}",
-                        json={"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
-                        headers={"Content-Type": "application/merge-patch+json", **SETUP}, timeout=5)
-    assert r.status_code < 300, r.text
+def aws_providers(aws):
+    """providers: for the `aws` fixture (a replacement may take 20s here)."""
+    return {"aws": aws_cfg(aws, replacement_timeout="20s")}
 
 
 def job_posts(kube):
@@ -165,13 +80,13 @@ def karpenter_node(kube, node, claim):
                            "ownerReferences": [{"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "name": claim,
                                                 "uid": "c1", "blockOwnerDeletion": True}]},
                            "spec": {"providerID": "aws:///us-east-1a/i-0123456789abcdef0"}})):
-        r = kube.http.post(f"{kube.url}{path}", json=body, headers=SETUP, timeout=5)
+        r = kube.http.post(f"{kube.url}{path}", json=body, headers=SETUP_UA, timeout=5)
         assert r.status_code < 300, r.text
     kube.add_pod("kube-system", f"dcgm-{node}", node, daemonset=True)
 
 
 def claim_exists(kube, claim):
-    return kube.http.get(f"{kube.url}{NODECLAIMS}/{claim}", headers=SETUP, timeout=5).status_code == 200
+    return kube.http.get(f"{kube.url}{NODECLAIMS}/{claim}", headers=SETUP_UA, timeout=5).status_code == 200
 
 
 def instance(aws, iid):
@@ -180,10 +95,6 @@ def instance(aws, iid):
     rows = aws.asg.describe_auto_scaling_instances(InstanceIds=[iid])["AutoScalingInstances"]
     return ({t["Key"]: t["Value"] for t in res.get("Tags", [])}, res["State"]["Name"],
             rows[0]["LifecycleState"] if rows else None)
-
-
-async def rid_of(h, node):
-    return (await await_for(lambda: h.sql("SELECT id FROM remediation WHERE node=?", node), what="remediation"))[0][0]
 
 
 def steps(h, rid):
@@ -286,7 +197,7 @@ async def test_dry_run_reboot_by_aws_calls_no_aws_api(tmp_path, kube, aws):
     victim = aws.ids[0]
     gpu_node(kube, "gpu-d3", provider_id=f"aws:///us-east-1a/{victim}")
     h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "reboot"], dry_run=True,
-                                  providers={"aws": aws_cfg(aws)},
+                                  providers=aws_providers(aws),
                                   reboot={"using": "aws", "verify_timeout": "5s", "verify_interval": "20ms"}),
                            tmp_path, kube.url, FakeAlertmanager())
     try:
@@ -325,7 +236,7 @@ async def test_dry_run_replace_by_aws_terminates_nothing(tmp_path, kube, aws):
     victim = aws.ids[1]
     gpu_node(kube, "gpu-d4", provider_id=f"aws:///us-east-1a/{victim}")
     h = await make_harness(config(tmp_path, kube.url, ["cordon", "drain", "replace"], dry_run=True,
-                                  providers={"aws": aws_cfg(aws)}, replace={"using": "aws"}),
+                                  providers=aws_providers(aws), replace={"using": "aws"}),
                            tmp_path, kube.url, FakeAlertmanager())
     try:
         await h.post(notification(alert("gpu-d4", remediation="reboot")))
@@ -461,7 +372,7 @@ async def test_crash_reboot_by_executor_before_the_boot_adopts_the_job(tmp_path,
 async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_path, kube, aws):
     victim = aws.ids[0]
     gpu_node(kube, "gpu-c4", provider_id=f"aws:///us-east-1a/{victim}", boot="boot-1")
-    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"], providers={"aws": aws_cfg(aws)},
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"], providers=aws_providers(aws),
                  reboot={"using": "aws", "verify_timeout": "30s", "verify_interval": "20ms"})
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     await h.post(notification(alert("gpu-c4", remediation="reboot")))
@@ -485,7 +396,7 @@ async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_p
 async def test_crash_replace_by_aws_after_the_terminate_is_done(tmp_path, kube, aws):
     victim = aws.ids[0]
     gpu_node(kube, "gpu-c5", provider_id=f"aws:///us-east-1a/{victim}")
-    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers={"aws": aws_cfg(aws)},
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers=aws_providers(aws),
                  replace={"using": "aws"})
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     provider = h.engine.actions["replace"].deps.providers["aws"]
@@ -509,7 +420,7 @@ async def test_crash_replace_by_aws_after_the_terminate_is_done(tmp_path, kube, 
 async def test_crash_replace_by_aws_before_the_terminate_is_re_run(tmp_path, kube, aws):
     victim = aws.ids[1]
     gpu_node(kube, "gpu-c6", provider_id=f"aws:///us-east-1a/{victim}")
-    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers={"aws": aws_cfg(aws)},
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], providers=aws_providers(aws),
                  replace={"using": "aws"})
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     provider = h.engine.actions["replace"].deps.providers["aws"]
@@ -568,7 +479,7 @@ async def test_crash_replace_by_karpenter_with_the_nodeclaim_gone_is_done(tmp_pa
 
 async def test_crash_replace_by_cluster_api_with_machine_and_node_gone_is_done(tmp_path, kube):
     machines = "/apis/cluster.x-k8s.io/v1beta1/namespaces/capi-system/machines"
-    r = kube.http.post(f"{kube.url}{machines}", headers=SETUP, timeout=5, json={
+    r = kube.http.post(f"{kube.url}{machines}", headers=SETUP_UA, timeout=5, json={
         "apiVersion": "cluster.x-k8s.io/v1beta1", "kind": "Machine", "metadata": {
             "name": "md-gpu-c9", "namespace": "capi-system", "ownerReferences": [{
                 "apiVersion": "cluster.x-k8s.io/v1beta1", "kind": "MachineSet", "name": "md-gpu", "uid": "ms1",
@@ -577,7 +488,7 @@ async def test_crash_replace_by_cluster_api_with_machine_and_node_gone_is_done(t
     gpu_node(kube, "gpu-c9")
     r = kube.http.patch(f"{kube.url}/api/v1/nodes/gpu-c9", timeout=5, json={"metadata": {"annotations": {
         "cluster.x-k8s.io/machine": "md-gpu-c9", "cluster.x-k8s.io/cluster-namespace": "capi-system"}}},
-                        headers={"Content-Type": "application/merge-patch+json", **SETUP})
+                        headers={"Content-Type": "application/merge-patch+json", **SETUP_UA})
     assert r.status_code < 300, r.text
     raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"],
                  providers={"cluster_api": {"poll_interval": "20ms", "timeout": "5s"}},
@@ -597,7 +508,7 @@ async def test_crash_replace_by_cluster_api_with_machine_and_node_gone_is_done(t
     rid = await rid_of(h, "gpu-c9")
     await asyncio.wait_for(waiting.reached.wait(), 20)
     await crash(h, tmp_path, "replace")
-    assert kube.http.get(f"{kube.url}{machines}/md-gpu-c9", headers=SETUP, timeout=5).status_code == 404
+    assert kube.http.get(f"{kube.url}{machines}/md-gpu-c9", headers=SETUP_UA, timeout=5).status_code == 404
     kube.delete_node("gpu-c9")  # Cluster API deletes the Node of a deleted Machine
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
@@ -613,60 +524,9 @@ async def test_crash_replace_by_cluster_api_with_machine_and_node_gone_is_done(t
 # ------------------------------------------------------------------------------------------------ Azure
 
 
-class StaticToken:
-    def get_token(self, *scopes, **kwargs):
-        from azure.core.credentials import AccessToken
-
-        return AccessToken("good-token", int(time.time()) + 3600)
-
-
-@pytest.fixture(scope="module", name="tls")
-def _tls(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1: (cert file = CA file, key file)."""
-    pytest.importorskip("azure.mgmt.compute")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    d = tmp_path_factory.mktemp("azure-tls-reconcile")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return str(d / "cert.pem"), str(d / "key.pem")
-
-
-@pytest.fixture(name="az")
-def _az(tls):
-    from tests.providers.fakes.azure_compute import AzureFake
-
-    fake = AzureFake(*tls, subscription=SUB)
-    fake.add_scale_set("gpu-rg", "gpu-vmss", instances=3)
-    fake.providers = []
-    yield fake
-    for p in fake.providers:
-        p.close()
-    fake.close()
-    with warnings.catch_warnings():  # see test_providers_azure.py: urllib3 drops TLS sockets on error answers
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
-def azure_provider(az, h):
-    p = h.engine.actions["replace"].deps.providers["azure"]
-    p.credential = StaticToken()
-    az.providers.append(p)
-    return p
+def adopt_azure(az, h):
+    """The replace action's AzureProvider in harness `h`, with a token, closed by the `az` fixture."""
+    return azure_credential(az, h.engine.actions["replace"].deps.providers["azure"])
 
 
 async def test_crash_replace_by_azure_redeploy_goes_to_a_human_without_a_second_redeploy(tmp_path, kube, az, tls):
@@ -675,7 +535,7 @@ async def test_crash_replace_by_azure_redeploy_goes_to_a_human_without_a_second_
                  providers={"azure": {"base_url": az.url, "ca_file": tls[0], "polling_interval": "10ms",
                                       "max_attempts": 2, "operation_timeout": "10s", "replace_mode": "redeploy"}})
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
-    provider = azure_provider(az, h)
+    provider = adopt_azure(az, h)
     provider.lro = sent = Hang(before=provider.lro)  # the redeploy runs to the end; the process dies after it
     await h.post(notification(alert("gpu-c8", remediation="reboot")))
     rid = await rid_of(h, "gpu-c8")
@@ -683,7 +543,7 @@ async def test_crash_replace_by_azure_redeploy_goes_to_a_human_without_a_second_
     await crash(h, tmp_path, "replace")
     assert az.verbs().count("redeploy") == 1
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
-    azure_provider(az, h)
+    adopt_azure(az, h)
     try:
         await await_for(lambda: h.states().get("gpu-c8") == "NEEDS_HUMAN", what="needs human")
         await h.settle()
@@ -710,12 +570,8 @@ async def test_replace_observe_by_azure_mode(kube, az, tls, mode, expected):
         RecordingKube,
     )
     from remediation_webhook.models import Target
-    from remediation_webhook.providers.azure import AzureProvider
 
-    p = AzureProvider.from_config({"base_url": az.url, "ca_file": tls[0], "replace_mode": mode,
-                                   "polling_interval": "10ms", "max_attempts": 2}, "providers.azure")
-    p.credential = StaticToken()
-    az.providers.append(p)
+    p = azure_provider(az, tls, replace_mode=mode, max_attempts=2)
     api = KubernetesApi(KubernetesSettings(host=kube.url, request_timeout=5))
     try:
         node = NodeIdentity("gpu-az", "uid", provider_id=AZURE_PID.format(2))

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 
 from remediation_webhook.inventory.base import NodeIdentity
 from remediation_webhook.providers import InstanceRef, ProviderError
 from remediation_webhook.providers.slurm import SlurmProvider
 
-FAKES = Path(__file__).parent / "fakes"
-
 
 @pytest.fixture(name="slurm")
-def _slurm(tmp_path, monkeypatch):
-    log = tmp_path / "argv.log"
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SCONTROL_LOG", str(log))
-    monkeypatch.setenv("SCONTROL_NODES", "gpu001,gpu002")
+def _slurm(slurm_env):
+    """A SlurmProvider over the fake scontrol (conftest's slurm_env); `calls()` lists the argv of every call."""
     provider = SlurmProvider.from_config({"timeout": "10s"}, "providers.slurm")
-    provider.calls = lambda: [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []  # type: ignore[attr-defined]
+    provider.calls = slurm_env  # type: ignore[attr-defined]
     return provider
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,7 @@ from remediation_webhook.errors import ConfigError
 from remediation_webhook.inventory.base import NodeIdentity
 from remediation_webhook.providers import InstanceRef, ProviderError, build_providers
 from remediation_webhook.providers.slurm import SlurmProvider
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fakes.slurmrestd import (
+from tests.providers.fakes.slurmrestd import (
     ACCESS_DENIED,
     CTLD_DOWN,
     RATE_LIMITED,

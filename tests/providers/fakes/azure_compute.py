@@ -35,13 +35,12 @@ capacity), as AKS does. Verbs for `script` and `op_errors`: "get_cluster", "get_
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
-import ssl
-import threading
-import urllib.parse
+from email.message import Message
 from typing import Any
+
+from tests.providers.fakes.support import HttpFake
 
 VMSS = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.Compute/"
                   r"virtualMachineScaleSets/([^/]+)(?:/virtualMachines/([^/]+))?(?:/([A-Za-z]+))?", re.IGNORECASE)
@@ -62,7 +61,9 @@ FORBIDDEN = arm_error(403, "AuthorizationFailed", "The client 'gpu-health' does 
                                                   "redeploy/action' over scope '/subscriptions/...'")
 
 
-class AzureFake:
+class AzureFake(HttpFake):
+    methods = ("GET", "POST", "PATCH", "DELETE", "PUT")
+
     def __init__(self, certfile: str, keyfile: str, *, subscription: str, token: str = "good-token") -> None:
         self.subscription = subscription
         self.token = token
@@ -76,50 +77,20 @@ class AzureFake:
         self.clusters: dict[tuple[str, str], dict[str, Any]] = {}
         self.pools: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.machines: dict[tuple[str, str, str, str], tuple[str, str, str]] = {}  # -> the VMSS VM key
-        self._lock = threading.Lock()
-        outer = self
+        self.serve("azure-fake", tls=(certfile, keyfile))
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-                if self.headers.get("Authorization") != f"Bearer {outer.token}":
-                    status, payload, headers = 401, {"error": {"code": "InvalidAuthenticationToken",
-                                                               "message": "The access token is invalid."}}, {}
-                else:
-                    with outer._lock:
-                        status, payload, headers = outer.handle(self.command, url.path, body)
-                data = json.dumps(payload).encode() if payload is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")  # no keep-alive sockets left for the GC to find
-                self.close_connection = True
-                self.send_header("x-ms-request-id", "req-1")
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(certfile, keyfile)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="azure-fake")
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, method: str, path: str, query: dict[str, str], headers: Message,
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        body = json.loads(raw) if raw else {}
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            status, payload, extra = 401, {"error": {"code": "InvalidAuthenticationToken",
+                                                     "message": "The access token is invalid."}}, {}
+        else:
+            status, payload, extra = self.handle(method, path, body)
+        extra = {"x-ms-request-id": "req-1", **extra}
+        if status == 429:
+            extra["Retry-After"] = "0"
+        return status, payload, extra
 
     def add_scale_set(self, rg: str, name: str, *, instances: int = 3, tags: dict[str, str] | None = None) -> None:
         self.scale_sets[(rg.lower(), name.lower())] = {

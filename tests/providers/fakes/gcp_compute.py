@@ -33,12 +33,12 @@ RUNNING again with a new id. `script[<verb>]` answers the next calls of a verb (
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
-import threading
-import urllib.parse
+from email.message import Message
 from typing import Any
+
+from tests.providers.fakes.support import HttpFake
 
 PATH = re.compile(r"/compute/v1/projects/([^/]+)/(zones|regions)/([^/]+)"
                   r"/(instances|instanceGroupManagers|operations)/([^/]+)(?:/([A-Za-z]+))?")
@@ -56,7 +56,7 @@ FORBIDDEN = error(403, "forbidden", "Required 'compute.instanceGroupManagers.upd
                                     "'projects/gpu-proj/zones/us-central1-a/instanceGroupManagers/gpu-mig'")
 
 
-class GcpFake:
+class GcpFake(HttpFake):
     def __init__(self, project: str = "gpu-proj", zone: str = "us-central1-a", mig: str = "gpu-mig",
                  regional_mig: str = "gpu-rmig") -> None:
         self.project, self.zone, self.mig = project, zone, mig
@@ -70,40 +70,12 @@ class GcpFake:
         self.script: dict[str, list[tuple[int, Any]]] = {}
         self.seen: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # (verb, name, query, body)
         self.paths: list[tuple[str, str]] = []  # (method, path), in step with seen
-        self._lock = threading.Lock()
         self._next_id = 1000
-        outer = self
+        self.serve("gcp-fake")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-                with outer._lock:
-                    status, payload = outer.handle(self.command, url.path, query, body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")  # no keep-alive sockets left for the GC to find
-                self.close_connection = True
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="gcp-fake")
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, method: str, path: str, query: dict[str, str], headers: Message,
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        return (*self.handle(method, path, query, json.loads(raw) if raw else {}), {})
 
     def add_instance(self, name: str, *, machine_type: str = "a3-highgpu-8g", in_mig: bool = True,
                      regional: bool = False, created_by: str | None = None, status: str = "RUNNING") -> None:

@@ -24,12 +24,13 @@ after the token check. `seen` records (method, path, headers, body) of every req
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
-import threading
 import urllib.parse
+from email.message import Message
 from typing import Any
+
+from tests.providers.fakes.support import HttpFake
 
 API = "v0.0.41"
 PATH = re.compile(r"/slurm/(v0\.0\.\d+)/node/([^/]+)")
@@ -60,7 +61,9 @@ RATE_LIMITED = (429, "Too Many Requests")
 UNAVAILABLE = (503, "Service Unavailable")
 
 
-class SlurmrestdFake:
+class SlurmrestdFake(HttpFake):
+    methods = ("GET", "POST", "DELETE")
+
     def __init__(self, token: str, nodes: tuple[str, ...] = ("gpu001", "gpu002")) -> None:
         self.token = token
         self.nodes: dict[str, dict[str, Any]] = {
@@ -69,46 +72,15 @@ class SlurmrestdFake:
             for n in nodes}
         self.script: dict[str, list[tuple[int, Any]]] = {}
         self.seen: list[tuple[str, str, dict[str, str], Any]] = []
-        self._lock = threading.Lock()
-        outer = self
+        self.serve("slurmrestd-fake", poll_interval=0.05)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode(errors="replace")
-                with outer._lock:
-                    status, payload = outer.handle(self.command, url.path, dict(self.headers.items()), body)
-                if isinstance(payload, str):
-                    data, mime = payload.encode(), "text/plain"
-                else:
-                    data, mime = json.dumps(payload).encode(), "application/json"
-                self.send_response(status)
-                self.send_header("Content-Type", mime)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.close_connection = True
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                                        name="slurmrestd-fake")
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, method: str, path: str, query: dict[str, str], headers: Message,
+                raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        return (*self.handle(method, path, dict(headers.items()), body), {})
 
     def requests(self, method: str | None = None) -> list[tuple[str, str, dict[str, str], Any]]:
         return [r for r in self.seen if method is None or r[0] == method]
