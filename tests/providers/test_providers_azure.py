@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("azure.mgmt.compute")
 
-from tests.providers.fakes.azure_compute import FORBIDDEN, THROTTLED
+from tests.providers.fakes.azure_compute import FORBIDDEN, THROTTLED, UNAVAILABLE
 from tests.providers.fakes.support import AZURE_SUB as SUB
 from tests.providers.fakes.support import azure_provider
 
@@ -98,6 +98,18 @@ async def test_throttled_for_good(az, tls):
     with pytest.raises(ProviderError) as err:
         await p.reboot(await ref_of(p), "rem-8", "t")
     assert err.value.kind == "throttled"
+
+
+async def test_unavailable_then_success_and_for_good(az, tls):
+    p = azure_provider(az, tls, max_attempts=3)
+    az.script["redeploy"] = [UNAVAILABLE, UNAVAILABLE]
+    result = await p.replace(await ref_of(p), "rem-15", "t")  # azure-core retries 5xx
+    assert result.new_host and az.verbs().count("redeploy") == 3
+    az.script["restart"] = [UNAVAILABLE] * 3
+    with pytest.raises(ProviderError) as err:
+        await p.reboot(await ref_of(p), "rem-16", "t")
+    assert err.value.kind == "unavailable" and "503" in err.value.detail and "outcome is unknown" in err.value.detail
+    assert az.verbs().count("restart") == 3
 
 
 async def test_auth_errors(az, tls):

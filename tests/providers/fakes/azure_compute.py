@@ -56,6 +56,7 @@ def arm_error(status: int, code: str, message: str) -> tuple[int, dict[str, Any]
 
 
 THROTTLED = (429, {"error": {"code": "TooManyRequests", "message": "The request is being throttled."}})
+UNAVAILABLE = arm_error(503, "ServiceUnavailable", "The service is temporarily unavailable; please retry.")
 FORBIDDEN = arm_error(403, "AuthorizationFailed", "The client 'gpu-health' does not have authorization to perform "
                                                   "action 'Microsoft.Compute/virtualMachineScaleSets/virtualMachines/"
                                                   "redeploy/action' over scope '/subscriptions/...'")
