@@ -323,17 +323,24 @@ async def test_crash_reset_gpu_before_the_job_is_re_run(tmp_path, kube):
         await close_harness(h)
 
 
-async def test_crash_reboot_by_executor_with_a_new_boot_id_is_done(tmp_path, kube):
-    gpu_node(kube, "gpu-c3", boot="boot-1")
+async def executor_reboot_crashed(tmp_path, kube, node):
+    """A webhook that created the reboot Job for `node` (boot id boot-1) and died before it saw a new boot id:
+    (its config, the remediation id, the Job name)."""
+    gpu_node(kube, node, boot="boot-1")
     raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"],
                  reboot={"using": "executor", "verify_timeout": "20s", "verify_interval": "20ms"})
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
-    await h.post(notification(alert("gpu-c3", remediation="reboot")))
-    rid = await rid_of(h, "gpu-c3")
+    await h.post(notification(alert(node, remediation="reboot")))
+    rid = await rid_of(h, node)
     name = job_name("reboot", rid)
     body = await await_for(lambda: job(kube, name), what="reboot job")
     assert body["metadata"]["annotations"]["gpu-health.io/boot-id-before"] == "boot-1"
     await crash(h, tmp_path, "reboot")
+    return raw, rid, name
+
+
+async def test_crash_reboot_by_executor_with_a_new_boot_id_is_done(tmp_path, kube):
+    raw, rid, _ = await executor_reboot_crashed(tmp_path, kube, "gpu-c3")
     patch_status(kube, "gpu-c3", {"nodeInfo": {"bootID": "boot-2"}})  # the host rebooted while we were down
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
@@ -345,15 +352,7 @@ async def test_crash_reboot_by_executor_with_a_new_boot_id_is_done(tmp_path, kub
 
 
 async def test_crash_reboot_by_executor_before_the_boot_adopts_the_job(tmp_path, kube):
-    gpu_node(kube, "gpu-c4", boot="boot-1")
-    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"],
-                 reboot={"using": "executor", "verify_timeout": "20s", "verify_interval": "20ms"})
-    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
-    await h.post(notification(alert("gpu-c4", remediation="reboot")))
-    rid = await rid_of(h, "gpu-c4")
-    name = job_name("reboot", rid)
-    await await_for(lambda: job(kube, name), what="reboot job")
-    await crash(h, tmp_path, "reboot")  # the Job exists; the host has not gone down yet
+    raw, rid, name = await executor_reboot_crashed(tmp_path, kube, "gpu-c4")  # the host has not gone down yet
     h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
     try:
         await await_for(lambda: len(steps(h, rid)) == 4, what="the re-run")
