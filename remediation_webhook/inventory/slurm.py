@@ -1,12 +1,26 @@
-"""Slurm inventory: alert `node` labels are Slurm NodeNames, resolved with `scontrol show node -o <name>`.
+"""Slurm inventory: alert `node` labels are Slurm NodeNames, resolved through the Slurm provider's transports,
+`scontrol` or slurmrestd (the two are alternatives; setting both is a config error naming inventory.rest).
 
   inventory:
     kind: slurm
-    scontrol: /usr/bin/scontrol   # optional
+    scontrol: /usr/bin/scontrol   # optional (default: scontrol on PATH)
     partition: gpu                # optional: the pool (percentage caps) is this partition's nodes
+    timeout: 30s                  # optional
+  or, on a host with slurmrestd but no scontrol:
+    inventory:
+      kind: slurm
+      rest: {url: https://slurmrestd:6820, token_file: /run/secrets/slurm-jwt, user: slurm, api_version: v0.0.41,
+             ca_file: /etc/ssl/slurm-ca.pem, timeout: 30s}   # the keys of providers.slurm.rest
+      partition: gpu
+
+            scontrol                         slurmrestd
+  resolve   scontrol show node -o <name>     GET /slurm/{v}/node/<name>  (exactly that one node)
+  pool      scontrol show node -o            GET /slurm/{v}/nodes        (counted, of `partition` when set)
+  ready     scontrol ping                    GET /slurm/{v}/ping         (not ready unless a slurmctld is UP)
 
 The identity's uid is the NodeName plus its BootTime, so a rebooted or re-provisioned node is "another machine"
-only when Slurm says it booted again. Hostile names (host lists, brackets, commas, spaces) never reach scontrol.
+only when Slurm says it booted again; DRAIN in the state makes it unschedulable. Hostile names (host lists,
+brackets, commas, spaces, '/') never reach scontrol or slurmrestd.
 """
 
 from __future__ import annotations
@@ -18,7 +32,7 @@ from typing import Any
 from ..errors import ConfigError, InventoryUnavailable, NodeNotFound
 from ..kube import KubeApi
 from ..providers import ProviderError
-from ..providers.slurm import SlurmProvider, parse_show, valid_slurm_node
+from ..providers.slurm import SlurmProvider, valid_slurm_node
 from .base import NodeIdentity
 
 KIND = "slurm"
@@ -47,9 +61,8 @@ class SlurmInventory:
                             unschedulable="DRAIN" in state)
 
     async def pool_size(self, selector: Mapping[str, str]) -> int:
-        args = ["show", "node", "-o"]
         try:
-            records = parse_show(await self.slurm.run(*args))
+            records = await self.slurm.nodes()
         except ProviderError as exc:
             raise InventoryUnavailable(exc.detail) from exc
         if self.partition:
@@ -58,7 +71,7 @@ class SlurmInventory:
 
     async def ready(self) -> None:
         try:
-            await self.slurm.run("ping")
+            await self.slurm.ping()
         except ProviderError as exc:
             raise InventoryUnavailable(exc.detail) from exc
 
@@ -66,17 +79,26 @@ class SlurmInventory:
         return None
 
 
+TRANSPORT_KEYS = ("scontrol", "rest", "timeout")
+
+
+def _transport(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in raw.items() if k in TRANSPORT_KEYS}
+
+
 def validate(raw: Mapping[str, Any], key: str) -> None:
-    unknown = set(raw) - {"kind", "scontrol", "partition"}
+    unknown = set(map(str, raw)) - {"kind", "partition", *TRANSPORT_KEYS}
     if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key")
+        raise ConfigError(f"{key}.{min(unknown)}: unknown key")
     part = raw.get("partition", "")
     if part and not valid_slurm_node(part):
         raise ConfigError(f"{key}.partition: not a partition name")
-    SlurmProvider.from_config({k: v for k, v in raw.items() if k == "scontrol"}, key)
+    if "scontrol" in raw and "rest" in raw:
+        raise ConfigError(f"{key}.rest: scontrol and rest are alternatives; set one of them")
+    SlurmProvider.from_config(_transport(raw), key)
 
 
 def build(kube: KubeApi | None, raw: Mapping[str, Any]) -> SlurmInventory:
     validate(raw, "inventory")
-    slurm = SlurmProvider.from_config({k: v for k, v in raw.items() if k == "scontrol"}, "inventory")
+    slurm = SlurmProvider.from_config(_transport(raw), "inventory")
     return SlurmInventory(slurm, str(raw.get("partition", "")))

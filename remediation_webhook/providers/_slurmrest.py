@@ -14,6 +14,13 @@ What slurmrestd offers, read from SchedMD/slurm (tags slurm-24-05-0-1 .. slurm-2
   GET  /slurm/{v}/node/{node_name}   src/slurmrestd/plugins/openapi/slurmctld/nodes.c `_dump_nodes`:
        {"nodes": [<node>], "last_update": ..., "meta": ..., "errors": [...], "warnings": [...]}; a node slurmctld
        does not know comes back as "nodes": [] plus an error "Failure to query node <n>".
+  GET  /slurm/{v}/nodes              `op_handler_nodes` -> `_dump_nodes(ctxt, NULL)` (slurm_load_node, SHOW_ALL):
+       the same response with every node, the same node objects as the single-node GET (the inventory's pool).
+  GET  /slurm/{v}/ping               diag.c `op_handler_ping` -> ping_all_controllers() (src/api/reconfigure.c):
+       always HTTP 200, {"pings": [{"hostname", "pinged": "UP"|"DOWN", "latency" (us), "mode": "primary"|
+       "backup"...}], "meta", "errors", "warnings"}; v0.0.42 and later add "responding" (bool) and "primary" and
+       deprecate "pinged" and "mode". A controller is up when "responding" is true or, without it, "pinged" is
+       "UP" -- the rule of `scontrol ping`, which exits 1 when no controller is UP.
   POST /slurm/{v}/node/{node_name}   `_update_node`: body UPDATE_NODE_MSG (data_parser/v0.0.41/parsers.c:
        comment, extra, features, gres, name, state [NODE_STATES flags], reason, resume_after, weight...);
        drain = {"state": ["DRAIN"], "reason": "..."}, resume = {"state": ["RESUME"]}.
@@ -64,6 +71,28 @@ UNAVAILABLE_ERRNOS = {1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 1804, 1805
 RETRY_CODES = ("429", "502", "503", "504", "connect")  # ProviderError.code values worth another try
 
 
+def node_record(node: Mapping[str, Any]) -> dict[str, str]:
+    """A data_parser node object as `scontrol show node -o` keys (NodeName, State, Partitions, BootTime, Reason):
+    one conversion for the single-node GET and the node list."""
+    boot = node.get("boot_time")
+    if isinstance(boot, Mapping):  # a NO_VAL number: {"set", "infinite", "number"}
+        boot = boot.get("number") if boot.get("set", True) else ""
+    state = node.get("state") or []
+    parts = node.get("partitions") or []
+    return {"NodeName": str(node.get("name") or ""),
+            "State": "+".join(map(str, state)) if isinstance(state, list) else str(state),
+            "Partitions": ",".join(map(str, parts)) if isinstance(parts, list) else str(parts),
+            "BootTime": str(boot or ""), "Reason": str(node.get("reason") or "")}
+
+
+def controller_up(ping: Mapping[str, Any]) -> bool:
+    """One entry of GET /ping: "responding" (v0.0.42+) when present, else "pinged" == "UP" (v0.0.40, v0.0.41)."""
+    responding = ping.get("responding")
+    if isinstance(responding, bool):
+        return responding
+    return str(ping.get("pinged") or "").upper() == "UP"
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     """One slurmrestd error entry: 'Failure to update node x: Invalid node name specified (2017)'."""
     number = error.get("error_number")
@@ -92,7 +121,7 @@ class TokenFile:
 
 
 class SlurmRest:
-    """A small slurmrestd client: one node at a time, GET and POST /slurm/{v}/node/{name}."""
+    """A small slurmrestd client: GET and POST /slurm/{v}/node/{name}, GET /slurm/{v}/nodes and /slurm/{v}/ping."""
 
     def __init__(self, url: str, token_file: str, *, user: str = "", api_version: str = "v0.0.41",
                  ca_file: str = "", timeout: float = 30.0, key: str = "providers.slurm.rest") -> None:
@@ -147,8 +176,9 @@ class SlurmRest:
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def path(self, node: str) -> str:
-        return f"/slurm/{self.api_version}/node/{urllib.parse.quote(node, safe='')}"
+    def path(self, *parts: str) -> str:
+        """/slurm/{v}/<parts>, each part percent-encoded: a node name can never add a path segment."""
+        return f"/slurm/{self.api_version}/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
     def _headers(self, token: str) -> dict[str, str]:
         headers = {"X-SLURM-USER-TOKEN": token, "Accept": "application/json"}
@@ -159,12 +189,14 @@ class SlurmRest:
     def _scrub(self, text: str, token: str) -> str:
         return text.replace(token, "<token>") if token else text
 
-    async def request(self, method: str, node: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """One call with retries on 429/502/503/504 and refused connections; a classified ProviderError else."""
-        path = self.path(node)
+    async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *, node: str = "",
+                      answer: str = "") -> dict[str, Any]:
+        """One call to `path` (from self.path) with retries on 429/502/503/504 and refused connections; a classified
+        ProviderError else. `node`: the node the call is about (for the messages); `answer`: the key that holds the
+        data of a GET, so that errors next to it are left to the caller (a GET of an unknown node says so there)."""
 
         async def once() -> dict[str, Any]:
-            return await self._once(method, path, node, body)
+            return await self._once(method, path, body, node, answer)
 
         def note(exc: Exception) -> None:
             log.warning("slurmrestd %s %s: %s (%s); retrying", method, path, getattr(exc, "kind", "?"),
@@ -174,7 +206,8 @@ class SlurmRest:
                                   attempts=self.attempts, base=self.retry_base, cap=self.retry_cap,
                                   sleep=self.sleep, on_retry=note)
 
-    async def _once(self, method: str, path: str, node: str, body: Mapping[str, Any] | None) -> dict[str, Any]:
+    async def _once(self, method: str, path: str, body: Mapping[str, Any] | None, node: str,
+                    answer: str) -> dict[str, Any]:
         token = self.token.read()
         ssl_ctx: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
         what = f"slurmrestd {method} {path}"
@@ -189,6 +222,8 @@ class SlurmRest:
                                                f"({self._scrub(str(exc.os_error), token)}); check "
                                                f"{self.key}.url and that slurmrestd runs", code="connect") from None
         except TimeoutError:
+            if method == "GET" or not node:
+                raise ProviderError("unavailable", f"{what}: no answer within {self.timeout:.0f}s") from None
             raise ProviderError("unavailable", f"{what}: no answer within {self.timeout:.0f}s; the outcome is "
                                                f"unknown, check the node with `scontrol show node {node}`") from None
         except aiohttp.ClientError as exc:
@@ -200,9 +235,10 @@ class SlurmRest:
             payload = {}
         if not isinstance(payload, dict):
             payload = {}
-        return self._classify(what, node, status, payload, text)
+        return self._classify(what, node, answer, status, payload, text)
 
-    def _classify(self, what: str, node: str, status: int, payload: dict[str, Any], text: str) -> dict[str, Any]:
+    def _classify(self, what: str, node: str, answer: str, status: int, payload: dict[str, Any],
+                  text: str) -> dict[str, Any]:
         errors = [e for e in payload.get("errors") or [] if isinstance(e, Mapping)]
         said = "; ".join(filter(None, (_describe(e) for e in errors)))[:300] or " ".join(text.split())[:200]
         numbers = {e.get("error_number") for e in errors}
@@ -219,17 +255,17 @@ class SlurmRest:
                                                f"slurmrestd is unreachable, the outcome of an update is unknown",
                                 code=str(status))
         if status == 404:
-            raise ProviderError("not_found", f"{what}: 404 ({said}): Slurm does not know node {node}, or "
-                                             f"slurmrestd does not serve {self.api_version} (check "
-                                             f"{self.key}.api_version)")
+            unknown = f"Slurm does not know node {node}, or slurmrestd" if node else "slurmrestd"
+            raise ProviderError("not_found", f"{what}: 404 ({said}): {unknown} does not serve {self.api_version} "
+                                             f"(check {self.key}.api_version)")
         if numbers & NOT_FOUND_ERRNOS or "invalid node name" in low:
-            raise ProviderError("not_found", f"{what}: Slurm does not know node {node} ({said})")
+            raise ProviderError("not_found", f"{what}: Slurm does not know node {node or '?'} ({said})")
         if numbers & AUTH_ERRNOS or "access/permission denied" in low or "invalid user id" in low:
             raise ProviderError("auth", f"{what}: slurmctld refused ({said}); the token's user must be a Slurm "
                                         f"operator or administrator (sacctmgr modify user ... set adminlevel=operator)")
         if numbers & UNAVAILABLE_ERRNOS:
             raise ProviderError("unavailable", f"{what}: slurmctld unreachable from slurmrestd ({said})")
-        if status >= 300 or (errors and "nodes" not in payload):
+        if status >= 300 or (errors and (not answer or answer not in payload)):
             raise ProviderError("failed", f"{what}: HTTP {status}: {said or 'no detail'}")
         return payload
 
@@ -237,22 +273,36 @@ class SlurmRest:
 
     async def show(self, node: str) -> dict[str, str]:
         """The node as `scontrol show node -o` keys (NodeName, State, Partitions, BootTime, Reason)."""
-        payload = await self.request("GET", node)
+        path = self.path("node", node)
+        payload = await self.request("GET", path, node=node, answer="nodes")
         nodes = [n for n in payload.get("nodes") or [] if isinstance(n, Mapping)]
         if len(nodes) != 1 or nodes[0].get("name") != node:
             errors = "; ".join(_describe(e) for e in payload.get("errors") or [] if isinstance(e, Mapping))[:200]
-            raise ProviderError("not_found", f"slurm: slurmrestd GET {self.path(node)} returned {len(nodes)} "
+            raise ProviderError("not_found", f"slurm: slurmrestd GET {path} returned {len(nodes)} "
                                              f"nodes{': ' + errors if errors else ''}")
-        rec = nodes[0]
-        boot = rec.get("boot_time")
-        if isinstance(boot, Mapping):
-            boot = boot.get("number") if boot.get("set", True) else ""
-        state = rec.get("state") or []
-        parts = rec.get("partitions") or []
-        return {"NodeName": node,
-                "State": "+".join(map(str, state)) if isinstance(state, list) else str(state),
-                "Partitions": ",".join(map(str, parts)) if isinstance(parts, list) else str(parts),
-                "BootTime": str(boot or ""), "Reason": str(rec.get("reason") or "")}
+        return node_record(nodes[0])
+
+    async def nodes(self) -> list[dict[str, str]]:
+        """Every node slurmctld knows (GET /slurm/{v}/nodes), as `scontrol show node -o` records."""
+        path = self.path("nodes")
+        payload = await self.request("GET", path, answer="nodes")
+        nodes = payload.get("nodes")
+        errors = "; ".join(_describe(e) for e in payload.get("errors") or [] if isinstance(e, Mapping))[:200]
+        if not isinstance(nodes, list) or (errors and not nodes):
+            raise ProviderError("failed", f"slurm: slurmrestd GET {path} returned no node list"
+                                          f"{': ' + errors if errors else ''}")
+        return [node_record(n) for n in nodes if isinstance(n, Mapping) and n.get("name")]
+
+    async def ping(self) -> list[dict[str, Any]]:
+        """slurmrestd pings every slurmctld (GET /slurm/{v}/ping); ProviderError("unavailable") unless one is up."""
+        path = self.path("ping")
+        payload = await self.request("GET", path, answer="pings")
+        pings = [dict(p) for p in payload.get("pings") or [] if isinstance(p, Mapping)]
+        if not any(controller_up(p) for p in pings):
+            seen = ", ".join(f"{str(p.get('hostname') or '?')[:64]} DOWN" for p in pings[:8])
+            raise ProviderError("unavailable", f"slurm: slurmrestd GET {path}: no slurmctld answers the ping "
+                                               f"({seen or 'no controller listed'})")
+        return pings
 
     async def update(self, node: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", node, body)
+        return await self.request("POST", self.path("node", node), body, node=node)

@@ -8,6 +8,8 @@ slurmrestd with a JWT (drain and resume only).
   resume  scontrol update NodeName=<node> State=RESUME
           POST /slurm/v0.0.41/node/<node> {"state": ["RESUME"]}
   show    scontrol show node -o <node>  |  GET /slurm/v0.0.41/node/<node>
+  nodes   scontrol show node -o         |  GET /slurm/v0.0.41/nodes    (the Slurm inventory's pool)
+  ping    scontrol ping                 |  GET /slurm/v0.0.41/ping     (the Slurm inventory's readiness)
 
 `NodeName` accepts host-list expressions (gpu[001-512], a,b): a node name is checked against a strict pattern
 (letters, digits, '.', '_' and '-', at most 63) before any call, and `scontrol show node -o <node>` (or the GET)
@@ -127,6 +129,19 @@ class SlurmProvider:
         if len(records) != 1 or records[0].get("NodeName") != node:
             raise ProviderError("not_found", f"slurm: `scontrol show node {node}` returned {len(records)} records")
         return records[0]
+
+    async def nodes(self) -> list[dict[str, str]]:
+        """Every node, as `scontrol show node -o` records (NodeName, State, Partitions, BootTime, Reason...)."""
+        if self.rest is not None:
+            return await self.rest.nodes()
+        return parse_show(await self.run("show", "node", "-o"))
+
+    async def ping(self) -> None:
+        """ProviderError unless a slurmctld answers: `scontrol ping` exits 1 when none is UP; over REST, GET /ping."""
+        if self.rest is not None:
+            await self.rest.ping()
+            return
+        await self.run("ping")
 
     async def resolve(self, node: NodeIdentity) -> InstanceRef:
         await self.show(node.name)

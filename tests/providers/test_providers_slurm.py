@@ -57,5 +57,7 @@ async def test_slurm_inventory(slurm, monkeypatch):
     node = await inv.resolve("gpu001")
     assert node.provider_id == "slurm://gpu001" and node.uid.startswith("gpu001@")
     assert await inv.pool_size({}) == 2
+    await inv.ready()
     with pytest.raises(NodeNotFound):
         await inv.resolve("gpu[001-002]")
+    assert slurm.calls() == [["show", "node", "-o", "gpu001"], ["show", "node", "-o"], ["ping"]]

@@ -1,5 +1,6 @@
 """Slurm over slurmrestd (providers.slurm.rest) against a local fake slurmrestd speaking data_parser v0.0.41:
-request bodies, the JWT header and its rotation, error classification, retries, and config errors."""
+request bodies, the JWT header and its rotation, error classification, retries, and config errors; and the Slurm
+inventory over the same transport (inventory.rest): resolve, pool size from GET /nodes, readiness from GET /ping."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from remediation_webhook.errors import ConfigError
+from remediation_webhook.config import build_config
+from remediation_webhook.errors import ConfigError, InventoryUnavailable, NodeNotFound
+from remediation_webhook.inventory import build_inventory
 from remediation_webhook.inventory.base import NodeIdentity
+from remediation_webhook.inventory.slurm import SlurmInventory
+from remediation_webhook.inventory.slurm import validate as validate_slurm_inventory
 from remediation_webhook.providers import InstanceRef, ProviderError, build_providers
 from remediation_webhook.providers.slurm import SlurmProvider
 from tests.providers.fakes.slurmrestd import (
@@ -58,6 +63,12 @@ def node_ref(name: str = "gpu001") -> InstanceRef:
     return InstanceRef("slurm", name)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 async def test_resolve_drain_resume_bodies_and_headers(slurm, fake):
     ref = await slurm.resolve(NodeIdentity("gpu001", "u"))
     assert ref == InstanceRef("slurm", "gpu001")
@@ -86,14 +97,6 @@ async def test_show_maps_the_node_to_scontrol_keys(slurm, fake):
     rec = await slurm.show("gpu002")
     assert rec == {"NodeName": "gpu002", "State": "MIXED+DRAIN", "Partitions": "gpu,debug",
                    "BootTime": "1704067200", "Reason": ""}
-
-
-async def test_slurm_inventory_works_over_rest(slurm, fake):
-    from remediation_webhook.inventory.slurm import SlurmInventory
-
-    fake.nodes["gpu001"]["state"] = ["IDLE", "DRAIN"]
-    node = await SlurmInventory(slurm).resolve("gpu001")
-    assert node.uid == "gpu001@1704067200" and node.provider_id == "slurm://gpu001" and node.unschedulable
 
 
 async def test_reboot_over_rest_is_unsupported_and_calls_nothing(slurm, fake):
@@ -245,9 +248,7 @@ async def test_slurmctld_down_behind_slurmrestd_is_unavailable(slurm, fake):
 
 
 async def test_connection_refused_is_unavailable(token_file):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     slurm = SlurmProvider.from_config({"rest": {"url": f"http://127.0.0.1:{port}", "token_file": str(token_file),
                                                 "timeout": "2s"}}, "providers.slurm")
     sleeps: list[float] = []
@@ -352,3 +353,156 @@ def test_reboot_using_a_rest_only_slurm_is_a_config_error():
         Reboot.from_config({"using": "slurm"}, "actions.reboot", rest_only)
     scontrol = ActionDeps(providers={"slurm": SlurmProvider()})
     assert Reboot.from_config({"using": "slurm"}, "actions.reboot", scontrol).using == "slurm"
+
+
+# ------------------------------------------------------------------------------ the Slurm inventory over slurmrestd
+
+HOSTILE = ["gpu[001-512]", "gpu001,gpu002", "gpu001 gpu002", "a=b", "-h", "gpu*", "", "../../openapi",
+           "gpu001/../x", "gpu%2f001", "gpu001?x=1", "../ping", "gpu001/ping"]
+
+
+def inventory(url: str, token_file: Path, **extra: object) -> SlurmInventory:
+    """inventory: {kind: slurm, rest: {...}, ...} through the config loader and build_inventory, as the webhook does."""
+    raw = {"kind": "slurm", "rest": {"url": url, "token_file": str(token_file), "timeout": "5s"}, **extra}
+    config = build_config({"inventory": raw, "journal": {"path": "j.db"}}, base=token_file.parent)
+    inv = build_inventory(config.inventory_kind, None, config.inventory_raw)
+    assert isinstance(inv, SlurmInventory) and inv.slurm.rest is not None
+    sleeps: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    inv.slurm.rest.sleep = sleep
+    inv.sleeps = sleeps  # type: ignore[attr-defined]
+    return inv
+
+
+@pytest.fixture(name="pool")
+def _pool():
+    """Four nodes: gpu001, gpu002 and gpu004 in partition gpu, gpu003 only in debug."""
+    fake = SlurmrestdFake(TOKEN, nodes=("gpu001", "gpu002", "gpu003", "gpu004"))
+    fake.nodes["gpu003"]["partitions"] = ["debug"]
+    fake.nodes["gpu004"]["partitions"] = ["debug", "gpu"]
+    yield fake
+    fake.close()
+
+
+async def test_inventory_over_rest_resolves_with_boot_time_and_drain(pool, token_file):
+    inv = inventory(pool.url, token_file, partition="gpu")
+    pool.nodes["gpu001"]["state"] = ["IDLE", "DRAIN"]
+    pool.nodes["gpu002"]["state"] = ["MIXED"]
+    pool.nodes["gpu002"]["boot_time"] = {"set": True, "infinite": False, "number": 1717171717}
+    drained, busy = await inv.resolve("gpu001"), await inv.resolve("gpu002")
+    assert drained.uid == "gpu001@1704067200" and drained.provider_id == "slurm://gpu001"
+    assert drained.unschedulable and drained.labels["slurm.partitions"] == "gpu"
+    assert busy.uid == "gpu002@1717171717" and not busy.unschedulable  # a reboot is another machine
+    assert [(m, p) for m, p, _h, _b in pool.seen] == [("GET", "/slurm/v0.0.41/node/gpu001"),
+                                                        ("GET", "/slurm/v0.0.41/node/gpu002")]
+    assert {k.lower(): v for k, v in pool.seen[0][2].items()}["x-slurm-user-token"] == TOKEN
+    with pytest.raises(NodeNotFound):
+        await inv.resolve("gpu404")
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+async def test_inventory_over_rest_rejects_hostile_names_before_any_request(pool, token_file, name):
+    inv = inventory(pool.url, token_file)
+    with pytest.raises(NodeNotFound):
+        await inv.resolve(name)
+    assert pool.seen == []
+
+
+async def test_inventory_pool_size_counts_the_partition_from_get_nodes(pool, token_file):
+    assert await inventory(pool.url, token_file, partition="gpu").pool_size({}) == 3
+    assert await inventory(pool.url, token_file, partition="debug").pool_size({}) == 2
+    assert await inventory(pool.url, token_file).pool_size({}) == 4
+    assert [(m, p) for m, p, _h, _b in pool.seen] == [("GET", "/slurm/v0.0.41/nodes")] * 3
+
+
+async def test_inventory_pool_size_unavailable_when_slurmctld_is_down(pool, token_file):
+    inv = inventory(pool.url, token_file, partition="gpu")
+    pool.controllers["slurmctld-0"] = False
+    with pytest.raises(InventoryUnavailable, match="Unable to contact slurm controller"):
+        await inv.pool_size({})
+    with pytest.raises(InventoryUnavailable, match="Unable to contact slurm controller"):
+        await inv.resolve("gpu001")
+    assert len(inv.sleeps) == 6  # both retried, then reported
+
+
+async def test_inventory_ready_follows_slurmrestds_ping(pool, token_file):
+    inv = inventory(pool.url, token_file)
+    await inv.ready()
+    pool.controllers.update({"slurmctld-0": False, "slurmctld-1": True})
+    await inv.ready()  # the backup answers
+    pool.controllers["slurmctld-1"] = False
+    with pytest.raises(InventoryUnavailable) as err:
+        await inv.ready()
+    assert "slurmctld-0 DOWN" in str(err.value) and "slurmctld-1 DOWN" in str(err.value)
+    assert [(m, p) for m, p, _h, _b in pool.seen] == [("GET", "/slurm/v0.0.41/ping")] * 3
+    assert inv.sleeps == []  # a DOWN controller is an answer, not a transport error
+
+
+@pytest.mark.parametrize(("pings", "ready"), [
+    ([{"hostname": "c0", "responding": True, "primary": True, "latency": 900}], True),  # v0.0.42+ shape
+    ([{"hostname": "c0", "responding": False, "primary": True, "latency": 9}], False),
+    ([{"hostname": "c0", "pinged": "DOWN", "mode": "primary"}, {"hostname": "c1", "pinged": "UP"}], True),
+    ([], False),
+    (None, False),
+])
+async def test_inventory_ready_reads_both_ping_shapes(pool, token_file, pings, ready):
+    inv = inventory(pool.url, token_file)
+    pool.script["ping"] = [(200, {"pings": pings, "errors": [], "warnings": []})]
+    if ready:
+        await inv.ready()
+    else:
+        with pytest.raises(InventoryUnavailable, match="no slurmctld answers the ping"):
+            await inv.ready()
+
+
+async def test_inventory_not_ready_when_slurmrestd_is_unreachable_or_refuses(pool, token_file):
+    inv = inventory(f"http://127.0.0.1:{free_port()}", token_file)
+    with pytest.raises(InventoryUnavailable, match=r"inventory\.rest\.url"):
+        await inv.ready()
+    assert len(inv.sleeps) == 3
+    inv = inventory(pool.url, token_file)
+    pool.script["ping"] = [UNAVAILABLE] * 4
+    with pytest.raises(InventoryUnavailable, match="503"):
+        await inv.ready()
+    pool.token = "another-token"
+    with pytest.raises(InventoryUnavailable, match="refused the token"):
+        await inv.ready()
+
+
+def _inv_cfg(tmp_path: Path, **rest: object) -> dict[str, object]:
+    return {"kind": "slurm", **_cfg(tmp_path, **rest)}
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda c, t: {**c, "scontrol": "/usr/bin/scontrol"}, "inventory.rest"),
+    (lambda c, t: {**c, "rest": None}, "inventory.rest"),
+    (lambda c, t: {**c, "bogus": 1}, "inventory.bogus"),
+    (lambda c, t: {**c, "partition": "gpu,debug"}, "inventory.partition"),
+    (lambda c, t: {**c, "timeout": "soon"}, "inventory.timeout"),
+    (lambda c, t: {**c, "rest": {**c["rest"], "bogus": 1}}, "inventory.rest.bogus"),
+    (lambda c, t: {**c, "rest": {k: v for k, v in c["rest"].items() if k != "url"}}, "inventory.rest.url"),
+    (lambda c, t: {**c, "rest": {**c["rest"], "url": "ftp://slurmrestd"}}, "inventory.rest.url"),
+    (lambda c, t: {**c, "rest": {k: v for k, v in c["rest"].items() if k != "token_file"}},
+     "inventory.rest.token_file"),
+    (lambda c, t: {**c, "rest": {**c["rest"], "token_file": str(t / "missing")}}, "inventory.rest.token_file"),
+    (lambda c, t: {**c, "rest": {**c["rest"], "api_version": "v0.0.37"}}, "inventory.rest.api_version"),
+    (lambda c, t: {**c, "rest": {**c["rest"], "timeout": "soon"}}, "inventory.rest.timeout"),
+])
+def test_inventory_config_errors_name_the_key(tmp_path, change, key):
+    raw = change(_inv_cfg(tmp_path), tmp_path)
+    for check in (lambda: validate_slurm_inventory(raw, "inventory"),
+                  lambda: build_config({"inventory": raw, "journal": {"path": "j.db"}}, base=tmp_path)):
+        with pytest.raises(ConfigError) as err:
+            check()
+        assert str(err.value).startswith(key + ":"), str(err.value)
+    assert TOKEN not in str(err.value)
+
+
+def test_inventory_timeout_applies_to_rest(tmp_path):
+    raw = {**_inv_cfg(tmp_path), "timeout": "7s"}
+    validate_slurm_inventory(raw, "inventory")
+    inv = build_inventory("slurm", None, raw)
+    assert inv.slurm.rest is not None and inv.slurm.rest.timeout == 7.0 and inv.slurm.rest.key == "inventory.rest"
