@@ -27,7 +27,7 @@ from aiohttp import web
 
 from . import journal as j
 from .actions.base import Outcome
-from .app import SERVICES, Services, judge_all
+from .app import SERVICES, Services, fault_ts, judge_all
 from .auth import ACTOR, middleware as auth_middleware
 from .config import effective_policy
 from .errors import InventoryError, KubeApiError, PayloadError
@@ -181,7 +181,7 @@ async def evaluate(request: web.Request) -> web.Response:
         if jd.decision == "plan" and isinstance(jd.target, Target):
             plan.update({"rule": jd.rule.name if jd.rule else "", "ladder": list(jd.ladder), "dry_run": jd.dry_run,
                          "paused": paused, "breaker_open": breaker_open})
-            skipped = j.storm_skip_reason(skip, a.starts_at.timestamp())
+            skipped = j.storm_skip_reason(skip, a.starts_at.timestamp(), fault_ts(jd))
             if skipped:
                 plan["refused"] = skipped
             else:

@@ -46,7 +46,7 @@ def _labels_json(judgement: Judgement) -> str:
     return json.dumps(labels, sort_keys=True)
 
 
-def _fault_ts(judgement: Judgement) -> float | None:
+def fault_ts(judgement: Judgement) -> float | None:
     raw = judgement.alert.annotations.get("fault_timestamp")
     try:
         return float(raw) if raw is not None else None
@@ -69,7 +69,7 @@ def alert_in(j: Judgement) -> AlertIn:
         labels_json=_labels_json(j), node=node, gpu=t.gpu if t else "", uuid=t.uuid if t else "",
         decision=j.decision, reason=j.reason, wants=j.wants, rule=j.rule.name if j.rule else "", ladder=j.ladder,
         target_index=j.target_index, dry_run=j.dry_run,
-        requires_approval=tuple(sorted(j.rule.requires_approval)) if j.rule else (), fault_ts=_fault_ts(j),
+        requires_approval=tuple(sorted(j.rule.requires_approval)) if j.rule else (), fault_ts=fault_ts(j),
         blocked_event=blocked, skip_event=skip)
 
 

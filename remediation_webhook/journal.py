@@ -375,7 +375,7 @@ def accept(conn: sqlite3.Connection, batch: AcceptIn) -> AcceptOut:
                   fault_ts=a.fault_ts)
         else:
             # An alert of a skipped storm no longer counts towards the next storm, like the backlog it belongs to.
-            wants = "" if storm_skip_reason(skip, a.starts_ts) else a.wants
+            wants = "" if storm_skip_reason(skip, a.starts_ts, a.fault_ts) else a.wants
             if a.status == "firing" and a.node is not None and wants and not new_node:
                 new_node = conn.execute("SELECT 1 FROM occurrence WHERE node=? AND first_seen>=? AND status='firing' "
                                         "AND wants!='' LIMIT 1", (a.node, window_start)).fetchone() is None
@@ -431,14 +431,16 @@ def skip_cutoff(reset: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return reset
 
 
-def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float) -> str:
+def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float, fault_ts: float | None = None) -> str:
     """Why an alert that began at `starts_ts` belongs to the storm skipped by `skip` ('' if it does not).
 
     An alert belongs to the skipped storm when it began at or before the skip-backlog reset: a group Alertmanager
     delivers later, or an alert still pending in Prometheus at the reset. It is acted on once it resolves and fires
-    again (a new startsAt), or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
+    again (a new startsAt), when its fault_timestamp annotation says a new fault came after the reset (a recurrence
+    of a still-firing alert), or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
     """
-    if skip is None or starts_ts > float(skip["skip_before"]):
+    began = max(starts_ts, fault_ts if fault_ts is not None else starts_ts)
+    if skip is None or began > float(skip["skip_before"]):
         return ""
     at = datetime.fromtimestamp(float(skip["skip_before"]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"began before the breaker reset with skip-backlog at {at} by {skip.get('by', '?')}"
@@ -468,7 +470,7 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
         if a.blocked_event:
             _result(conn, now, a.blocked_event, None, out.metric_events)
         return "refused", a.reason, None
-    skipped = storm_skip_reason(skip, a.starts_ts)
+    skipped = storm_skip_reason(skip, a.starts_ts, a.fault_ts)
     if skipped:  # part of a storm the operator chose not to act on: refused like the backlog it missed
         out.refused += 1
         audit(conn, now, batch.actor, "refused", None, a.node, fingerprint=a.fingerprint, startsAt=a.starts_key,

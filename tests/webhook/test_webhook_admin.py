@@ -150,6 +150,27 @@ async def test_skip_backlog_refuses_late_alerts_of_the_storm_and_acts_on_new_one
     assert h.states()["after"] == "SUCCEEDED" and kube.cordoned() == ["after"]
 
 
+async def test_skip_backlog_acts_on_a_new_fault_of_an_alert_still_firing(harness, kube):
+    """An alert that began before the skip-backlog reset but whose fault_timestamp says the fault came after it
+    (a recurrence of a still-firing alert) is a new incident: it acts."""
+    h = await harness()
+    await _storm(h, kube, "skip-backlog")
+    cut = (await (await h.admin.get("/v1/breaker")).json())["skip_before"]
+    kube.add_node("again")
+    began = datetime.fromtimestamp(cut - 300, UTC)
+    old, new = alert("again", starts_at=began, gpu="0"), alert("again", starts_at=began, gpu="1")
+    old["annotations"]["fault_timestamp"] = str(cut - 301)
+    new["annotations"]["fault_timestamp"] = str(cut + 1)  # firing since before the reset; a new fault after it
+    out = await (await h.post(notification(old))).json()
+    assert out["refused"] == 1 and out["accepted"] == 0, out
+    plan = (await (await h.admin.post("/v1/evaluate", json=notification(new))).json())["alerts"][0]
+    assert "refused" not in plan
+    out = await (await h.post(notification(new))).json()
+    assert out["accepted"] == 1 and out["refused"] == 0, out
+    await h.settle()
+    assert h.states()["again"] == "SUCCEEDED" and kube.cordoned() == ["again"]
+
+
 async def test_resume_reset_does_not_refuse_late_alerts(harness, kube):
     h = await harness(safety={"fleet_cap": {"max_nodes": 10, "max_percent": 100}})
     await _storm(h, kube, "resume")
