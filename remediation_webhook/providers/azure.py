@@ -16,15 +16,16 @@ reimaging them behind AKS's back breaks the node pool. With `aks_cluster` (the m
 configured, replace goes through AKS's agent-pool API (api-version 2026-08-01 of azure-mgmt-containerservice):
 agent_pools.begin_delete_machines(machineNames=[<node name>]), which removes the machine and lowers the pool's
 count, then (unless the pool autoscales, when the cluster autoscaler brings capacity back) the pool's count is put
-back with agent_pools.begin_create_or_update, the same GET-then-PUT `az aks nodepool scale` does. The cluster's
-nodeResourceGroup must be the scale set's resource group, and the machine must be listed in the pool, before any
-write. Reboot and move on AKS nodes are refused: use the executor Job (`reboot: {using: executor}`), or replace.
+back (+1) with agent_pools.begin_create_or_update, the GET-then-PUT `az aks nodepool scale` does, under the pool's
+eTag. The cluster's nodeResourceGroup must be the scale set's resource group, and the machine must be listed in the
+pool with the node's VM, before any write. Replaces in one scale set or pool run one at a time (a lock per group).
+Reboot and move on AKS nodes are refused: use the executor Job (`reboot: {using: executor}`), or replace.
 
 Long-running operations are polled (ARM polling: Azure-AsyncOperation / Location) with `poller.result(timeout)`;
 the async-operation URL is the step's `operation`. 429 (with Retry-After) and 5xx are retried by azure-core's
 RetryPolicy (retry_total = max_attempts). Restart, redeploy and reimage are NOT idempotent: after a crash mid-step
-`replaced` answers AMBIGUOUS and a human decides. A delete records `<remediation id>:<capacity>` in the scale
-set's tag `gpu-health-replace` before it deletes, so a re-run after a crash finishes the scale-out instead of
+`replaced` answers AMBIGUOUS and a human decides. A delete records the capacity in the scale set's tag
+`gpu-health-replace-<remediation id>` before it deletes, so a re-run after a crash finishes the scale-out instead of
 guessing. Blocking calls run in a thread. Permissions: deploy/iam/azure-role-definition.json.
 """
 
@@ -54,14 +55,13 @@ from . import (
 
 IAM_FILE = "deploy/iam/azure-role-definition.json"
 AKS_IAM_FILE = "deploy/iam/azure-aks-role-definition.json"
-MARKER_TAG = "gpu-health-replace"  # "<remediation id>:<capacity before the delete>", while a delete is in flight
+MARKER_TAG = "gpu-health-replace"  # + "-<remediation id>": the capacity before our delete, while one is in flight
 AKS_POOL_LABEL = "kubernetes.azure.com/agentpool"
 AKS_CLUSTER = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.ContainerService/"
                          r"managedClusters/([^/]+)", re.IGNORECASE)
 AKS_POOL = re.compile(r"[a-z][a-z0-9]{0,11}")  # AKS agent pool names: lowercase letters and digits, at most 12
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-CAPACITY = ("AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest", "SkuNotAvailable",
-            "OperationNotAllowed")  # OperationNotAllowed: quota
+CAPACITY = ("AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest", "SkuNotAvailable")
 AUTH = ("AuthorizationFailed", "AuthenticationFailed", "InvalidAuthenticationToken", "LinkedAuthorizationFailed",
         "InvalidAuthenticationTokenTenant", "ExpiredAuthenticationToken")
 
@@ -94,7 +94,10 @@ def classify(exc: Exception, what: str) -> ProviderError:
         if status == 429:
             return ProviderError("throttled", f"{what}: still throttled after retries (429 {code}); lower the "
                                               f"webhook's rate limits or retry later", code=code or "429")
-        if any(c in code or c in message for c in CAPACITY):
+        # OperationNotAllowed is a quota refusal only when it says so; AKS also uses it for "another operation
+        # is in progress", which is no capacity problem.
+        if any(c in code or c in message for c in CAPACITY) or (code == "OperationNotAllowed"
+                                                                and "quota" in message.lower()):
             return ProviderError("capacity", f"{what}: {code}: {message}", code=code)
         if status >= 500 and status != 0:
             return ProviderError("unavailable", f"{what}: Azure answered {status} after retries ({code}: "
@@ -138,6 +141,9 @@ class AzureProvider:
         self.call_timeout = call_timeout
         self.credential = credential
         self._clients: dict[tuple[str, str], Any] = {}
+        # One replace at a time per scale set / agent pool: each reads the capacity, deletes one machine and puts
+        # one back, and two interleaved would lose a machine. The webhook runs as a single replica.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], key: str) -> AzureProvider:
@@ -256,7 +262,7 @@ class AzureProvider:
         if not ref.resource_group.upper().startswith("MC_"):  # AKS's node resource group: not even a read
             vmss = await self.call(ref, "virtual_machine_scale_sets", "get", f"get scale set {ref.scale_set}",
                                    ref.resource_group, ref.scale_set)
-        tags = {str(k): str(v) for k, v in (_get(vmss, "tags") or {}).items()}
+        tags = _tags(vmss)
         if vmss is not None and not any(k.lower().startswith("aks-managed-") for k in tags):
             return vmss, ""
         pool = ref.extra.get("pool") or next((v for k, v in tags.items() if k.lower() == "aks-managed-poolname"), "")
@@ -326,10 +332,15 @@ class AzureProvider:
             url = await self.lro(ref, "begin_reimage", what, *self._args(ref))
             return ProviderResult(f"reimaged VMSS VM {ref.scale_set}/{ref.instance_id} (same host, fresh OS disk)",
                                   operation=url)
-        return await self._delete_and_scale_out(ref, vmss, rid, what)
+        async with self._lock(f"vmss/{ref.project}/{ref.resource_group}/{ref.scale_set}"):
+            vmss = await self._get_scale_set(ref)  # fresh, now that no other replace of ours is in flight
+            return await self._delete_and_scale_out(ref, vmss, rid, what)
+
+    async def _get_scale_set(self, ref: InstanceRef) -> Any:
+        return await self.call(ref, "virtual_machine_scale_sets", "get", f"get scale set {ref.scale_set}",
+                               ref.resource_group, ref.scale_set)
 
     async def _delete_and_scale_out(self, ref: InstanceRef, vmss: Any, rid: str, what: str) -> ProviderResult:
-        tags = {str(k): str(v) for k, v in (_get(vmss, "tags") or {}).items()}
         owed = _marker(vmss, rid)
         url = ""
         try:
@@ -338,21 +349,23 @@ class AzureProvider:
             if exc.kind != "not_found" or owed is None:
                 raise  # gone, and not by us: nothing to finish
         else:
-            capacity = owed if owed is not None else int(_get(vmss, "sku", "capacity") or 0)
-            owed = capacity
-            await self._set_tags(ref, {**tags, MARKER_TAG: f"{rid}:{capacity}"})
+            if owed is None:
+                owed = int(_get(vmss, "sku", "capacity") or 0)
+                await self._set_tags(ref, {**_tags(vmss), _marker_key(rid): str(owed)})
             url = await self.lro(ref, "begin_delete", what, *self._args(ref))
-        after = await self.call(ref, "virtual_machine_scale_sets", "get", f"get scale set {ref.scale_set}",
-                                ref.resource_group, ref.scale_set)
+        after = await self._get_scale_set(ref)
         now = int(_get(after, "sku", "capacity") or 0)
-        if now < owed:
-            await self.lro(ref, "begin_update", f"scale {ref.scale_set} back out to {owed}", ref.resource_group,
-                           ref.scale_set, {"sku": {"capacity": owed}}, group="virtual_machine_scale_sets")
-        await self._set_tags(ref, {k: v for k, v in tags.items() if k != MARKER_TAG})
+        if now < owed:  # the delete took one away: put that one back, whatever else changed meanwhile
+            await self.lro(ref, "begin_update", f"scale {ref.scale_set} back out to {now + 1}", ref.resource_group,
+                           ref.scale_set, {"sku": {"capacity": now + 1}}, group="virtual_machine_scale_sets")
+            now += 1
+        await self._set_tags(ref, {k: v for k, v in _tags(after).items() if k != _marker_key(rid)})
         resumed = "" if url else " (finishing a delete interrupted by a restart)"
-        return ProviderResult(f"deleted VMSS VM {ref.scale_set}/{ref.instance_id} and set capacity back to "
-                              f"{owed} (was {now} after the delete): a new VM is being created{resumed}",
-                              new_host=True, operation=url)
+        return ProviderResult(f"deleted VMSS VM {ref.scale_set}/{ref.instance_id} and put its capacity back to "
+                              f"{now}: a new VM is being created{resumed}", new_host=True, operation=url)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key.lower(), asyncio.Lock())
 
     async def _set_tags(self, ref: InstanceRef, tags: Mapping[str, str]) -> None:
         """A PATCH of the scale set's tags only: not part of the VM model, so no VM becomes out of date."""
@@ -389,15 +402,15 @@ class AzureProvider:
         return await self.call(self._aks_ref(ref), "agent_pools", "get", f"AKS get agent pool {cluster}/{pool}",
                                rg, cluster, pool, kind="aks")
 
-    async def _aks_machine(self, ref: InstanceRef, rg: str, cluster: str, pool: str, machine: str) -> bool:
+    async def _aks_machine(self, ref: InstanceRef, rg: str, cluster: str, pool: str, machine: str) -> Any:
+        """The machine, or None when the pool does not list it."""
         try:
-            await self.call(self._aks_ref(ref), "machines", "get", f"AKS get machine {pool}/{machine}", rg, cluster,
-                            pool, machine, kind="aks")
+            return await self.call(self._aks_ref(ref), "machines", "get", f"AKS get machine {pool}/{machine}", rg,
+                                   cluster, pool, machine, kind="aks")
         except ProviderError as exc:
             if exc.kind == "not_found":
-                return False
+                return None
             raise
-        return True
 
     async def _aks_replace(self, ref: InstanceRef, pool_name: str) -> ProviderResult:
         rg, cluster, pool_name, machine = self._aks(ref, pool_name)
@@ -408,31 +421,61 @@ class AzureProvider:
             raise ProviderError("unsupported", f"scale set {ref.scale_set} is in resource group {ref.resource_group}, "
                                                f"but AKS cluster {cluster} keeps its nodes in {node_rg or '?'}: "
                                                f"providers.azure.aks_cluster names another cluster; not touched")
-        pool = await self._aks_pool(ref, rg, cluster, pool_name)
-        count = int(_pool(pool, "count") or 0)
-        autoscale = bool(_pool(pool, "enable_auto_scaling"))
-        if not await self._aks_machine(ref, rg, cluster, pool_name, machine):
+        found = await self._aks_machine(ref, rg, cluster, pool_name, machine)
+        if found is None:
             raise ProviderError("not_found", f"AKS agent pool {pool_name} of {cluster} has no machine {machine}")
-        url = await self.lro(aks, "begin_delete_machines", f"AKS deleteMachines {pool_name}/{machine}", rg, cluster,
-                             pool_name, {"machineNames": [machine]}, group="agent_pools", kind="aks")
-        if autoscale:
-            return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster}; the pool "
-                                  f"autoscales, so the cluster autoscaler brings a new node when pods wait",
-                                  new_host=True, operation=url)
-        after = await self._aks_pool(ref, rg, cluster, pool_name)
-        now = int(_pool(after, "count") or 0)
-        if now < count:
-            body = _as_dict(after)
-            body.setdefault("properties", {})["count"] = count
-            await self.lro(aks, "begin_create_or_update", f"AKS scale pool {pool_name} back to {count}", rg, cluster,
-                           pool_name, body, group="agent_pools", kind="aks")
-        return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster} and set its count "
-                              f"back to {count} (was {now}): AKS creates a new node", new_host=True, operation=url)
+        vm_id = str(_get(found, "resource_id") or _get(found, "properties", "resourceId") or "")
+        want = f"/virtualMachineScaleSets/{ref.scale_set}/virtualMachines/{ref.instance_id}".lower()
+        if not vm_id.lower().endswith(want):
+            raise ProviderError("unsupported", f"AKS machine {machine} of pool {pool_name} is {vm_id or 'no VM'}, not "
+                                               f"the node's {ref.describe()}: node name and providerID disagree; "
+                                               f"not touched")
+        async with self._lock(f"aks/{self.aks_cluster}/{pool_name}"):
+            pool = await self._aks_pool(ref, rg, cluster, pool_name)
+            count = int(_pool(pool, "count") or 0)
+            url = await self.lro(aks, "begin_delete_machines", f"AKS deleteMachines {pool_name}/{machine}", rg,
+                                 cluster, pool_name, {"machineNames": [machine]}, group="agent_pools", kind="aks")
+            if _pool(pool, "enable_auto_scaling"):
+                return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster}; the pool "
+                                      f"autoscales, so the cluster autoscaler brings a new node when pods wait",
+                                      new_host=True, operation=url)
+            try:
+                now = await self._aks_scale_back(aks, rg, cluster, pool_name, count)
+            except ProviderError as exc:
+                raise ProviderError(exc.kind, f"machine {machine} was deleted from AKS pool {pool_name}, but putting "
+                                              f"the pool's count back failed: {exc.detail}. The pool is one node "
+                                              f"short: `az aks nodepool scale --cluster-name {cluster} --name "
+                                              f"{pool_name} --node-count <count + 1>`", code=exc.code) from exc
+        return ProviderResult(f"deleted machine {machine} from AKS pool {pool_name} of {cluster} and put its count "
+                              f"back to {now}: AKS creates a new node", new_host=True, operation=url)
+
+    async def _aks_scale_back(self, aks: InstanceRef, rg: str, cluster: str, pool_name: str, before: int) -> int:
+        """Give the pool back the machine deleteMachines took: a GET-then-PUT of the pool with count + 1 (what `az
+        aks nodepool scale` does), guarded by the pool's eTag; a pool changed in between is read again, once."""
+        from azure.core import MatchConditions
+
+        for attempt in (1, 2):
+            after = await self._aks_pool(aks, rg, cluster, pool_name)
+            now = int(_pool(after, "count") or 0)
+            if now >= before:
+                return now  # someone (AKS, an operator) already scaled it back
+            after.count = now + 1  # the SDK model: only its writable fields are sent
+            etag = _pool(after, "e_tag")
+            guard = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+            try:
+                await self.lro(aks, "begin_create_or_update", f"AKS scale pool {pool_name} back to {now + 1}", rg,
+                               cluster, pool_name, after, group="agent_pools", kind="aks", **guard)
+            except ProviderError as exc:
+                if exc.code in ("412", "PreconditionFailed") and attempt == 1:
+                    continue
+                raise
+            return now + 1
+        raise AssertionError("unreachable")
 
     async def _aks_replaced(self, ref: InstanceRef, pool_name: str) -> Observation:
         rg, cluster, pool_name, machine = self._aks(ref, pool_name)
         pool = await self._aks_pool(ref, rg, cluster, pool_name)
-        if await self._aks_machine(ref, rg, cluster, pool_name, machine):
+        if await self._aks_machine(ref, rg, cluster, pool_name, machine) is not None:
             # Still listed: the delete was not sent, unless AKS is busy with one right now.
             busy = str(_pool(pool, "provisioning_state") or "Succeeded") != "Succeeded"
             return Observation.AMBIGUOUS if busy else Observation.NOT_DONE
@@ -440,11 +483,19 @@ class AzureProvider:
         return Observation.DONE if _pool(pool, "enable_auto_scaling") else Observation.AMBIGUOUS
 
 
+def _tags(resource: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (_get(resource, "tags") or {}).items()}
+
+
+def _marker_key(rid: str) -> str:
+    """Our crash marker's tag name: one per remediation, so two replaces never overwrite each other's."""
+    return f"{MARKER_TAG}-{re.sub(r'[^A-Za-z0-9-]', '-', rid)[:64]}"
+
+
 def _marker(vmss: Any, rid: str) -> int | None:
-    """The capacity our interrupted delete owes the scale set, if the marker tag is this remediation's."""
-    value = str((_get(vmss, "tags") or {}).get(MARKER_TAG, ""))
-    owner, _, capacity = value.rpartition(":")
-    return int(capacity) if owner == rid and capacity.isdigit() else None
+    """The capacity our interrupted delete owes the scale set, if this remediation's marker tag is there."""
+    value = _tags(vmss).get(_marker_key(rid), "")
+    return int(value) if value.isdigit() else None
 
 
 def _pool(pool: Any, name: str) -> Any:
@@ -454,13 +505,6 @@ def _pool(pool: Any, name: str) -> Any:
         camel = re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
         value = _get(pool, "properties", camel)
     return value
-
-
-def _as_dict(model: Any) -> dict[str, Any]:
-    if isinstance(model, Mapping):
-        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in model.items()}
-    as_dict = getattr(model, "as_dict", None)
-    return dict(as_dict()) if as_dict else {}
 
 
 PROVIDER = AzureProvider

@@ -183,14 +183,15 @@ async def test_delete_interrupted_before_scale_out_is_finished_on_rerun(az, tls)
     vmss = az.scale_sets[("gpu-rg", "gpu-vmss")]
     assert await p.replaced(ref, "rem-21") == Observation.NOT_DONE  # nothing sent yet
     # The webhook died after the delete and before the scale-out: marker written, VM gone, capacity down by one.
-    vmss["tags"] = {"team": "ml", "gpu-health-replace": "rem-21:3"}
+    vmss["tags"] = {"team": "ml", "gpu-health-replace-rem-21": "3", "gpu-health-replace-rem-99": "3"}
     del az.vms[("gpu-rg", "gpu-vmss", "1")]
     vmss["sku"]["capacity"] = 2
     assert await p.replaced(ref, "rem-21") == Observation.NOT_DONE  # the scale-out is still owed
     assert await p.replaced(ref, "someone-else") == Observation.DONE
     result = await p.replace(ref, "rem-21", "t")
     assert "interrupted by a restart" in result.detail
-    assert vmss["sku"]["capacity"] == 3 and vmss["tags"] == {"team": "ml"}
+    # ours cleared, another remediation's marker left alone
+    assert vmss["sku"]["capacity"] == 3 and vmss["tags"] == {"team": "ml", "gpu-health-replace-rem-99": "3"}
     assert "delete" not in az.verbs()  # nothing deleted twice
     assert await p.replaced(ref, "rem-21") == Observation.DONE
 
@@ -200,7 +201,7 @@ async def test_delete_writes_its_marker_before_deleting(az, tls):
     az.op_errors["delete"] = {"code": "InternalExecutionError", "message": "boom"}
     with pytest.raises(ProviderError):
         await p.replace(await ref_of(p, instance="2"), "rem-22", "t")
-    assert az.scale_sets[("gpu-rg", "gpu-vmss")]["tags"]["gpu-health-replace"] == "rem-22:3"
+    assert az.scale_sets[("gpu-rg", "gpu-vmss")]["tags"]["gpu-health-replace-rem-22"] == "3"
     assert az.verbs().index("update") < az.verbs().index("delete")
 
 
@@ -291,7 +292,7 @@ async def test_aks_errors(aks, tls):
     aks.op_errors["delete_machines"] = {"code": "OperationNotAllowed", "message": "Another operation is in progress"}
     with pytest.raises(ProviderError) as err:
         await p.replace(await p.resolve(aks_node("1")), "rem-38", "t")
-    assert err.value.kind in ("failed", "capacity") and "OperationNotAllowed" in err.value.detail
+    assert err.value.kind == "failed" and "OperationNotAllowed" in err.value.detail  # busy, not short of capacity
 
 
 def test_aks_cluster_config_is_validated():
@@ -316,3 +317,48 @@ def test_role_definitions_grant_what_the_provider_calls_and_deny_scale_set_wide_
             "Microsoft.ContainerService/managedClusters/agentPools/write"} <= set(aks["Actions"])
     assert not any(a.startswith("Microsoft.Compute/") for a in aks["Actions"])  # never VMSS calls on AKS nodes
     assert all("managedClusters/" in scope for scope in aks["AssignableScopes"])
+
+
+async def test_concurrent_deletes_in_one_scale_set_lose_no_capacity(az, tls):
+    import asyncio
+
+    p = azure_provider(az, tls, replace_mode="delete")
+    refs = [await ref_of(p, instance=i) for i in ("0", "1")]
+    results = await asyncio.gather(*(p.replace(ref, f"rem-4{n}", "t") for n, ref in enumerate(refs)))
+    assert all(r.new_host for r in results)
+    vmss = az.scale_sets[("gpu-rg", "gpu-vmss")]
+    assert vmss["sku"]["capacity"] == 3 and not any(k.startswith("gpu-health-replace") for k in vmss["tags"])
+
+
+async def test_aks_count_put_back_sends_only_writable_fields_under_the_etag(aks, tls):
+    p = azure_provider(aks, tls, aks_cluster=CLUSTER)
+    aks.changed_behind_our_back = 1  # the pool changes between our read and our PUT: read again, once
+    await p.replace(await p.resolve(aks_node("1")), "rem-50", "t")
+    assert aks.pools[("aks-rg", "aks1", "gpu")]["properties"]["count"] == 2
+    assert len(aks.pool_puts) == 2 and aks.verbs().count("put_pool") == 2
+    body = aks.pool_puts[-1]
+    assert body["properties"]["count"] == 2
+    assert not {"id", "name", "type"} & set(body)  # read-only fields stay out of the PUT
+    assert not {"provisioningState", "eTag"} & set(body["properties"])
+
+
+async def test_aks_concurrent_replaces_in_one_pool_lose_no_node(tls, az):
+    import asyncio
+
+    az.add_scale_set(NODE_RG, "aks-gpu-12345678-vmss", instances=3, tags={"aks-managed-poolName": "gpu"})
+    az.add_cluster("aks-rg", "aks1", node_rg=NODE_RG, pool="gpu", scale_set="aks-gpu-12345678-vmss",
+                   node_prefix="aks-gpu-12345678-vmss")
+    p = azure_provider(az, tls, aks_cluster=CLUSTER)
+    refs = [await p.resolve(aks_node(i)) for i in ("0", "2")]
+    await asyncio.gather(*(p.replace(ref, f"rem-6{n}", "t") for n, ref in enumerate(refs)))
+    assert az.pools[("aks-rg", "aks1", "gpu")]["properties"]["count"] == 3
+
+
+async def test_aks_machine_of_another_vm_is_not_touched(aks, tls):
+    p = azure_provider(aks, tls, aks_cluster=CLUSTER)
+    liar = NodeIdentity("aks-gpu-12345678-vmss000000", "u", provider_id=aks_node("1").provider_id,
+                        labels={"kubernetes.azure.com/agentpool": "gpu"})  # name says VM 0, providerID VM 1
+    with pytest.raises(ProviderError) as err:
+        await p.replace(await p.resolve(liar), "rem-70", "t")
+    assert err.value.kind == "unsupported" and "disagree" in err.value.detail
+    assert "delete_machines" not in aks.verbs()

@@ -29,7 +29,8 @@ ContainerServiceClient:
   POST .../managedClusters/{c}/agentPools/{pool}/deleteMachines      {"machineNames": [...]} -> 202 + async op
 
 deleteMachines removes the machines and the VMSS VMs behind them and lowers the pool's count (and the scale set's
-capacity), as AKS does. Verbs for `script` and `op_errors`: "get_cluster", "get_pool", "put_pool",
+capacity), as AKS does. A pool carries `properties.eTag`, changed by every write; a PUT with an `If-Match` that
+is not the current eTag answers 412 PreconditionFailed. `pool_puts` records the body of every PUT. Verbs for `script` and `op_errors`: "get_cluster", "get_pool", "put_pool",
 "get_machine", "delete_machines". Every AKS request is recorded in `seen` like the compute ones.
 """
 
@@ -78,6 +79,9 @@ class AzureFake(HttpFake):
         self.clusters: dict[tuple[str, str], dict[str, Any]] = {}
         self.pools: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.machines: dict[tuple[str, str, str, str], tuple[str, str, str]] = {}  # -> the VMSS VM key
+        self.pool_puts: list[dict[str, Any]] = []
+        self.changed_behind_our_back = 0  # the next PUTs find the pool changed since it was read (a new eTag)
+        self.if_match: str | None = None
         self.serve("azure-fake", tls=(certfile, keyfile))
 
     def respond(self, method: str, path: str, query: dict[str, str], headers: Message,
@@ -87,6 +91,7 @@ class AzureFake(HttpFake):
             status, payload, extra = 401, {"error": {"code": "InvalidAuthenticationToken",
                                                      "message": "The access token is invalid."}}, {}
         else:
+            self.if_match = headers.get("If-Match")
             status, payload, extra = self.handle(method, path, body)
         extra = {"x-ms-request-id": "req-1", **extra}
         if status == 429:
@@ -207,13 +212,19 @@ class AzureFake(HttpFake):
             "type": "Microsoft.ContainerService/managedClusters/agentPools",
             "properties": {"count": len(vms), "vmSize": "Standard_ND96isr_H100_v5", "mode": "User",
                            "type": "VirtualMachineScaleSets", "enableAutoScaling": autoscale,
-                           "provisioningState": "Succeeded", "osType": "Linux"}}
+                           "provisioningState": "Succeeded", "osType": "Linux", "eTag": "etag-1"}}
         names = []
         for key in vms:
             machine = f"{node_prefix}{int(key[2]):06d}"
             self.machines[(rg.lower(), name.lower(), pool, machine)] = key
             names.append(machine)
         return names
+
+    @staticmethod
+    def bump(pool: dict[str, Any]) -> None:
+        """Another write to the pool: a new eTag."""
+        n = int(pool["properties"]["eTag"].rsplit("-", 1)[1]) + 1
+        pool["properties"]["eTag"] = f"etag-{n}"
 
     def _aks(self, method: str, groups: tuple[Any, ...], body: dict[str, Any],
              path: str) -> tuple[int, Any, dict[str, str]]:
@@ -238,6 +249,13 @@ class AzureFake(HttpFake):
         if verb == "get_pool":
             return 200, ap, {}
         if verb == "put_pool":
+            self.pool_puts.append(body)
+            if self.changed_behind_our_back:
+                self.changed_behind_our_back -= 1
+                self.bump(ap)
+            # If-Match carries the eTag as an HTTP entity tag, quoted (azure-core's quote_etag)
+            if self.if_match is not None and self.if_match.strip('"') != ap["properties"]["eTag"]:
+                return (*arm_error(412, "PreconditionFailed", "The agent pool was modified (eTag mismatch)."), {})
             count = int((body.get("properties") or {}).get("count", ap["properties"]["count"]))
             if ap["properties"]["enableAutoScaling"] and count != ap["properties"]["count"]:
                 return (*arm_error(400, "InvalidParameter", "Cannot set count while autoscaling is enabled"), {})
@@ -245,6 +263,7 @@ class AzureFake(HttpFake):
             def scale() -> None:
                 ap["properties"]["count"] = count
                 ap["properties"]["provisioningState"] = "Succeeded"
+                self.bump(ap)
             ap["properties"]["provisioningState"] = "Scaling"
             _, _, headers = self._lro("put_pool", scale)
             return 200, ap, headers
@@ -270,5 +289,6 @@ class AzureFake(HttpFake):
                     self.scale_sets[vm_key[:2]]["sku"]["capacity"] -= 1
                 ap["properties"]["count"] -= len(keys)
                 ap["properties"]["provisioningState"] = "Succeeded"
+                self.bump(ap)
             return self._lro("delete_machines", delete)
         return (*arm_error(400, "BadRequest", verb), {})
