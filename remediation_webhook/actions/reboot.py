@@ -49,7 +49,9 @@ class Reboot:
             raise ConfigError(f"{key}: no executor for reboot yet: set {key}.using to one of "
                               f"{', '.join(USING)} or auto (see docs/providers.md)")
         using = choose(opt(raw, key, "using", str, ""), USING, deps, key)
-        if using == "slurm" and getattr(deps.providers["slurm"], "rest", None) is not None:
+        slurm = deps.providers.get("slurm")
+        if using in ("slurm", "auto") and slurm is not None and getattr(slurm, "rest", None) is not None:
+            # `auto` picks slurm for slurm:// nodes: the same reboot would fail on every one of them.
             raise ConfigError(f"{key}.using: slurm reboots need scontrol, and providers.slurm uses slurmrestd, which "
                               f"has no reboot operation; use executor, or configure providers.slurm.scontrol")
         return cls(using, deps, duration(raw, key, "verify_timeout", "20m"),

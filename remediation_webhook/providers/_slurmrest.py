@@ -150,6 +150,9 @@ class SlurmRest:
             raise ConfigError(f"{key}.url: expected an http(s) URL such as https://slurmrestd:6820")
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ConfigError(f"{key}.url: no user:password@, query or fragment (the token comes from token_file)")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigError(f"{key}.url: https, since the JWT travels in a header (plain http only to a "
+                              f"slurmrestd on this host: 127.0.0.1, ::1 or localhost)")
         token_file = opt(raw, key, "token_file", str, "")
         if not token_file:
             raise ConfigError(f"{key}.token_file: required (a file holding a Slurm JWT, e.g. /run/secrets/slurm-jwt)")
@@ -254,15 +257,17 @@ class SlurmRest:
             raise ProviderError("unavailable", f"{what}: slurmrestd answered {status} ({said}); slurmctld or "
                                                f"slurmrestd is unreachable, the outcome of an update is unknown",
                                 code=str(status))
-        if status == 404:
-            unknown = f"Slurm does not know node {node}, or slurmrestd" if node else "slurmrestd"
-            raise ProviderError("not_found", f"{what}: 404 ({said}): {unknown} does not serve {self.api_version} "
-                                             f"(check {self.key}.api_version)")
         if numbers & NOT_FOUND_ERRNOS or "invalid node name" in low:
             raise ProviderError("not_found", f"{what}: Slurm does not know node {node or '?'} ({said})")
         if numbers & AUTH_ERRNOS or "access/permission denied" in low or "invalid user id" in low:
             raise ProviderError("auth", f"{what}: slurmctld refused ({said}); the token's user must be a Slurm "
                                         f"operator or administrator (sacctmgr modify user ... set adminlevel=operator)")
+        if status == 404:
+            # No Slurm error: slurmrestd (or a proxy in front of it) does not serve this path. That says nothing
+            # about the node, so it must not read as "node gone" (which closes remediations).
+            raise ProviderError("failed", f"{what}: 404 ({said}): slurmrestd does not serve this path; check "
+                                          f"{self.key}.url and that slurmrestd serves {self.api_version} (check "
+                                          f"{self.key}.api_version)", code="404")
         if numbers & UNAVAILABLE_ERRNOS:
             raise ProviderError("unavailable", f"{what}: slurmctld unreachable from slurmrestd ({said})")
         if status >= 300 or (errors and (not answer or answer not in payload)):

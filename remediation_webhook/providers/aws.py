@@ -196,9 +196,11 @@ class AwsProvider:
             {"Name": "private-dns-name", "Values": [node.name]},
             {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
         found = [i for r in out.get("Reservations", []) for i in r.get("Instances", [])]
-        if len(found) != 1:
-            raise ProviderError("not_found", f"node {node.name}: {len(found)} instances have that private DNS name "
-                                             f"(need exactly one)")
+        if not found:
+            raise ProviderError("not_found", f"node {node.name}: no live instance has that private DNS name")
+        if len(found) > 1:  # ambiguous, not gone: never read as "already replaced" after a restart
+            raise ProviderError("invalid", f"node {node.name}: {len(found)} instances have that private DNS name "
+                                           f"(need exactly one); use providers.aws.lookup: provider-id")
         iid = str(found[0]["InstanceId"])
         if not AWS_INSTANCE_ID.fullmatch(iid):
             raise ProviderError("invalid", f"node {node.name}: EC2 returned a malformed instance id")

@@ -127,3 +127,22 @@ async def test_reboot_and_hostile_ids(aws):
             await p.resolve(NodeIdentity("n", "u", provider_id=bad))
         assert err.value.kind == "invalid"
     assert len(aws.proxy.seen) == before
+
+
+async def test_private_dns_name_lookup(aws):
+    p = AwsProvider.from_config({**aws_cfg(aws), "lookup": "private-dns-name"}, "providers.aws")
+    victim = aws.ids[1]
+    dns = aws.ec2.describe_instances(InstanceIds=[victim])["Reservations"][0]["Instances"][0]["PrivateDnsName"]
+    ref = await p.resolve(NodeIdentity(dns, "u"))
+    assert ref.instance_id == victim and ref.zone.startswith("us-east-1")
+    with pytest.raises(ProviderError) as err:
+        await p.resolve(NodeIdentity("ip-10-9-9-9.ec2.internal", "u"))
+    assert err.value.kind == "not_found"
+
+    async def two(*args, **kwargs):  # EC2 answering two live instances for one name (moto cannot make one)
+        return {"Reservations": [{"Instances": [{"InstanceId": aws.ids[0]}, {"InstanceId": aws.ids[1]}]}]}
+
+    p.call = two
+    with pytest.raises(ProviderError) as err:
+        await p.resolve(NodeIdentity(dns, "u"))
+    assert err.value.kind == "invalid" and "2 instances" in err.value.detail  # ambiguous is not "gone"

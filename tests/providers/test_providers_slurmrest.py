@@ -184,11 +184,11 @@ async def test_non_operator_token_is_auth(slurm, fake):
     assert err.value.kind == "auth" and "operator" in err.value.detail
 
 
-async def test_404_and_unknown_nodes_are_not_found(slurm, fake):
+async def test_unknown_nodes_are_not_found_but_a_bare_404_is_not(slurm, fake):
     fake.script["get"] = [(404, "Unable find requested URL. Please view /openapi/v3 for API reference.")]
-    with pytest.raises(ProviderError) as err:
+    with pytest.raises(ProviderError) as err:  # a wrong path or api version says nothing about the node
         await slurm.resolve(NodeIdentity("gpu001", "u"))
-    assert err.value.kind == "not_found" and "api_version" in err.value.detail
+    assert err.value.kind == "failed" and "api_version" in err.value.detail
     with pytest.raises(ProviderError) as err:  # GET: 200, no nodes, "Failure to query node"
         await slurm.resolve(NodeIdentity("gpu404", "u"))
     assert err.value.kind == "not_found" and "Failure to query node gpu404" in err.value.detail
@@ -205,12 +205,12 @@ async def test_get_returning_another_node_is_not_found(slurm, fake):
     assert err.value.kind == "not_found"
 
 
-async def test_wrong_api_version_is_not_found_naming_the_key(fake, token_file):
+async def test_wrong_api_version_fails_naming_the_key(fake, token_file):
     slurm = SlurmProvider.from_config({"rest": {"url": fake.url, "token_file": str(token_file),
                                                 "api_version": "v0.0.42"}}, "providers.slurm")
     with pytest.raises(ProviderError) as err:
         await slurm.resolve(NodeIdentity("gpu001", "u"))
-    assert err.value.kind == "not_found" and "providers.slurm.rest.api_version" in err.value.detail
+    assert err.value.kind == "failed" and "providers.slurm.rest.api_version" in err.value.detail
     assert fake.seen[0][1] == "/slurm/v0.0.42/node/gpu001"
 
 
@@ -304,8 +304,9 @@ def _cfg(tmp_path: Path, **rest: object) -> dict[str, object]:
     (lambda c, t: {"rest": {**c["rest"], "user": "root; rm"}}, "providers.slurm.rest.user"),
     (lambda c, t: {"rest": {**c["rest"], "timeout": "soon"}}, "providers.slurm.rest.timeout"),
     (lambda c, t: {"rest": {**c["rest"], "ca_file": str(t / "missing.pem")}}, "providers.slurm.rest.ca_file"),
-    (lambda c, t: {"rest": {**c["rest"], "url": "http://slurmrestd:6820", "ca_file": str(t / "jwt")}},
+    (lambda c, t: {"rest": {**c["rest"], "url": "https://slurmrestd:6820", "ca_file": str(t / "jwt")}},
      "providers.slurm.rest.ca_file"),
+    (lambda c, t: {"rest": {**c["rest"], "url": "http://slurmrestd:6820"}}, "providers.slurm.rest.url"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, key):
     raw = change(_cfg(tmp_path), tmp_path)
@@ -348,8 +349,9 @@ def test_reboot_using_a_rest_only_slurm_is_a_config_error():
     from remediation_webhook.providers.slurm import SlurmProvider
 
     rest_only = ActionDeps(providers={"slurm": SlurmProvider(rest=object())})
-    with pytest.raises(ConfigError, match=r"actions.reboot.using: slurm reboots need scontrol"):
-        Reboot.from_config({"using": "slurm"}, "actions.reboot", rest_only)
+    for using in ("slurm", "auto"):  # auto would pick slurm for every slurm:// node
+        with pytest.raises(ConfigError, match=r"actions.reboot.using: slurm reboots need scontrol"):
+            Reboot.from_config({"using": using}, "actions.reboot", rest_only)
     scontrol = ActionDeps(providers={"slurm": SlurmProvider()})
     assert Reboot.from_config({"using": "slurm"}, "actions.reboot", scontrol).using == "slurm"
 
@@ -400,6 +402,9 @@ async def test_inventory_over_rest_resolves_with_boot_time_and_drain(pool, token
     assert {k.lower(): v for k, v in pool.seen[0][2].items()}["x-slurm-user-token"] == TOKEN
     with pytest.raises(NodeNotFound):
         await inv.resolve("gpu404")
+    pool.script["get"] = [(404, "Unable find requested URL. Please view /openapi/v3 for API reference.")]
+    with pytest.raises(InventoryUnavailable, match="does not serve this path"):  # not "node gone"
+        await inv.resolve("gpu001")
 
 
 @pytest.mark.parametrize("name", HOSTILE)
