@@ -273,11 +273,16 @@ async def test_dry_run_replace_by_karpenter_keeps_the_nodeclaim(tmp_path, kube):
 # ------------------------------------------------------------------------------------------------ crash
 
 
-async def test_crash_reset_gpu_after_the_job_succeeded_is_done_without_a_second_job(tmp_path, kube):
-    gpu_node(kube, "gpu-c1")
+async def reset_gpu_webhook(tmp_path, kube, node):
+    """A GPU node and a webhook whose ladder ends in reset_gpu: (its config, the harness)."""
+    gpu_node(kube, node)
     raw = config(tmp_path, kube.url, ["cordon", "drain", "reset_gpu"],
                  reset_gpu={"verify_timeout": "5s", "verify_interval": "20ms"})
-    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    return raw, await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+
+
+async def test_crash_reset_gpu_after_the_job_succeeded_is_done_without_a_second_job(tmp_path, kube):
+    raw, h = await reset_gpu_webhook(tmp_path, kube, "gpu-c1")
     await h.post(notification(alert("gpu-c1", remediation="reset_gpu", gpu="3", uuid=UUID)))
     rid = await rid_of(h, "gpu-c1")
     name = job_name("reset_gpu", rid)
@@ -298,10 +303,7 @@ async def test_crash_reset_gpu_after_the_job_succeeded_is_done_without_a_second_
 
 
 async def test_crash_reset_gpu_before_the_job_is_re_run(tmp_path, kube):
-    gpu_node(kube, "gpu-c2")
-    raw = config(tmp_path, kube.url, ["cordon", "drain", "reset_gpu"],
-                 reset_gpu={"verify_timeout": "5s", "verify_interval": "20ms"})
-    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    raw, h = await reset_gpu_webhook(tmp_path, kube, "gpu-c2")
     h.engine.actions["reset_gpu"] = Stuck(h.engine.actions["reset_gpu"])  # dies before creating the Job
     await h.post(notification(alert("gpu-c2", remediation="reset_gpu", gpu="0", uuid=UUID)))
     rid = await rid_of(h, "gpu-c2")
