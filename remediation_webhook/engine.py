@@ -10,6 +10,7 @@ non-idempotent one whose effect cannot be observed goes to a human (NEEDS_HUMAN)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -404,7 +405,8 @@ class Engine:
             await self.journal.run(finish_step, rem.id, seq, "ABANDONED", "abandoned",
                                    "interrupted by a restart; re-run", [], self.clock(), event=None, advance=False)
             return True
-        ctx = self._context(rem, self._saved_identity(rem), False)
+        ctx = dataclasses.replace(self._context(rem, self._saved_identity(rem), False),
+                                  step_started=float(step["started_at"]))
         try:
             seen = await action.observe(ctx)
         except (KubeApiError, InventoryUnavailable) as exc:

@@ -86,6 +86,8 @@ class ActionContext:
     clock: Callable[[], float]
     # note(provider, action, kind): counts provider errors and hand-offs (gpu_remediation_provider_events_total)
     note: Callable[[str, str, str], None] = _no_note
+    # When the step being reconciled after a restart began (its intent row); None on a first run.
+    step_started: float | None = None
 
 
 class Action(Protocol):

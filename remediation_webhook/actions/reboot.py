@@ -118,6 +118,11 @@ class Reboot:
         except KubeApiError:
             return Observation.UNKNOWN
         if job is None:
+            ttl = self.deps.executor.settings.ttl_after_finished
+            if ctx.step_started is not None and ctx.clock() - ctx.step_started >= ttl:
+                # Old enough that Kubernetes may have deleted our finished Job (ttlSecondsAfterFinished): it may
+                # have rebooted the node already, and a new Job would reboot it again.
+                return Observation.AMBIGUOUS
             return Observation.NOT_DONE
         before = _recorded_boot_id(job)
         now = await boot_id(ctx)

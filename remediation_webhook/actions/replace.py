@@ -85,7 +85,7 @@ class Replace:
             # with its NodeClaim / Machine; a re-run could not resolve it either and would end CANCELLED.
             return Observation.DONE if exc.kind == "not_found" else Observation.UNKNOWN
         try:
-            return await provider.replaced(ref, ctx.remediation_id)
+            return await provider.replaced(ref, ctx.remediation_id, since=ctx.step_started)
         except ProviderError:
             return Observation.UNKNOWN
 

@@ -271,7 +271,7 @@ class AwsProvider:
                         ShouldRespectGracePeriod=False)
         return ProviderResult(f"{iid} marked Unhealthy; its group replaces it")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
         """DONE once our tagged instance is terminating; otherwise replace is safe to send again, because it
         checks the instance's lifecycle state before it terminates anything."""
         iid = self._check(ref)

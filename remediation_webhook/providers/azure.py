@@ -303,7 +303,7 @@ class AzureProvider:
     async def mark_unhealthy(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
         raise ProviderError("unsupported", "Azure has no mark-unhealthy for VMSS VMs; use replace (redeploy)")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
         """After a crash mid-replace. A delete is observable (the VM is gone, and our marker tag says whether the
         scale-out is still owed); redeploy and reimage leave no trace and carry no idempotency key, so they are
         AMBIGUOUS: a second redeploy is a second outage."""

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,6 +63,17 @@ GCE_REGION = re.compile(r"[a-z]+-[a-z]+\d+")
 CAPACITY = ("ZONE_RESOURCE_POOL_EXHAUSTED", "QUOTA_EXCEEDED", "RESOURCE_POOL_EXHAUSTED",
             "STOCKOUT", "INSUFFICIENT_CAPACITY")
 FAULT_BEHAVIORS = ("UNRECOVERABLE_GPU_ERROR", "SILENT_DATA_CORRUPTION", "PERFORMANCE", "BEHAVIOR_UNSPECIFIED")
+
+
+# Compute Engine remembers a requestId for at least 60 minutes; keep a margin below that.
+REQUEST_ID_WINDOW = 3300.0
+
+
+def _rfc3339(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def request_id(rid: str, verb: str) -> str:
@@ -412,11 +424,31 @@ class GcpProvider:
             return Mig(name, scope)
         return None
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
-        """Unknown from the instance alone (a recreated VM has the same name); the replace is safe to re-run:
-        recreateInstances carries the same requestId, which Compute Engine deduplicates (for at least 60 minutes,
-        longer than a webhook restart takes)."""
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
+        """After a restart, from the instance's labels and creation time. We label the VM with the remediation id
+        before we send anything, and a MIG recreates a VM from its template, which drops instance labels:
+          our label still there    not recreated yet: sending (again) is right; the requestId dedupes a retry.
+                                   A reportHostAsFaulty older than the requestId window is AMBIGUOUS instead
+                                   (a second report would move the VM again).
+          no label, created since  the VM under this name was created after the step began: recreated, DONE.
+          no label, older          the step died before it labelled, so before it sent anything: NOT_DONE.
+        A VM that is missing (deleted mid-recreate) is AMBIGUOUS."""
         self._check(ref)
+        try:
+            inst = await self._instance(ref)
+        except ProviderError as exc:
+            if exc.kind == "not_found":
+                return Observation.AMBIGUOUS
+            raise
+        labels = dict(inst.labels)
+        if labels.get(f"{self.label_prefix}id"[:63]) == label_value(rid):
+            faulty = labels.get(f"{self.label_prefix}action"[:63]) == "report-faulty-host"
+            if faulty and since is not None and time.time() - since > REQUEST_ID_WINDOW:
+                return Observation.AMBIGUOUS
+            return Observation.NOT_DONE
+        created = _rfc3339(str(inst.creation_timestamp or ""))
+        if since is not None and created is not None and created >= since:
+            return Observation.DONE
         return Observation.NOT_DONE
 
     async def replace(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:

@@ -67,7 +67,7 @@ class HumanProvider:
         return ProviderResult(f"replacement record opened for a human: node {ref.instance_id} stays cordoned and "
                               f"drained until someone replaces the hardware and closes remediation {rid}{sent}")
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
         return Observation.NOT_DONE  # a second record carries the same remediation id
 
     async def reboot(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:

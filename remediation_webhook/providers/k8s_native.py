@@ -151,7 +151,7 @@ class _Native:
         self._check(ref)
         return await self._delete_and_wait(ref, rid)
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
         self._check(ref)
         return Observation.DONE if await self._get(ref) is None else Observation.NOT_DONE
 

@@ -180,7 +180,7 @@ class SlurmProvider:
 
     move = mark_unhealthy = replace
 
-    async def replaced(self, ref: InstanceRef, rid: str) -> Observation:
+    async def replaced(self, ref: InstanceRef, rid: str, since: float | None = None) -> Observation:
         return Observation.NOT_DONE
 
     async def tag(self, ref: InstanceRef, tags: Mapping[str, str]) -> None:

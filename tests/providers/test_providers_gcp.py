@@ -358,3 +358,36 @@ async def test_auth_failure_through_the_webhook_is_journaled(tmp_path, kube, gcp
                         kind="auth") == 1
     finally:
         await close_harness(h)
+
+
+async def test_replaced_after_a_restart_reads_labels_and_creation_time(gcp):
+    import time
+
+    from remediation_webhook.actions.base import Observation
+
+    p = provider(gcp)
+    ref = await ref_of(p, "gpu-2")
+    since = time.time() - 1
+    assert await p.replaced(ref, "rem-80", since=since) == Observation.NOT_DONE  # nothing labelled, nothing sent
+    await p.tag(ref, {"id": "rem-80", "action": "replace", "state": "replacing"})
+    # labelled, not yet recreated: sending (again) is right, even long after (the old VM is still there)
+    assert await p.replaced(ref, "rem-80", since=since) == Observation.NOT_DONE
+    assert await p.replaced(ref, "rem-80", since=since - 7200) == Observation.NOT_DONE
+    await p.replace(ref, "rem-80", "t")  # recreated from the template: our labels gone, a new creation time
+    assert await p.replaced(ref, "rem-80", since=since) == Observation.DONE
+    # a later restart of another remediation, begun after this VM was created, sees nothing of its own
+    assert await p.replaced(ref, "rem-81", since=time.time() + 1) == Observation.NOT_DONE
+
+
+async def test_replaced_report_faulty_host_past_the_request_id_window_is_ambiguous(gcp):
+    import time
+
+    from remediation_webhook.actions.base import Observation
+
+    p = provider(gcp, report_faulty_host=True)
+    ref = await ref_of(p, "ultra-1")
+    await p.tag(ref, {"id": "rem-82", "action": "report-faulty-host"})
+    assert await p.replaced(ref, "rem-82", since=time.time() - 60) == Observation.NOT_DONE  # the requestId dedupes
+    assert await p.replaced(ref, "rem-82", since=time.time() - 4000) == Observation.AMBIGUOUS
+    del gcp.instances["gpu-1"]  # deleted mid-recreate
+    assert await p.replaced(await ref_of(p, "gpu-1"), "rem-83", since=time.time()) == Observation.AMBIGUOUS

@@ -370,6 +370,29 @@ async def test_crash_reboot_by_executor_before_the_boot_adopts_the_job(tmp_path,
         await close_harness(h)
 
 
+async def test_crash_reboot_by_executor_with_the_job_gone_past_its_ttl_goes_to_a_human(tmp_path, kube):
+    gpu_node(kube, "gpu-c6", boot="boot-1")
+    raw = config(tmp_path, kube.url, ["cordon", "drain", "reboot"],
+                 reboot={"using": "executor", "verify_timeout": "20s", "verify_interval": "20ms"})
+    raw["executor"]["ttl_after_finished"] = 1
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    await h.post(notification(alert("gpu-c6", remediation="reboot")))
+    rid = await rid_of(h, "gpu-c6")
+    name = job_name("reboot", rid)
+    await await_for(lambda: job(kube, name), what="reboot job")
+    await crash(h, tmp_path, "reboot")
+    r = kube.http.delete(f"{kube.url}{JOBS}/{name}", headers=SETUP_UA, timeout=5)
+    assert r.status_code < 300, r.text  # the TTL controller removed the finished Job while we were down
+    await asyncio.sleep(1.1)
+    h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await await_for(lambda: h.states().get("gpu-c6") == "NEEDS_HUMAN", what="needs human")
+        assert steps(h, rid)[-1][:2] == ("reboot", "AMBIGUOUS")
+        assert len(job_posts(kube)) == 1  # no second reboot Job
+    finally:
+        await close_harness(h)
+
+
 async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_path, kube, aws):
     victim = aws.ids[0]
     gpu_node(kube, "gpu-c4", provider_id=f"aws:///us-east-1a/{victim}", boot="boot-1")
@@ -392,6 +415,38 @@ async def test_crash_reboot_by_aws_goes_to_a_human_without_a_second_reboot(tmp_p
         assert aws.proxy.seen.count("RebootInstances") == 1  # a second reboot would be a second outage
     finally:
         await close_harness(h)
+
+
+async def test_crash_replace_by_gcp_after_recreate_is_sent_again_under_the_same_request_id(tmp_path, kube):
+    from tests.providers.fakes.gcp_compute import GcpFake
+
+    gcp = GcpFake()
+    gcp.add_instance("gpu-g1")
+    try:
+        gpu_node(kube, "gpu-g1", provider_id="gce://gpu-proj/us-central1-a/gpu-g1")
+        raw = config(tmp_path, kube.url, ["cordon", "drain", "replace"], replace={"using": "gcp"},
+                     providers={"gcp": {"endpoint": gcp.url, "anonymous": True, "poll_interval": "10ms",
+                                        "retry_base": "10ms", "replacement_timeout": "10s"}})
+        h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+        provider = h.engine.actions["replace"].deps.providers["gcp"]
+        provider._await_recreated = waiting = Hang()  # dies after recreateInstances, before the VM is back
+        await h.post(notification(alert("gpu-g1", remediation="reboot")))
+        rid = await rid_of(h, "gpu-g1")
+        await asyncio.wait_for(waiting.reached.wait(), 20)
+        await crash(h, tmp_path, "replace")
+        provider.close()
+        h = await make_harness(raw, tmp_path, kube.url, FakeAlertmanager())
+        try:
+            await await_for(lambda: h.states().get("gpu-g1") == "SUCCEEDED", what="re-run and verified")
+            rows = steps(h, rid)
+            assert [(a, s) for a, s, _ in rows[2:]] == [("replace", "ABANDONED"), ("replace", "SUCCEEDED")]
+            sent = [q.get("requestId") for verb, _n, q, _b in gcp.seen if verb == "recreateInstances"]
+            assert len(sent) == 2 and sent[0] == sent[1]  # the same request: Compute Engine runs it once
+            assert "RUNNING with no pending action" in rows[3][2]
+        finally:
+            await close_harness(h)
+    finally:
+        gcp.close()
 
 
 async def test_crash_replace_by_aws_after_the_terminate_is_done(tmp_path, kube, aws):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from email.message import Message
 from typing import Any
 
@@ -93,6 +94,7 @@ class GcpFake(HttpFake):
             "zone": f"https://www.googleapis.com/compute/v1/projects/{self.project}/zones/{self.zone}",
             "machineType": f"zones/{self.zone}/machineTypes/{machine_type}",
             "labels": {"team": "ml"}, "labelFingerprint": f"fp{self._next_id}",
+            "creationTimestamp": "2026-01-05T10:00:00.000-08:00",
             "metadata": {"items": meta}, "_group": group}
 
     def seen_verbs(self) -> list[str]:
@@ -174,10 +176,11 @@ class GcpFake(HttpFake):
                         self.recreating[inst_name] = left - 1
                         rows.append({"instance": url, "id": inst["id"],
                                      "currentAction": "RECREATING", "instanceStatus": "STOPPING"})
-                        if left == 1:  # the VM comes back from the template: new id, template labels
+                        if left == 1:  # the VM comes back from the template: new id, template labels, new time
                             self._next_id += 1
                             inst.update(id=str(self._next_id), labels={"team": "ml"},
-                                        labelFingerprint=f"fp{self._next_id}")
+                                        labelFingerprint=f"fp{self._next_id}",
+                                        creationTimestamp=datetime.now(UTC).isoformat(timespec="milliseconds"))
                         continue
                     rows.append({"instance": url, "id": inst["id"],
                                  "currentAction": "NONE", "instanceStatus": inst["status"]})
