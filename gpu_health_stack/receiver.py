@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+class LoopbackServer:
+    """A ThreadingHTTPServer on 127.0.0.1 serving `handler` from a daemon thread; HTTPS with `tls` (certificate
+    file, key file). What the harness's and the tests' fake HTTP services share."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], *, tls: tuple[str, str] | None = None,
+                 poll_interval: float = 0.5, name: str | None = None) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": poll_interval},
+                                        daemon=True, name=name)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class RecordingReceiver:
@@ -26,10 +48,8 @@ class RecordingReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1/alerts"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackServer(Handler)
+        self.url = f"{self._http.url}/v1/alerts"
 
     def alerts(self, status: str | None = None) -> list[tuple[float, dict[str, Any]]]:
         """Every alert of every notification, with the time its notification arrived."""
@@ -37,5 +57,4 @@ class RecordingReceiver:
             return [(t, a) for t, n in self.notifications for a in n["alerts"] if status in (None, a["status"])]
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._http.close()

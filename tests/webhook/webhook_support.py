@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gpu_health_stack.kube import KubeFake as StackKubeFake
+from gpu_health_stack.receiver import LoopbackServer
 from remediation_webhook.admin import create_admin_app
 from remediation_webhook.alertmanager import AlertState
 from remediation_webhook.app import Services, create_app
@@ -331,11 +332,8 @@ class FakeAlertmanagerServer:
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackServer(Handler)
+        self.url = self._http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()

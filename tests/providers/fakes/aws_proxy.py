@@ -5,11 +5,12 @@ Everything else is forwarded to moto unchanged, so the real boto3 client talks r
 from __future__ import annotations
 
 import http.server
-import threading
 import urllib.parse
 from typing import Any
 
 import requests
+
+from gpu_health_stack.receiver import LoopbackServer
 
 THROTTLING = (400, '<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded'
                    '</Message></Error><RequestId>t</RequestId></ErrorResponse>')
@@ -70,11 +71,8 @@ class AwsProxy:
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = LoopbackServer(Handler)
+        self.url = self._http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()

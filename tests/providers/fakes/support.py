@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import ssl
 import threading
 import time
 import urllib.parse
@@ -16,6 +15,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from gpu_health_stack.receiver import LoopbackServer
 from remediation_webhook.admin import create_admin_app
 from remediation_webhook.app import Services, create_app
 from remediation_webhook.config import build_config
@@ -24,7 +24,6 @@ from remediation_webhook.inventory import build_inventory
 from remediation_webhook.journal import Journal
 from remediation_webhook.kube import KubernetesApi, KubernetesSettings
 from remediation_webhook.metrics import Metrics
-
 from tests.webhook import webhook_support as wc
 
 KubeFake, FakeAlertmanager, Harness = wc.KubeFake, wc.FakeAlertmanager, wc.Harness
@@ -211,16 +210,8 @@ class HttpFake:
 
         for method in self.methods:
             setattr(Handler, f"do_{method}", Handler._any)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(*tls)
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": poll_interval},
-                                        daemon=True, name=name)
-        self._thread.start()
+        self._http = LoopbackServer(Handler, tls=tls, poll_interval=poll_interval, name=name)
+        self.url = self._http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._http.close()
