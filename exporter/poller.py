@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .backends import Nvml
 from .device import CallTrace, Device, to_str
 from .errors import GpuLost
-from .registry import Collector, FleetView, GpuKey, RenderContext, Tier
+from .registry import Collector, FleetView, GpuKey, RenderContext, Tier, node_family
 from .render import Snapshot, exposition
 from .state import ExpectedGpus
 
@@ -502,10 +503,7 @@ class Poller:
     def _core_families(
         self, node: str, fleet: FleetView, states: list[GpuState], now_wall: float
     ) -> Iterable[Metric]:
-        def node_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            fam = GaugeMetricFamily(name, doc, labels=["node"])
-            fam.add_metric([node], value)
-            return fam
+        node_gauge = partial(node_family, GaugeMetricFamily, node)
 
         yield node_gauge("gpu_nvml_up", "1 if NVML initialised and enumerates GPUs, else 0.", int(fleet.nvml_up))
         yield node_gauge(

@@ -15,10 +15,23 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from prometheus_client.core import InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 from .device import UNSUPPORTED
 from .render import TextFamily, label_prefix
+
+
+def node_family(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], node: str, name: str, doc: str,
+                value: float) -> Metric:
+    """A family of one sample labelled with the node: the shape of every node-level gauge and counter."""
+    fam = kind(name, doc, labels=["node"])
+    fam.add_metric([node], value)
+    return fam
 
 
 class Tier(enum.Enum):

@@ -19,16 +19,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any, ClassVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..backends.dcgm.connection import DcgmConnection, GpuHealth, NodeHealth, acquire, release
+from ..backends.dcgm.connection import (
+    DcgmConnection,
+    GpuHealth,
+    NodeHealth,
+    acquire,
+    release,
+)
 from ..backends.dcgm.fields import parse_health_systems
 from ..device import Device
 from ..errors import ConfigError
-from ..registry import CollectorOptions, RenderContext, Tier
+from ..registry import CollectorOptions, RenderContext, Tier, node_family
 
 
 def _connection(options: CollectorOptions) -> tuple[DcgmConnection, bool]:
@@ -112,15 +119,8 @@ class DcgmCollector:
     def families(self, ctx: RenderContext) -> Iterable[Metric]:
         state = self.conn.state()
 
-        def node_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            fam = GaugeMetricFamily(name, doc, labels=["node"])
-            fam.add_metric([ctx.node], value)
-            return fam
-
-        def node_counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            fam = CounterMetricFamily(name, doc, labels=["node"])
-            fam.add_metric([ctx.node], value)
-            return fam
+        node_gauge = partial(node_family, GaugeMetricFamily, ctx.node)
+        node_counter = partial(node_family, CounterMetricFamily, ctx.node)
 
         yield node_gauge(
             "gpu_dcgm_connected",

@@ -25,7 +25,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..registry import CollectorOptions, GpuKey, RenderContext, Tier
+from ..registry import CollectorOptions, GpuKey, RenderContext, Tier, node_family
 from ..state import BOOT_ID_PATH, read_boot_id
 from ..xid.catalog import lookup
 from ..xid.nvml_events import NvmlXidEvents, XidDeduper
@@ -366,16 +366,12 @@ class XidCollector:
         info = GaugeMetricFamily("gpu_xid_source_info", "The kernel-log source XIDs are read from; always 1.",
                                  labels=["node", "source"])
         info.add_metric([node, self.source.kind], 1)
-        up = GaugeMetricFamily("gpu_xid_source_up", "1 if the kernel-log source is open and being read, else 0.",
-                               labels=["node"])
-        up.add_metric([node], int(self.source.up))
-        lines = CounterMetricFamily("gpu_xid_lines_read", "Kernel-log lines or records read this boot.",
-                                    labels=["node"])
-        lines.add_metric([node], view.lines_read)
-        lost = CounterMetricFamily(
-            "gpu_xid_kmsg_records_lost",
+        yield info
+        yield node_family(GaugeMetricFamily, node, "gpu_xid_source_up",
+                          "1 if the kernel-log source is open and being read, else 0.", int(self.source.up))
+        yield node_family(CounterMetricFamily, node, "gpu_xid_lines_read",
+                          "Kernel-log lines or records read this boot.", view.lines_read)
+        yield node_family(
+            CounterMetricFamily, node, "gpu_xid_kmsg_records_lost",
             "Kernel-log records overwritten in the /dev/kmsg ring buffer before they were read (EPIPE, sequence gaps).",
-            labels=["node"],
-        )
-        lost.add_metric([node], view.kmsg_records_lost)
-        yield from (info, up, lines, lost)
+            view.kmsg_records_lost)
