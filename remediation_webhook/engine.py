@@ -28,8 +28,10 @@ from .journal import (
     MetricEvent,
     Remediation,
     begin_step,
+    clear_mark,
     finish_step,
     load,
+    marks,
     open_step,
     runnable,
     save_identity,
@@ -158,6 +160,25 @@ class Engine:
             self.pool = await self.inventory.pool_size(self.config.policy.targets.node_selector)
         except InventoryUnavailable as exc:
             log.warning("cannot size the node pool; percentage caps use the last size", extra={"error": str(exc)})
+        await self._sweep_marks()
+
+    async def _sweep_marks(self) -> None:
+        """Forget our cordon marks on machines that are gone: a node the inventory no longer knows, or another
+        machine under the name (a replace). A mark counts against the fleet cap, and with undo off nothing else
+        would ever lift it, so every replaced node would hold a slot of the cap for good."""
+        for node, rid in (await self.journal.run(marks)).items():
+            if node in self._tasks:
+                continue  # its remediation is running and decides for itself
+            rem = await self.journal.run(load, rid)
+            try:
+                now_uid = (await self.inventory.resolve(node)).uid
+            except NodeNotFound:
+                await self.journal.run(clear_mark, node, self.clock(), "the node is gone")
+                continue
+            except InventoryUnavailable:
+                return  # try again at the next refresh
+            if rem is not None and rem.node_uid and now_uid != rem.node_uid:
+                await self.journal.run(clear_mark, node, self.clock(), "another machine carries the node's name")
 
     async def _guarded(self, rid: str) -> None:
         try:

@@ -175,6 +175,30 @@ async def test_fleet_cap_counts_in_flight_and_blocks_the_rest(harness, kube):
     assert h.metric("gpu_remediation_budget_remaining", budget="fleet_cap") == 0
 
 
+async def test_a_gone_or_replaced_node_gives_its_fleet_cap_slot_back(harness, kube):
+    """Undo is off: our cordon marks stay, and hold the fleet cap, only while the machine we cordoned exists."""
+    for name in ("gone", "swapped", "waiting"):
+        kube.add_node(name)
+    h = await harness(policy=_live(), safety={"fleet_cap": {"max_nodes": 2, "max_percent": 100},
+                                              "breaker": {"max_nodes": 50, "max_percent": 100}})
+    for name in ("gone", "swapped", "waiting"):
+        await h.post(notification(alert(name)))
+    await h.settle()
+    assert h.states() == {"gone": "SUCCEEDED", "swapped": "SUCCEEDED", "waiting": "BLOCKED"}
+    await h.engine._refresh_pool(force=True)  # both machines still there: their marks hold
+    assert len(h.sql("SELECT node FROM node_mark")) == 2
+    kube.delete_node("gone")  # replaced: the cloud removed the Node...
+    kube.delete_node("swapped")
+    kube.add_node("swapped")  # ...or a new machine registered under the old name (another uid)
+    await h.engine._refresh_pool(force=True)
+    assert h.sql("SELECT node FROM node_mark") == []
+    reasons = sorted(r[0] for r in h.sql("SELECT detail_json FROM audit WHERE event='mark_cleared'"))
+    assert len(reasons) == 2 and "another machine" in reasons[0] and "is gone" in reasons[1]
+    h.services.engine.wake()
+    await h.settle()
+    assert h.states()["waiting"] == "SUCCEEDED" and "waiting" in kube.cordoned()
+
+
 async def test_rate_limit_per_action_class(harness, kube):
     for i in range(3):
         kube.add_node(f"n{i}")
