@@ -189,9 +189,6 @@ class JobsApi(KubernetesApi):
     async def read_job(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._call(self._batch.read_namespaced_job, name, namespace)  # type: ignore[no-any-return]
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await self._call(self._batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
-
 
 class JobExecutor:
     """Creates the Job (or adopts the one a previous run created) and waits for it."""

@@ -23,9 +23,6 @@ class NodeIdentity:
     created_at: float | None = None  # unix seconds; None if the inventory cannot tell
     unschedulable: bool = False
 
-    def same_machine(self, other: NodeIdentity) -> bool:
-        return self.uid == other.uid and self.provider_id == other.provider_id
-
 
 class Inventory(Protocol):
     """Resolves node names; raises NodeNotFound or InventoryUnavailable."""
