@@ -181,8 +181,10 @@ async def test_a_gone_or_replaced_node_gives_its_fleet_cap_slot_back(harness, ku
         kube.add_node(name)
     h = await harness(policy=_live(), safety={"fleet_cap": {"max_nodes": 2, "max_percent": 100},
                                               "breaker": {"max_nodes": 50, "max_percent": 100}})
-    for name in ("gone", "swapped", "waiting"):
+    for name in ("gone", "swapped"):
         await h.post(notification(alert(name)))
+    await h.settle()  # these two take the cap's two slots before the third alert arrives
+    await h.post(notification(alert("waiting")))
     await h.settle()
     assert h.states() == {"gone": "SUCCEEDED", "swapped": "SUCCEEDED", "waiting": "BLOCKED"}
     await h.engine._refresh_pool(force=True)  # both machines still there: their marks hold
