@@ -24,7 +24,8 @@ WALL = 1_800_000_000.0
 # The XID timestamps are when the line was read: a file source has no trustworthy event time.
 _VOLATILE = re.compile(
     r"^((?:gpu_exporter_collector_duration_seconds|gpu_collection_duration_seconds"
-    r"|gpu_xid_last_timestamp_seconds|gpu_sxid_last_timestamp_seconds)\{[^}]*\}) .*$",
+    r"|gpu_xid_last_timestamp_seconds|gpu_sxid_last_timestamp_seconds"
+    r"|gpu_fallen_off_bus_timestamp_seconds)\{[^}]*\}) .*$",
     re.M,
 )
 

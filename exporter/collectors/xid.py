@@ -349,10 +349,18 @@ class XidCollector:
             "1 for each PCI device the kernel log said fell off the bus this boot (NVRM message or Xid 79).",
             labels=gpu_labels,
         )
-        for pci in sorted(view.fallen_off_bus):
+        fallen_at = GaugeMetricFamily(
+            "gpu_fallen_off_bus_timestamp_seconds",
+            "When the kernel log first said the PCI device fell off the bus this boot.",
+            labels=gpu_labels,
+        )
+        for pci, ts in sorted(view.fallen_off_bus.items()):
             index, uuid = gpu(pci)
             fallen.add_metric([node, index, uuid, pci], 1)
+            if ts > 0:
+                fallen_at.add_metric([node, index, uuid, pci], ts)
         yield fallen
+        yield fallen_at
 
         nvml_only = CounterMetricFamily(
             "gpu_xid_nvml_events",

@@ -146,6 +146,8 @@ def test_collector_counts_labels_and_restart(tmp_path: Path) -> None:
         assert sample(text, "gpu_recovery_action", gpu="1", uuid="GPU-bbbb") == 2
         assert sample(text, "gpu_recovery_action", gpu="0") == 0
         assert sample(text, "gpu_fallen_off_bus", gpu="0", pci_bus_id="0000:18:00") == 1
+        assert sample(text, "gpu_fallen_off_bus_timestamp_seconds", gpu="0", pci_bus_id="0000:18:00") == (
+            sample(text, "gpu_xid_last_timestamp_seconds", xid="79"))
         assert sample(text, "gpu_sxid_errors_total", nvswitch_pci_bus_id="0000:04:00.0", sxid="24007") == 1
         assert sample(text, "gpu_sxid_fatal_errors_total", sxid="24007") == 1
         assert sample(text, "gpu_xid_source_info", source="file") == 1
