@@ -40,6 +40,8 @@ class KubeFake:
         self.node_labels: dict[str, dict[str, str]] = {}
         # (namespace, pod) -> the statuses its next evictions answer (429: a PodDisruptionBudget says not now)
         self.evictions: dict[tuple[str, str], list[int]] = {}
+        # (namespace, pod) -> seconds an eviction of it takes to answer (a slow API server or admission webhook)
+        self.eviction_delay: dict[tuple[str, str], float] = {}
         self._thread = threading.Thread(target=self._run, daemon=True, name="kmock")
         self._thread.start()
         if not self._ready.wait(15):
@@ -64,9 +66,11 @@ class KubeFake:
             self._ready.set()
             await self._stop.wait()
 
-    def _evict(self, request: kmock.Request) -> kmock.Response:
-        """Eviction: granted and the pod deleted, unless `evictions` scripts a 429 (PodDisruptionBudget) or an error."""
+    async def _evict(self, request: kmock.Request) -> kmock.Response:
+        """Eviction: granted and the pod deleted, unless `evictions` scripts a 429 (PodDisruptionBudget) or an error;
+        `eviction_delay` makes the answer slow (the pod is gone when it comes)."""
         key = (str(request.namespace), str(request.name))
+        await asyncio.sleep(self.eviction_delay.get(key, 0.0))
         script = self.evictions.get(key)
         status = script.pop(0) if script else 201
         if status == 429:
@@ -202,6 +206,10 @@ class KubeFake:
     def set_allocatable_gpus(self, node: str, count: int) -> None:
         """The device plugin's part: how many GPUs the kubelet reports allocatable (one drops out during a reset)."""
         self._patch(f"/api/v1/nodes/{node}", {"status": {"allocatable": {"nvidia.com/gpu": str(count)}}})
+
+    def uncordon(self, name: str) -> None:
+        """A person's `kubectl uncordon`: spec.unschedulable false; our annotations stay where they are."""
+        self._patch(f"/api/v1/nodes/{name}", {"spec": {"unschedulable": False}})
 
     def delete_node(self, name: str) -> None:
         r = self.http.delete(f"{self.url}/api/v1/nodes/{name}", headers=self.setup_ua, timeout=5)

@@ -12,6 +12,9 @@ GET  /v1/breaker; POST /v1/breaker:reset {"mode": "resume"|"skip-backlog", "reas
      It is acted on once it resolves and fires again (a new startsAt); an alert that begins after the reset acts.
      The cut-off is GET /v1/breaker's "skip_before" (Unix seconds); it survives restarts, a later skip-backlog
      reset moves it, a resume reset lifts it.
+GET  /v1/slots                                        nodes holding a slot of the fleet cap (our cordon, in flight)
+POST /v1/slots/{node}:release | /{node}/release        give a node's slot back by hand (the node is left as it is);
+     409 while an unfinished, started remediation holds the node (cancel it first)
 GET  /v1/policy                                       the effective policy and its hash
 POST /v1/evaluate                                     plan a pasted Alertmanager payload; acts on nothing
 """
@@ -27,12 +30,12 @@ from aiohttp import web
 
 from . import journal as j
 from .actions.base import Outcome
-from .app import SERVICES, Services, fault_ts, judge_all
+from .app import SERVICES, Services, judge_all
 from .auth import ACTOR, middleware as auth_middleware
 from .config import effective_policy
 from .errors import InventoryError, KubeApiError, PayloadError
 from .kube import RecordingKube
-from .models import Target, parse_notification
+from .models import Target, parse_notification, valid_node_name
 from .policy import target_refusal
 
 _ID = "[0-9a-f]{32}"
@@ -181,13 +184,51 @@ async def evaluate(request: web.Request) -> web.Response:
         if jd.decision == "plan" and isinstance(jd.target, Target):
             plan.update({"rule": jd.rule.name if jd.rule else "", "ladder": list(jd.ladder), "dry_run": jd.dry_run,
                          "paused": paused, "breaker_open": breaker_open})
-            skipped = j.storm_skip_reason(skip, a.starts_at.timestamp(), fault_ts(jd))
+            skipped = j.storm_skip_reason(skip, a.starts_at.timestamp(), jd.fault_ts)
+            journal_says = await s.journal.run(_journal_verdict, jd, now)
             if skipped:
                 plan["refused"] = skipped
+            elif journal_says:
+                plan.update(journal_says)
             else:
                 plan.update(await _plan_calls(s, jd.target, list(jd.ladder)))
         plans.append(plan)
     return web.json_response({"policy_hash": s.config.policy_hash, "alerts": plans})
+
+
+def _journal_verdict(conn: Any, jd: Any, now: float) -> dict[str, str]:
+    """What the journal would say before any call: already remediated, or an escalation it does not confirm."""
+    t = jd.target
+    if jd.fault_ts is not None:
+        fix = j.last_fix(conn, t.node, t.uuid, jd.ladder[-1], jd.dry_run)
+        if fix is not None and fix.covers(jd.fault_ts):
+            return {"already_remediated": fix.reason(jd.fault_ts)}
+    if jd.evidence is not None:
+        why = j.unconfirmed(conn, t.node, t.uuid, jd.evidence, now, jd.dry_run)
+        if why:
+            return {"refused": why}
+    return {}
+
+
+async def slots(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    held = await s.journal.run(j.slots)
+    return web.json_response({"fleet_cap": s.config.safety.fleet_cap(s.engine.pool), "held": held})
+
+
+async def release_slot(request: web.Request) -> web.Response:
+    s = request.app[SERVICES]
+    node = request.match_info["node"]
+    if not valid_node_name(node):
+        raise web.HTTPBadRequest(text="not a node name\n")
+    error = await s.journal.run(j.release_slot, node, _actor(request), time.time(), _reason(await _body(request)))
+    if error == "not found":
+        raise web.HTTPNotFound(text=f"{node} holds no slot of ours\n")
+    if error:
+        raise web.HTTPConflict(text=error + "\n")
+    s.metrics.slot_releases.labels("admin").inc()
+    s.engine.wake()
+    return web.json_response({"released": node, "held": await s.journal.run(j.slots)})
 
 
 async def _plan_calls(s: Services, target: Target, ladder: list[str]) -> dict[str, Any]:
@@ -243,6 +284,9 @@ def create_admin_app(services: Services) -> web.Application:
     r.add_get("/v1/breaker", breaker)
     r.add_post("/v1/breaker:reset", breaker_reset)
     r.add_post("/v1/breaker/reset", breaker_reset)
+    r.add_get("/v1/slots", slots)
+    r.add_post("/v1/slots/{node:[^/:]+}:release", release_slot)
+    r.add_post("/v1/slots/{node:[^/:]+}/release", release_slot)
     r.add_get("/v1/policy", policy)
     r.add_post("/v1/evaluate", evaluate)
     return app

@@ -1,14 +1,19 @@
-"""Alertmanager API v2 client: is this alert occurrence still active, and not silenced or inhibited?
+"""Alertmanager API v2 client: is this alert occurrence still active, not silenced or inhibited, and is it
+really the alert Alertmanager has under this fingerprint (the same labels)?
 
-A silence added in Alertmanager between delivery and action is a human veto: the step is cancelled.
+A silence added in Alertmanager between delivery and action is a human veto: the step is cancelled. In HA the
+webhook asks every peer: a silence or inhibition on any peer is a veto, an alert active on any peer is active,
+and one peer down is not a veto; all peers down is (fail closed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import re
 import ssl
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -27,6 +32,14 @@ class AlertState(str, enum.Enum):
     # Not known, but Alertmanager started less than RESTART_GRACE ago: Prometheus re-sends its firing alerts
     # every resend_delay (1m by default), so "not known" does not mean "resolved" yet.
     RESTARTED = "restarted"
+    # Alertmanager has an alert with this fingerprint but other labels: ours is forged or corrupted.
+    MISMATCH = "mismatch"
+
+
+# Several peers answered differently: the first of these wins (vetoes first, then what lets the step go on,
+# then what makes it wait, then what ends it).
+_PRECEDENCE = (AlertState.SILENCED, AlertState.INHIBITED, AlertState.ACTIVE, AlertState.UNPROCESSED,
+               AlertState.RESTARTED, AlertState.MISMATCH, AlertState.GONE)
 
 
 RESTART_GRACE = 150.0
@@ -43,7 +56,8 @@ def parse_time(text: str) -> datetime:
 
 
 class AlertChecker(Protocol):
-    async def state(self, fingerprint: str, alertname: str, node: str) -> AlertState: ...
+    async def state(self, fingerprint: str, alertname: str, node: str,
+                    labels: Mapping[str, str] | None = None) -> AlertState: ...
 
     async def active_for_node(self, node: str) -> list[dict[str, Any]]: ...
 
@@ -56,8 +70,11 @@ def _matcher(name: str, value: str) -> str:
 
 
 class AlertmanagerClient:
-    def __init__(self, config: AlertmanagerConfig) -> None:
+    """One Alertmanager (one peer of an HA cluster: `url`, default the first configured)."""
+
+    def __init__(self, config: AlertmanagerConfig, url: str = "") -> None:
         self._config = config
+        self.url = url or config.url
         self._session: aiohttp.ClientSession | None = None
         headers = {}
         if config.bearer_token:
@@ -85,21 +102,24 @@ class AlertmanagerClient:
         params = [("active", "true"), ("silenced", "true"), ("inhibited", "true"), ("unprocessed", "true")]
         params += [("filter", f) for f in filters]
         try:
-            async with self._get_session().get(f"{self._config.url}/api/v2/alerts", params=params,
+            async with self._get_session().get(f"{self.url}/api/v2/alerts", params=params,
                                                allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise AlertmanagerUnavailable(f"GET /api/v2/alerts: HTTP {resp.status}")
+                    raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: HTTP {resp.status}")
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise AlertmanagerUnavailable(f"GET /api/v2/alerts: {type(exc).__name__}: {exc}") from exc
+            raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: {type(exc).__name__}: {exc}") from exc
         if not isinstance(data, list):
-            raise AlertmanagerUnavailable("GET /api/v2/alerts: expected a list")
+            raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: expected a list")
         return [a for a in data if isinstance(a, dict)]
 
-    async def state(self, fingerprint: str, alertname: str, node: str) -> AlertState:
+    async def state(self, fingerprint: str, alertname: str, node: str,
+                    labels: Mapping[str, str] | None = None) -> AlertState:
         for alert in await self._alerts([_matcher("alertname", alertname), _matcher("node", node)]):
             if alert.get("fingerprint") != fingerprint:
                 continue
+            if labels is not None and alert.get("labels") != dict(labels):
+                return AlertState.MISMATCH
             status = alert.get("status") or {}
             if status.get("silencedBy"):
                 return AlertState.SILENCED
@@ -117,13 +137,13 @@ class AlertmanagerClient:
     async def _started_recently(self) -> bool:
         """Alertmanager's /api/v2/status `uptime` is the time it started (RFC 3339)."""
         try:
-            async with self._get_session().get(f"{self._config.url}/api/v2/status", allow_redirects=False) as resp:
+            async with self._get_session().get(f"{self.url}/api/v2/status", allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise AlertmanagerUnavailable(f"GET /api/v2/status: HTTP {resp.status}")
+                    raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/status: HTTP {resp.status}")
                 data = await resp.json(content_type=None)
             started = parse_time(str(data["uptime"]))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            raise AlertmanagerUnavailable(f"GET /api/v2/status: {type(exc).__name__}: {exc}") from exc
+            raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/status: {type(exc).__name__}: {exc}") from exc
         return (datetime.now(timezone.utc) - started).total_seconds() < RESTART_GRACE
 
     async def active_for_node(self, node: str) -> list[dict[str, Any]]:
@@ -137,3 +157,39 @@ class AlertmanagerClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class Alertmanagers:
+    """Every configured Alertmanager peer, asked together; an AlertChecker."""
+
+    def __init__(self, config: AlertmanagerConfig, peers: Sequence[AlertChecker] | None = None) -> None:
+        self.peers: list[AlertChecker] = list(peers) if peers is not None else [
+            AlertmanagerClient(config, url) for url in config.urls]
+
+    async def _ask(self, call: Any) -> list[Any]:
+        results = await asyncio.gather(*(call(p) for p in self.peers), return_exceptions=True)
+        answers = [r for r in results if not isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, AlertmanagerUnavailable):
+                raise error
+        if not answers:
+            raise AlertmanagerUnavailable(f"no Alertmanager answered ({len(errors)} of {len(self.peers)} down): "
+                                          + "; ".join(str(e) for e in errors)[:1000])
+        return answers
+
+    async def state(self, fingerprint: str, alertname: str, node: str,
+                    labels: Mapping[str, str] | None = None) -> AlertState:
+        answers: list[AlertState] = await self._ask(lambda p: p.state(fingerprint, alertname, node, labels))
+        return min(answers, key=_PRECEDENCE.index)
+
+    async def active_for_node(self, node: str) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for alerts in await self._ask(lambda p: p.active_for_node(node)):
+            for alert in alerts:
+                seen.setdefault(str(alert.get("fingerprint", id(alert))), alert)
+        return list(seen.values())
+
+    async def close(self) -> None:
+        for peer in self.peers:
+            await peer.close()

@@ -20,10 +20,11 @@ from .auth import middleware as auth_middleware
 from .config import Config
 from .engine import Engine
 from .errors import InventoryError, JournalError, PayloadError
-from .journal import AcceptIn, AlertIn, Journal, accept, ping
+from .intake import alert_in
+from .journal import AcceptIn, Journal, accept, ping
 from .metrics import CONTENT_TYPE, Metrics
-from .models import Notification, Target, parse_notification, printable
-from .policy import Judgement, judge, metric_target
+from .models import Notification, parse_notification
+from .policy import Judgement, judge
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +38,6 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
-
-
-def _labels_json(judgement: Judgement) -> str:
-    labels = dict(judgement.alert.labels)
-    if judgement.decision == "reject":  # hostile input: keep it bounded and printable in the journal
-        labels = {printable(k, 64): printable(v, 256) for k, v in list(labels.items())[:64]}
-    return json.dumps(labels, sort_keys=True)
-
-
-def fault_ts(judgement: Judgement) -> float | None:
-    raw = judgement.alert.annotations.get("fault_timestamp")
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def alert_in(j: Judgement) -> AlertIn:
-    a, t = j.alert, j.target
-    node = t.node if isinstance(t, Target) else None
-    blocked = None
-    if j.decision == "refuse" and node is not None and j.wants:
-        blocked = (*metric_target(j.wants, t), j.wants, "blocked") if t else None
-    skip = None  # counted if the journal refuses the plan (an alert of a skipped storm): its first rung, blocked
-    if j.decision == "plan" and isinstance(t, Target) and j.ladder:
-        skip = (*metric_target(j.ladder[0], t), j.ladder[0], "blocked")
-    return AlertIn(
-        fingerprint=a.fingerprint, starts_key=a.starts_key, starts_ts=a.starts_at.timestamp(), status=a.status,
-        alertname=a.alertname if j.decision != "reject" else printable(a.alertname, 200),
-        labels_json=_labels_json(j), node=node, gpu=t.gpu if t else "", uuid=t.uuid if t else "",
-        decision=j.decision, reason=j.reason, wants=j.wants, rule=j.rule.name if j.rule else "", ladder=j.ladder,
-        target_index=j.target_index, dry_run=j.dry_run,
-        requires_approval=tuple(sorted(j.rule.requires_approval)) if j.rule else (), fault_ts=fault_ts(j),
-        blocked_event=blocked, skip_event=skip)
 
 
 def judge_all(notification: Notification, config: Config, now: datetime) -> list[Judgement]:
@@ -95,7 +62,7 @@ async def receive(request: web.Request) -> web.Response:
     judgements = judge_all(notification, s.config, datetime.fromtimestamp(now, UTC))
     batch = AcceptIn(alerts=tuple(alert_in(j) for j in judgements), group_key=notification.group_key,
                      truncated=notification.truncated_alerts, now=now, pool=s.engine.pool,
-                     policy_hash=s.config.policy_hash, safety=s.config.safety)
+                     policy_hash=s.config.policy_hash, safety=s.config.safety, hold=s.config.policy.resolved_hold)
     try:
         result = await s.journal.run(accept, batch)
     except JournalError as exc:
@@ -104,8 +71,8 @@ async def receive(request: web.Request) -> web.Response:
         return web.json_response({"error": "journal unavailable"}, status=503)
     s.metrics.accept_seconds.observe(time.perf_counter() - t0)
     s.metrics.requests.labels("200").inc()
-    for decision, n in (("planned", result.accepted), ("duplicate", result.duplicates), ("ignored", result.ignored),
-                        ("refused", result.refused), ("rejected", result.rejected), ("merged", result.merged)):
+    s.metrics.last_notification.set(now)
+    for decision, n in result.decisions().items():
         if n:
             s.metrics.alerts.labels(decision).inc(n)
     if result.duplicates:
@@ -118,6 +85,9 @@ async def receive(request: web.Request) -> web.Response:
         log.warning("circuit breaker tripped", extra={"reason": result.breaker_tripped})
     for event in result.metric_events:
         s.metrics.action_finished(*event, now)
+    if result.conflicts:
+        log.warning("alerts reuse the fingerprint of another alert with other labels (forged or corrupted); they "
+                    "wait for Alertmanager's word", extra={"conflicts": result.conflicts})
     if result.remediation_ids or result.undo_scheduled or result.breaker_tripped:
         s.engine.wake()
     return web.json_response(result.as_dict())

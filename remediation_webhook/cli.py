@@ -15,7 +15,7 @@ from exporter import logs
 
 from . import __version__
 from .admin import create_admin_app
-from .alertmanager import AlertmanagerClient
+from .alertmanager import Alertmanagers
 from .app import Services, create_app
 from .auth import effective_address
 from .config import Config, load_config
@@ -64,7 +64,7 @@ async def build_services(config: Config, *, kube: KubeApi | None = None) -> Serv
         kube = KubernetesApi(config.kubernetes)
     inventory = build_inventory(config.inventory_kind, kube, config.inventory_raw)
     journal = Journal(config.journal_path)
-    alertmanager = AlertmanagerClient(config.alertmanager) if config.alertmanager else None
+    alertmanager = Alertmanagers(config.alertmanager) if config.alertmanager else None
     metrics = Metrics()
     engine = Engine(config, journal, inventory, kube, alertmanager, metrics)
     return Services(config=config, journal=journal, engine=engine, metrics=metrics)

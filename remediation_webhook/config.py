@@ -117,12 +117,19 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class AlertmanagerConfig:
-    url: str
+    """Alertmanager's API, asked before every mutating step. Several URLs: the peers of an HA cluster (one peer
+    down is not a veto; all down is)."""
+
+    urls: tuple[str, ...]
     bearer_token: str = field(default="", repr=False)
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)
     ca_file: str = ""
     insecure_skip_verify: bool = False
     timeout: float = 5.0
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,11 @@ class PolicyConfig:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     max_alert_age: float = 86400.0
     future_skew: float = 300.0
+    # A remediation whose alert resolves before it finished waits this long for the same alert to fire again.
+    resolved_hold: float = 3600.0
+    # A condition alert (no fault_timestamp) still firing this long after its rung succeeded climbs to the rule's
+    # next rung (escalation by persistence); 0 turns that off.
+    settle_time: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -270,12 +282,27 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
 
 def _alertmanager(raw: object, base: Path) -> AlertmanagerConfig | None:
     key = "alertmanager"
-    sec = _mapping(raw, key, {"url", "bearer_token_file", "basic_auth", "ca_file", "insecure_skip_verify", "timeout"})
+    sec = _mapping(raw, key, {"url", "urls", "bearer_token_file", "basic_auth", "ca_file", "insecure_skip_verify",
+                              "timeout"})
     if not sec:
         return None
-    url = _str(sec.get("url"), f"{key}.url").rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
-        raise ConfigError(f"{key}.url: expected http(s)://host[:port][/prefix], got {url!r}")
+    if sec.get("url") is not None and sec.get("urls") is not None:
+        raise ConfigError(f"{key}.urls: set either url (one Alertmanager) or urls (the peers of an HA cluster)")
+    if sec.get("urls") is not None:
+        urls = _strings(sec["urls"], f"{key}.urls")
+        if not urls:
+            raise ConfigError(f"{key}.urls: at least one URL")
+        keys = [f"{key}.urls[{i}]" for i in range(len(urls))]
+    else:
+        urls, keys = (_str(sec.get("url"), f"{key}.url"),), [f"{key}.url"]
+    clean = []
+    for k, url in zip(keys, urls, strict=True):
+        url = url.rstrip("/")
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ConfigError(f"{k}: expected http(s)://host[:port][/prefix], got {url!r}")
+        if url in clean:
+            raise ConfigError(f"{k}: {url} is listed twice")
+        clean.append(url)
     token = ""
     if sec.get("bearer_token_file"):
         token = _tokens(_file(sec["bearer_token_file"], f"{key}.bearer_token_file", base), f"{key}.bearer_token_file")[0]
@@ -288,7 +315,7 @@ def _alertmanager(raw: object, base: Path) -> AlertmanagerConfig | None:
         if token:
             raise ConfigError(f"{key}.basic_auth: set either basic_auth or bearer_token_file, not both")
     ca = str(_file(sec["ca_file"], f"{key}.ca_file", base)) if sec.get("ca_file") else ""
-    return AlertmanagerConfig(url=url, bearer_token=token, basic_auth=basic, ca_file=ca,
+    return AlertmanagerConfig(urls=tuple(clean), bearer_token=token, basic_auth=basic, ca_file=ca,
                               insecure_skip_verify=_bool(sec.get("insecure_skip_verify", False),
                                                          f"{key}.insecure_skip_verify"),
                               timeout=_duration(sec.get("timeout", "5s"), f"{key}.timeout"))
@@ -379,7 +406,8 @@ def _public(executors: Mapping[str, Action]) -> list[str]:
 
 def _policy(raw: object, executors: Mapping[str, Action]) -> PolicyConfig:
     key = "policy"
-    sec = _mapping(raw, key, {"dry_run", "rules", "targets", "max_alert_age", "future_skew"})
+    sec = _mapping(raw, key, {"dry_run", "rules", "targets", "max_alert_age", "future_skew", "resolved_hold",
+                              "settle_time"})
     rules_raw = sec.get("rules") or []
     if not isinstance(rules_raw, list):
         raise ConfigError(f"{key}.rules: expected a list")
@@ -404,7 +432,9 @@ def _policy(raw: object, executors: Mapping[str, Action]) -> PolicyConfig:
                             opt_out_label=opt_out, control_plane_labels=cp)
     return PolicyConfig(dry_run=_bool(sec.get("dry_run", True), f"{key}.dry_run"), rules=rules, targets=targets,
                         max_alert_age=_duration(sec.get("max_alert_age", "24h"), f"{key}.max_alert_age"),
-                        future_skew=_duration(sec.get("future_skew", "5m"), f"{key}.future_skew"))
+                        future_skew=_duration(sec.get("future_skew", "5m"), f"{key}.future_skew"),
+                        resolved_hold=_duration(sec.get("resolved_hold", "1h"), f"{key}.resolved_hold"),
+                        settle_time=_duration(sec.get("settle_time", "15m"), f"{key}.settle_time"))
 
 
 def _safety(raw: object) -> SafetyConfig:
@@ -534,6 +564,8 @@ def effective_policy(config: Config) -> dict[str, Any]:
         "default": "deny",
         "max_alert_age_seconds": p.max_alert_age,
         "future_skew_seconds": p.future_skew,
+        "resolved_hold_seconds": p.resolved_hold,
+        "settle_time_seconds": p.settle_time,
         "targets": {"node_selector": dict(p.targets.node_selector), "opt_out_label": p.targets.opt_out_label,
                     "control_plane_labels": list(p.targets.control_plane_labels)},
         "rules": [{"name": r.name, "match": dict(r.match), "match_re": {k: v.pattern for k, v in r.match_re.items()},
@@ -553,5 +585,5 @@ def effective_policy(config: Config) -> dict[str, Any]:
         },
         "actions": sorted(n for n, a in config.actions.items() if not a.internal),
         "inventory": config.inventory_kind,
-        "alertmanager": config.alertmanager.url if config.alertmanager else None,
+        "alertmanager": list(config.alertmanager.urls) if config.alertmanager else None,
     }

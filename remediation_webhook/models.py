@@ -8,6 +8,8 @@ make Alertmanager re-send a whole group for ever.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +53,10 @@ class Alert:
     def alertname(self) -> str:
         return self.labels.get("alertname", "")
 
+    @property
+    def labels_hash(self) -> str:
+        return labels_hash(self.labels)
+
 
 @dataclass(frozen=True, slots=True)
 class Notification:
@@ -72,6 +78,13 @@ class Target:
     node: str
     gpu: str = ""
     uuid: str = ""
+
+
+def labels_hash(labels: Mapping[str, str]) -> str:
+    """A digest of an alert's full label set. With the fingerprint and startsAt it names one occurrence: an alert
+    that reuses another's fingerprint with other labels is another occurrence (and a conflict), not a duplicate."""
+    text = json.dumps(dict(labels), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def valid_node_name(value: object) -> bool:

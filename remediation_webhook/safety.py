@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from .actions.base import Action
@@ -26,7 +26,8 @@ from .journal import Gates, Remediation, cordon_holders, get_meta, rate_used
 class Verdict(str, enum.Enum):
     OK = "ok"
     BLOCK = "block"  # not now: retried on a later tick (pause, breaker, outage)
-    CANCEL = "cancel"  # never: the alert is gone or silenced, or the node is another machine
+    HOLD = "hold"  # Alertmanager no longer has the alert: wait (HELD) for it to fire again
+    CANCEL = "cancel"  # never: the alert is silenced or not the one Alertmanager has, or the node is another machine
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Verification:
     verdict: Verdict
     reason: str = ""
     node: NodeIdentity | None = None
+    alert: AlertState | None = None  # what Alertmanager said, when it was asked
 
 
 def gates_for(action: Action, safety: SafetyConfig, pool: int | None) -> Gates:
@@ -70,14 +72,15 @@ def budgets(conn: sqlite3.Connection, now: float, safety: SafetyConfig, pool: in
 
 
 async def verify(rem: Remediation, inventory: Inventory, alertmanager: AlertChecker | None, *, retries: int,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> Verification:
-    """Right before a mutating step: alert still active and unsilenced; node UID/providerID unchanged and not
-    created after the alert started."""
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 labels: Mapping[str, str] | None = None) -> Verification:
+    """Right before a mutating step: alert still active, unsilenced and (given `labels`) the very alert
+    Alertmanager has under its fingerprint; node UID/providerID unchanged and not created after the alert started."""
     if alertmanager is not None:
         state = AlertState.UNPROCESSED
         for attempt in range(retries):
             try:
-                state = await alertmanager.state(rem.source_fp, rem.alertname, rem.node)
+                state = await alertmanager.state(rem.source_fp, rem.alertname, rem.node, labels)
             except AlertmanagerUnavailable as exc:
                 return Verification(Verdict.BLOCK, f"cannot verify the alert: {exc}")
             if state != AlertState.UNPROCESSED:
@@ -87,12 +90,18 @@ async def verify(rem: Remediation, inventory: Inventory, alertmanager: AlertChec
             return Verification(Verdict.BLOCK, "Alertmanager has not processed the alert yet")
         if state == AlertState.RESTARTED:
             # Cancelling here would strand a cordoned, drained node: wait for Prometheus to re-send.
-            return Verification(Verdict.BLOCK, "Alertmanager restarted recently and does not know the alert yet")
+            return Verification(Verdict.BLOCK, "Alertmanager restarted recently and does not know the alert yet",
+                                alert=state)
+        if state == AlertState.GONE:
+            # Alertmanager resolves an alert it has not heard of for a while and fires it again with the same
+            # startsAt (Prometheus could not reach it): hold the plan rather than lose it.
+            return Verification(Verdict.HOLD, "the alert is no longer active in Alertmanager", alert=state)
         if state != AlertState.ACTIVE:
-            text = {AlertState.GONE: "the alert is no longer active in Alertmanager",
-                    AlertState.SILENCED: "the alert is silenced in Alertmanager",
-                    AlertState.INHIBITED: "the alert is inhibited in Alertmanager"}[state]
-            return Verification(Verdict.CANCEL, text)
+            text = {AlertState.SILENCED: "the alert is silenced in Alertmanager",
+                    AlertState.INHIBITED: "the alert is inhibited in Alertmanager",
+                    AlertState.MISMATCH: "Alertmanager's alert with this fingerprint has other labels: this alert "
+                                         "is forged or corrupted"}[state]
+            return Verification(Verdict.CANCEL, text, alert=state)
     try:
         node = await inventory.resolve(rem.node)
     except NodeNotFound:
@@ -103,4 +112,4 @@ async def verify(rem: Remediation, inventory: Inventory, alertmanager: AlertChec
         return Verification(Verdict.CANCEL, "the node's UID or providerID changed: it is another machine")
     if node.created_at is not None and node.created_at > rem.starts_ts:
         return Verification(Verdict.CANCEL, "the node was created after the alert started: it is another machine")
-    return Verification(Verdict.OK, "", node)
+    return Verification(Verdict.OK, "", node, AlertState.ACTIVE if alertmanager is not None else None)

@@ -36,6 +36,7 @@ class Outcome(str, enum.Enum):
     FAILURE = "failure"
     DRY_RUN = "dry_run"
     INTERRUPTED = "interrupted"  # stopped by a pause or a cancel; the step is re-run later
+    OVERRIDDEN = "overridden"  # a person undid our cordon or taint meanwhile: the remediation stops for good
 
 
 class Observation(str, enum.Enum):
@@ -56,6 +57,9 @@ class StepResult:
     # human) and the remediation parks in NEEDS_HUMAN, the node left cordoned and drained.
     fallback: bool = False
     needs_human: bool = False
+    # SUCCESS with holds=True: the node now carries a cordon or taint of ours (it holds a slot of the fleet cap, and
+    # a person who removes it overrides the remediation).
+    holds: bool = False
 
 
 def _no_note(provider: str, action: str, kind: str) -> None:
@@ -88,6 +92,8 @@ class ActionContext:
     note: Callable[[str, str, str], None] = _no_note
     # When the step being reconciled after a restart began (its intent row); None on a first run.
     step_started: float | None = None
+    # An earlier step of this remediation left our cordon or taint on the node: if it is gone, a person overrode us.
+    hold_placed: bool = False
 
 
 class Action(Protocol):
@@ -121,6 +127,27 @@ def our_metadata(ctx: ActionContext, action: str) -> dict[str, dict[str, str]]:
 
 def annotations(node: Mapping[str, Any]) -> dict[str, str]:
     return dict((node.get("metadata") or {}).get("annotations") or {})
+
+
+def our_hold(node: Mapping[str, Any]) -> str:
+    """The remediation id whose cordon or taint the Node object carries ("" if none of ours): our annotations
+    and `spec.unschedulable: true`, or our annotations and a taint whose value is that id. `kubectl uncordon` leaves
+    the annotations and clears unschedulable, so it reads as "not held"."""
+    ann = annotations(node)
+    rid = ann.get(ANN_REMEDIATION_ID, "")
+    spec = node.get("spec") or {}
+    if not rid:
+        return ""
+    if spec.get("unschedulable") and ann.get(ANN_CORDONED_BY) == OWNER:
+        return rid
+    if ann.get(ANN_TAINTED_BY) == OWNER and any(t.get("value") == rid[:63] for t in spec.get("taints") or []):
+        return rid
+    return ""
+
+
+def held_by(holder: str | None, rid: str) -> bool:
+    """Does an identity's `held_by` name this remediation? (Slurm can only keep the id's first 16 characters.)"""
+    return bool(holder) and rid.startswith(holder or "")
 
 
 def no_options(raw: Mapping[str, Any], key: str) -> None:

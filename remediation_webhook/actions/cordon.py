@@ -1,6 +1,7 @@
 """cordon: spec.unschedulable=true plus our labels and annotations, in one PATCH.
 
-A node someone else cordoned is left exactly as it is (and never uncordoned by us).
+A node someone else cordoned is left exactly as it is (and never uncordoned by us). A node cordoned by us holds a
+slot of the fleet cap; a person who uncordons it takes the slot back and overrides the remediation.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Cordon(NoOptions):
         ann = annotations(node)
         unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
         if unschedulable and ann.get(ANN_REMEDIATION_ID) == ctx.remediation_id:
-            return StepResult(Outcome.SUCCESS, "already cordoned by this remediation; nothing to do")
+            return StepResult(Outcome.SUCCESS, "already cordoned by this remediation; nothing to do", holds=True)
         if unschedulable and ann.get(ANN_CORDONED_BY) != OWNER:
             return StepResult(Outcome.SUCCESS, "already cordoned by someone else; left as it is")
         meta = our_metadata(ctx, self.name)
@@ -46,7 +47,7 @@ class Cordon(NoOptions):
             return StepResult(Outcome.DRY_RUN, "would cordon")
         after = await ctx.kube.read_node(ctx.node.name)
         if (after.get("spec") or {}).get("unschedulable") and annotations(after).get(ANN_REMEDIATION_ID) == ctx.remediation_id:
-            return StepResult(Outcome.SUCCESS, "cordoned")
+            return StepResult(Outcome.SUCCESS, "cordoned", holds=True)
         return StepResult(Outcome.FAILURE, "node is not unschedulable after the patch")
 
     async def observe(self, ctx: ActionContext) -> Observation:

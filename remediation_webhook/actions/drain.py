@@ -2,8 +2,10 @@
 
 DaemonSet pods (they would come straight back) and mirror pods (the kubelet owns them) are skipped. A 429
 means a PodDisruptionBudget says "not now": that pod is retried with exponential backoff. The drain has a
-deadline; when it passes the step fails and the remediation escalates to a human. Pods are deleted
-(bypassing PodDisruptionBudgets) only if actions.drain.force_delete_after_timeout is true.
+deadline; when it passes, the node's pods are listed again (an eviction accepted just before the deadline is
+not a pod left), and if some remain the step fails and the remediation escalates to a human. Pods are deleted
+(bypassing PodDisruptionBudgets) only if actions.drain.force_delete_after_timeout is true. A person who
+uncordons the node while it drains stops the drain: the remediation is overridden.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..errors import (
     KubeTooManyRequests,
     KubeUnavailable,
 )
-from .base import ActionContext, Observation, Outcome, StepResult
+from .base import ActionContext, Observation, Outcome, StepResult, our_hold
 
 _MIRROR = "kubernetes.io/config.mirror"
 
@@ -93,7 +95,10 @@ class Drain:
             stop = ctx.should_stop()
             if stop:
                 return StepResult(Outcome.INTERRUPTED, f"drain stopped: {stop}")
-            pods = [p for p in await ctx.kube.list_pods_on_node(ctx.node.name) if evictable(p)]
+            if ctx.hold_placed and not ctx.dry_run and our_hold(await ctx.kube.read_node(ctx.node.name)) == "":
+                return StepResult(Outcome.OVERRIDDEN, f"the node was uncordoned by someone else while it drained "
+                                                      f"({len(evicted)} pods evicted); stopped for good")
+            pods = await self._pods(ctx)
             if not pods:
                 return StepResult(Outcome.SUCCESS, f"drained: {len(evicted)} pods evicted, {blocked} evictions "
                                                    f"blocked by disruption budgets on the way")
@@ -121,6 +126,10 @@ class Drain:
                 except KubeApiError as exc:
                     return StepResult(Outcome.FAILURE, f"eviction of {key[0]}/{key[1]} refused: {exc}")
             if ctx.clock() >= deadline:
+                # What is left now, not what was there before this round's evictions.
+                pods = await self._pods(ctx)
+                if not pods:
+                    continue
                 left = [f"{ns}/{n}" for ns, n in map(_key, pods)]
                 if not self.force_delete_after_timeout:
                     return StepResult(Outcome.FAILURE, f"drain deadline ({self.timeout:.0f}s) passed with "
@@ -135,9 +144,12 @@ class Drain:
                 deadline = float("inf")
             await ctx.sleep(self.poll_interval)
 
+    @staticmethod
+    async def _pods(ctx: ActionContext) -> list[dict[str, Any]]:
+        return [p for p in await ctx.kube.list_pods_on_node(ctx.node.name) if evictable(p)]
+
     async def observe(self, ctx: ActionContext) -> Observation:
-        pods = [p for p in await ctx.kube.list_pods_on_node(ctx.node.name) if evictable(p)]
-        return Observation.NOT_DONE if pods else Observation.DONE
+        return Observation.NOT_DONE if await self._pods(ctx) else Observation.DONE
 
 
 ACTION = Drain

@@ -19,6 +19,8 @@ from .base import (
     Observation,
     Outcome,
     StepResult,
+    annotations,
+    our_hold,
     our_metadata,
 )
 
@@ -66,7 +68,9 @@ class Taint:
         for _ in range(_RETRIES):
             node = await ctx.kube.read_node(ctx.node.name)
             if _has(node, self.key, self.effect):
-                return StepResult(Outcome.SUCCESS, "taint already present; nothing to do")
+                return StepResult(Outcome.SUCCESS, "taint already present; nothing to do",
+                                  holds=our_hold(node) == ctx.remediation_id
+                                  and annotations(node).get(ANN_TAINTED_BY) == OWNER)
             taints = list((node.get("spec") or {}).get("taints") or [])
             taints.append({"key": self.key, "value": ctx.remediation_id[:63], "effect": self.effect})
             meta: dict[str, Any] = our_metadata(ctx, self.name)
@@ -81,7 +85,7 @@ class Taint:
             if ctx.dry_run:
                 return StepResult(Outcome.DRY_RUN, f"would add taint {self.key}:{self.effect}")
             if _has(await ctx.kube.read_node(ctx.node.name), self.key, self.effect):
-                return StepResult(Outcome.SUCCESS, f"tainted {self.key}:{self.effect}")
+                return StepResult(Outcome.SUCCESS, f"tainted {self.key}:{self.effect}", holds=True)
             return StepResult(Outcome.FAILURE, "taint missing after the patch")
         return StepResult(Outcome.FAILURE, f"taint list kept changing ({_RETRIES} conflicts)")
 

@@ -22,6 +22,9 @@ class NodeIdentity:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     created_at: float | None = None  # unix seconds; None if the inventory cannot tell
     unschedulable: bool = False
+    # The remediation whose cordon (or taint, or Slurm drain) of ours the node carries: its id ("" if none of
+    # ours; Slurm keeps only its first 16 characters); None if the inventory cannot tell (static).
+    held_by: str | None = None
 
 
 class Inventory(Protocol):

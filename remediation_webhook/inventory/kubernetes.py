@@ -7,6 +7,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+from ..actions.base import our_hold
 from ..errors import InventoryUnavailable, KubeApiError, KubeNotFound, NodeNotFound
 from ..kube import KubeApi
 from .base import NodeIdentity
@@ -31,6 +32,7 @@ def identity_of(node: Mapping[str, Any]) -> NodeIdentity:
         labels=MappingProxyType(dict(meta.get("labels") or {})),
         created_at=created_at,
         unschedulable=bool(spec.get("unschedulable")),
+        held_by=our_hold(node),
     )
 
 

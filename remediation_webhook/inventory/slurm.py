@@ -55,10 +55,13 @@ class SlurmInventory:
                 raise NodeNotFound(exc.detail) from exc
             raise InventoryUnavailable(exc.detail) from exc
         state = rec.get("State", "")
+        # Our drain writes Reason=gpu-health:<first 16 characters of the remediation id>:<why>.
+        reason = rec.get("Reason", "")
+        ours = reason.split(":")[1] if "DRAIN" in state and reason.startswith("gpu-health:") else ""
         return NodeIdentity(name=name, uid=f"{name}@{rec.get('BootTime', '')}", provider_id=f"slurm://{name}",
                             labels=MappingProxyType({"slurm.partitions": rec.get("Partitions", "")}),
                             created_at=None,  # BootTime changes on reboot: it is not a creation time
-                            unschedulable="DRAIN" in state)
+                            unschedulable="DRAIN" in state, held_by=ours if len(ours) == 16 else "")
 
     async def pool_size(self, selector: Mapping[str, str]) -> int:
         try:

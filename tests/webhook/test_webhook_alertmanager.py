@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.webhook.webhook_support import await_for, base_config, free_port
-from remediation_webhook.alertmanager import AlertmanagerClient
+from remediation_webhook.alertmanager import Alertmanagers
 from remediation_webhook.config import AlertmanagerConfig
 
 AM = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
@@ -96,7 +96,7 @@ async def _receiver(harness, tmp_path, kube, **sections):
 
 
 async def _wire(h, am_url: str) -> None:
-    h.engine.alertmanager = AlertmanagerClient(AlertmanagerConfig(url=am_url, timeout=5))
+    h.engine.alertmanager = Alertmanagers(AlertmanagerConfig(urls=(am_url,), timeout=5))
     await h.engine.start()
 
 
@@ -191,3 +191,43 @@ async def test_wrong_token_from_alertmanager_is_refused(harness, tmp_path, kube,
     assert h.sql("SELECT COUNT(*) FROM occurrence")[0][0] == 0
     assert h.metric("gpu_remediation_webhook_requests_total", code="200") is None
     assert kube.calls(mutating=True) == []
+
+
+async def test_alertmanager_peers_one_down_is_no_veto_all_down_is_and_a_silence_on_one_is(harness, tmp_path, kube,
+                                                                                         am_factory):
+    """Alertmanager in HA: Prometheus sends every alert to every peer, and the webhook asks every peer before it
+    acts. One peer down is not a veto; all down is (fail closed); a silence on any one peer is a human veto."""
+    for n in ("n1", "n2", "n3"):
+        kube.add_node(n)
+    h, _ = await _receiver(harness, tmp_path, kube, policy={"dry_run": False, "rules": [
+        {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon"], "requires_approval": ["cordon"]}]},
+        safety={"breaker": {"max_nodes": 50, "max_percent": 100, "min_nodes": 50},
+                "fleet_cap": {"max_nodes": 4, "max_percent": 100}})
+    url = str(h.client.make_url("/v1/alerts"))
+    (a, session), (b, _) = [await am_factory(url, group_by=["alertname", "node"]) for _ in range(2)]
+    h.engine.alertmanager = Alertmanagers(AlertmanagerConfig(urls=(a.url, b.url), timeout=2))
+    await h.engine.start()
+    for am in (a, b):
+        await _post_alerts(am, session, [_am_alert(n) for n in ("n1", "n2", "n3")])
+    await await_for(lambda: set(h.states().values()) == {"AWAITING_APPROVAL"} and len(h.states()) == 3, 15,
+                    what="three deliveries")
+    rid = dict(h.sql("SELECT node, id FROM remediation"))
+    # A silence on peer b only (no gossip between these two): a veto for n3.
+    now = datetime.now(UTC)
+    silence = {"matchers": [{"name": "node", "value": "n3", "isRegex": False}], "startsAt": now.isoformat(),
+               "endsAt": (now + timedelta(hours=1)).isoformat(), "createdBy": "sre", "comment": "hands off"}
+    async with session.post(f"{b.url}/api/v2/silences", json=silence) as r:
+        assert r.status == 200
+    # Peer a goes down: n1 still acts, on peer b's word; n3 is vetoed by b's silence.
+    a.stop()
+    for node in ("n1", "n3"):
+        assert (await h.admin.post(f"/v1/remediations/{rid[node]}:approve")).status == 200
+    await h.until_state("n1", "SUCCEEDED")
+    await h.until_state("n3", "CANCELLED")
+    assert "silenced" in h.sql("SELECT reason FROM remediation WHERE node='n3'")[0][0]
+    # Both down: n2 waits (fail closed).
+    b.stop()
+    assert (await h.admin.post(f"/v1/remediations/{rid['n2']}:approve")).status == 200
+    await h.until_state("n2", "BLOCKED")
+    assert "no Alertmanager answered (2 of 2 down)" in h.sql("SELECT reason FROM remediation WHERE node='n2'")[0][0]
+    assert kube.cordoned() == ["n1"]

@@ -72,6 +72,13 @@ def test_defaults_are_the_safe_ones(tmp_path):
     ({"kubernetes": None}, "kubernetes: required by inventory.kind kubernetes"),
     ({"alertmanager": None, "policy": {"dry_run": False}}, "alertmanager.url: required when policy.dry_run is false"),
     ({"alertmanager": {"url": "ftp://x"}}, "alertmanager.url"),
+    ({"alertmanager": {"url": "http://a:9093", "urls": ["http://b:9093"]}}, "alertmanager.urls: set either url"),
+    ({"alertmanager": {"url": None, "urls": []}}, "alertmanager.urls: at least one URL"),
+    ({"alertmanager": {"url": None, "urls": ["http://a:9093", "nope"]}}, "alertmanager.urls[1]: expected http(s)://"),
+    ({"alertmanager": {"url": None, "urls": ["http://a:9093", "http://a:9093/"]}},
+     "alertmanager.urls[1]: http://a:9093 is listed twice"),
+    ({"policy": {"resolved_hold": "a while"}}, "policy.resolved_hold"),
+    ({"policy": {"settle_time": -1}}, "policy.settle_time"),
 ])
 def test_errors_name_the_key(tmp_path, patch, message):
     raw = base_config(tmp_path, "http://127.0.0.1:1")
@@ -85,6 +92,16 @@ def test_errors_name_the_key(tmp_path, patch, message):
     with pytest.raises(ConfigError) as err:
         build_config(raw, base=tmp_path)
     assert message in str(err.value)
+
+
+def test_alertmanager_peers_and_the_new_policy_durations(tmp_path):
+    cfg = build_config(base_config(tmp_path, "http://127.0.0.1:1", alertmanager={
+        "url": None, "urls": ["http://am-0:9093/", "http://am-1:9093"]}, policy={"dry_run": False, "resolved_hold": "30m",
+                                                                  "settle_time": 0}), base=tmp_path)
+    assert cfg.alertmanager is not None and cfg.alertmanager.urls == ("http://am-0:9093", "http://am-1:9093")
+    assert (cfg.policy.resolved_hold, cfg.policy.settle_time) == (1800.0, 0.0)
+    defaults = build_config(base_config(tmp_path, "http://127.0.0.1:1"), base=tmp_path).policy
+    assert (defaults.resolved_hold, defaults.settle_time) == (3600.0, 900.0)
 
 
 def test_check_config_cli_exit_code_and_message(tmp_path):

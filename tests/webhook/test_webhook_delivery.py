@@ -82,14 +82,20 @@ async def test_alert_silenced_between_delivery_and_action_is_not_acted_on(harnes
                     result="blocked") == 1
 
 
-async def test_alert_gone_from_alertmanager_is_not_acted_on(harness, kube, am):
+async def test_alert_gone_from_alertmanager_is_held_then_cancelled(harness, kube, am):
+    """Alertmanager no longer has the alert: nothing acts, and the plan waits policy.resolved_hold for the same
+    alert to fire again (Alertmanager resolves alerts it has not heard of for a while) before it is cancelled."""
     kube.add_node("n1")
-    h = await harness()
+    h = await harness(policy={**_live(), "resolved_hold": "300ms"})
     a = alert("n1")
     am.states[a["fingerprint"]] = AlertState.GONE
     await h.post(notification(a))
     await h.settle()
+    assert h.states() == {"n1": "HELD"} and kube.calls(mutating=True) == []
+    time.sleep(0.35)
+    await h.settle()
     assert h.states() == {"n1": "CANCELLED"} and kube.calls(mutating=True) == []
+    assert "did not fire again" in h.sql("SELECT reason FROM remediation")[0][0]
 
 
 async def test_alert_unknown_to_a_freshly_restarted_alertmanager_waits_instead_of_cancelling(harness, kube, am):
@@ -196,9 +202,8 @@ async def test_a_gone_or_replaced_node_gives_its_fleet_cap_slot_back(harness, ku
     assert h.sql("SELECT node FROM node_mark") == []
     reasons = sorted(r[0] for r in h.sql("SELECT detail_json FROM audit WHERE event='mark_cleared'"))
     assert len(reasons) == 2 and "another machine" in reasons[0] and "is gone" in reasons[1]
-    h.services.engine.wake()
-    await h.settle()
-    assert h.states()["waiting"] == "SUCCEEDED" and "waiting" in kube.cordoned()
+    await h.until_state("waiting", "SUCCEEDED")
+    assert "waiting" in kube.cordoned()
 
 
 async def test_rate_limit_per_action_class(harness, kube):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from remediation_webhook.config import SafetyConfig
 from remediation_webhook.errors import JournalError
-from remediation_webhook.journal import AcceptIn, AlertIn, Journal, accept
+from remediation_webhook.journal import VERSION, AcceptIn, AlertIn, Journal, accept
+from remediation_webhook.models import labels_hash
 
 
 def _alert(fp: str, node: str = "n1", status: str = "firing", starts: str = "2026-11-29T09:03:30Z") -> AlertIn:
@@ -36,14 +40,18 @@ def test_wal_and_synchronous_full(journal):
     assert journal.run_sync(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
 
 
-def test_occurrence_key_is_fingerprint_startsat_status(journal):
+def test_occurrence_key_is_fingerprint_startsat_and_labels_with_the_last_status(journal):
     first = journal.run_sync(accept, _batch(_alert("aa")))
     assert first.accepted == 1
     again = journal.run_sync(accept, _batch(_alert("aa"), _alert("aa", status="resolved"),
                                             _alert("aa", starts="2026-11-29T10:00:00Z")))
     assert (again.duplicates, again.ignored, again.merged) == (1, 1, 1)
-    rows = journal.run_sync(lambda c: c.execute("SELECT status, deliveries FROM occurrence ORDER BY starts_at, status").fetchall())
-    assert [tuple(r) for r in rows] == [("firing", 2), ("resolved", 1), ("firing", 1)]
+    rows = journal.run_sync(lambda c: c.execute("SELECT status, deliveries FROM occurrence ORDER BY starts_at").fetchall())
+    assert [tuple(r) for r in rows] == [("resolved", 3), ("firing", 1)]
+    # The same fingerprint and startsAt with other labels is another occurrence, not a duplicate: a conflict with
+    # the firing alert of that fingerprint whose remediation is unfinished.
+    other = journal.run_sync(accept, _batch(dataclasses.replace(_alert("aa"), labels_hash="other")))
+    assert (other.duplicates, other.conflicts, other.accepted, other.merged) == (0, 1, 0, 0)
 
 
 def test_one_active_remediation_per_node_is_enforced_by_the_schema(journal):
@@ -91,3 +99,45 @@ def test_a_failing_item_does_not_take_its_group_down(journal):
 def test_unwritable_journal_fails_loudly(tmp_path):
     with pytest.raises(JournalError):
         Journal(str(tmp_path / "missing-dir" / "j.db"))
+
+
+def test_a_version_1_journal_is_migrated_in_place_and_keeps_its_meaning(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript((Path(__file__).parents[1] / "fixtures" / "journal-v1.sql").read_text())
+    old.close()
+    j = Journal(str(path))
+    try:
+        rows = j.run_sync(lambda c: [dict(r) for r in c.execute("SELECT * FROM occurrence")])
+        assert len(rows) == 1  # the firing and the resolved row of one occurrence are one row now
+        occ = rows[0]
+        assert (occ["status"], occ["deliveries"], occ["decision"], occ["firing_decided"]) == ("resolved", 4, "planned", 1)
+        assert occ["labels_hash"] == labels_hash(json.loads(occ["labels_json"]))
+        rem = j.run_sync(lambda c: dict(c.execute("SELECT * FROM remediation").fetchone()))
+        assert rem["source_labels_hash"] == occ["labels_hash"] and rem["hold_placed"] == 1
+        assert rem["state_since"] == rem["updated_at"]
+        history = j.run_sync(lambda c: [tuple(r) for r in c.execute(
+            "SELECT action, node_uid, dry_run, started_at, finished_at FROM history")])
+        assert history == [("cordon", "uid-1", 0, 1764400002.0, 1764400003.0)]
+        assert j.run_sync(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == VERSION
+        # The migrated occurrence is recognised: firing again is never planned twice.
+        labels = json.loads(occ["labels_json"])
+        again = dataclasses.replace(_alert(occ["fingerprint"], node="gpu-1", starts=occ["starts_at"]),
+                                    labels_hash=labels_hash(labels))
+        out = j.run_sync(accept, _batch(again))
+        assert (out.accepted, out.duplicates) == (0, 1)
+    finally:
+        j.close()
+    # Opening it again changes nothing.
+    j = Journal(str(path))
+    assert j.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM occurrence").fetchone()[0]) == 1
+    j.close()
+
+
+def test_a_journal_from_a_newer_version_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={VERSION + 1}")
+    conn.close()
+    with pytest.raises(JournalError, match="newer than this webhook"):
+        Journal(str(path))

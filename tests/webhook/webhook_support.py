@@ -152,15 +152,21 @@ def _kube() -> Iterator[KubeFake]:
 
 
 class FakeAlertmanager:
-    """AlertChecker double: states by fingerprint (default active), calls recorded."""
+    """AlertChecker double: states by fingerprint (default active), calls recorded. `labels` holds the labels
+    Alertmanager has under a fingerprint, when a test sets them: another label set is a MISMATCH, as the real
+    client answers."""
 
     def __init__(self) -> None:
         self.states: dict[str, AlertState] = {}
+        self.labels: dict[str, dict[str, str]] = {}
         self.firing_for_node: dict[str, list[dict[str, Any]]] = {}
         self.calls: list[str] = []
 
-    async def state(self, fingerprint: str, alertname: str, node: str) -> AlertState:
+    async def state(self, fingerprint: str, alertname: str, node: str,
+                    labels: Any = None) -> AlertState:
         self.calls.append(fingerprint)
+        if labels is not None and fingerprint in self.labels and dict(labels) != self.labels[fingerprint]:
+            return AlertState.MISMATCH
         return self.states.get(fingerprint, AlertState.ACTIVE)
 
     async def active_for_node(self, node: str) -> list[dict[str, Any]]:
@@ -255,6 +261,22 @@ class Harness:
             busy = "('RUNNING')" if held else "('PLANNED','RUNNING')"
             return not self.sql(f"SELECT 1 FROM remediation WHERE state IN {busy}")
         await await_for(quiet, timeout, what="engine to settle")
+
+    async def drive_until(self, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
+        """Drive the engine (schedule, then wait for its tasks) until `predicate()` holds: unlike settle(), this
+        also waits out a BLOCKED remediation's tick and the settle checks."""
+        async def reached() -> bool:
+            await self.engine.schedule()
+            await self.engine.idle()
+            return bool(predicate())
+        await await_for(reached, timeout, what=what or str(predicate))
+
+    async def until_state(self, node: str, state: str, timeout: float = 10.0) -> None:
+        """Drive the engine until the node's newest remediation is in `state`."""
+        def reached() -> bool:
+            rows = self.sql("SELECT state FROM remediation WHERE node=? ORDER BY created_at DESC LIMIT 1", node)
+            return bool(rows) and rows[0][0] == state
+        await self.drive_until(reached, timeout, what=f"{node} to reach {state}")
 
     def metric(self, name: str, **labels: str) -> float | None:
         return self.services.metrics.registry.get_sample_value(name, labels)

@@ -1,16 +1,16 @@
 """The executor: one asyncio task per node, driving its remediation rung by rung.
 
-For each rung: gates (pause, breaker, fleet cap, rate limit), approval, verification against Alertmanager
-and the inventory, then the intent row (committed), then the action, then the completion row, the metric
-and a Kubernetes Event. On start, remediations left RUNNING with an open intent row are reconciled by
-reading the node: done steps are completed without being repeated; idempotent ones are re-run; a
-non-idempotent one whose effect cannot be observed goes to a human (NEEDS_HUMAN).
+For each rung: the alert's own status in the journal (resolved: the plan is held), gates (pause, breaker, fleet
+cap, rate limit), approval, verification against Alertmanager and the inventory (and that no person undid our
+cordon meanwhile), then the intent row (committed), then the action, then the completion row, the metric and a
+Kubernetes Event. On start, remediations left RUNNING with an open intent row are reconciled (reconcile.py).
+Besides the remediations, every tick: the fleet-cap sweep (fleet.py), the settle check of condition alerts
+(settle.py) and the gauges (gauges.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -18,33 +18,40 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .actions.base import Action, ActionContext, Observation, Outcome, StepResult
-from .alertmanager import AlertChecker
-from .config import Config
-from .errors import InventoryUnavailable, KubeApiError, KubeUnavailable, NodeNotFound
-from .inventory.base import Inventory, NodeIdentity
-from .journal import (
+from ..actions.base import Action, ActionContext, Outcome, StepResult, held_by
+from ..alertmanager import AlertChecker, AlertState
+from ..config import Config
+from ..errors import InventoryUnavailable, KubeApiError, KubeUnavailable, NodeNotFound
+from ..inventory.base import Inventory, NodeIdentity
+from ..journal import (
+    Gates,
     Journal,
     MetricEvent,
     Remediation,
+    audit,
     begin_step,
-    clear_mark,
+    complete,
     finish_step,
+    get_meta,
+    hold_remediation,
     load,
-    marks,
+    mark_forged,
     open_step,
+    override,
     runnable,
     save_identity,
-    state_counts,
+    source_occurrence,
+    source_status,
     transition,
 )
-from .kube import KubeApi, RecordingKube
-from .metrics import Metrics
-from .models import Target, printable
-from .policy import metric_target, target_refusal
-from .safety import Verdict, budgets, gate_check, gates_for, verify
+from ..kube import KubeApi, RecordingKube
+from ..metrics import Metrics
+from ..models import Target, printable
+from ..policy import metric_target, target_refusal
+from ..safety import Verdict, gate_check, gates_for, verify
+from . import fleet, gauges, reconcile, replan, settle, undo
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("remediation_webhook.engine")
 
 
 class Engine:
@@ -69,16 +76,18 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._gauges_at = float("-inf")
+        self.settling: set[str] = set()  # remediations whose settle check is in progress
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        from .journal import get_meta, restore_metrics
+        from ..journal import restore_metrics
 
         counts, last = await self.journal.run(restore_metrics)
         self.metrics.restore(counts, last)
         self._paused = await self.journal.run(get_meta, "pause") is not None
         await self._refresh_pool(force=True)
+        await self.refresh_gauges()
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
 
     async def stop(self) -> None:
@@ -101,6 +110,10 @@ class Engine:
     def cancel(self, rid: str, reason: str) -> None:
         self._cancelled[rid] = reason
 
+    def busy(self, node: str) -> bool:
+        """A task is driving the node's remediation right now (it decides for itself)."""
+        return node in self._tasks
+
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until no remediation task is running (tests and benchmarks)."""
         deadline = time.monotonic() + timeout
@@ -111,6 +124,7 @@ class Engine:
         while True:
             try:
                 await self.schedule()
+                self.metrics.engine_tick.set(self.clock())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -122,12 +136,10 @@ class Engine:
             self._wake.clear()
 
     async def schedule(self) -> None:
-        from .journal import get_meta
-
         await self._refresh_pool()
         now = self.clock()
-        # While paused or tripped, only remediations with a step in flight (to reconcile it) and undos run:
-        # the backlog waits without costing anything.
+        # While paused or tripped, only remediations with a step in flight (to reconcile it), holds that expire
+        # and undos run: the backlog waits without costing anything.
         held = self._paused or await self.journal.run(get_meta, "breaker") is not None
         for rem in await self.journal.run(runnable, now):
             if rem.node in self._tasks or (held and rem.state in ("PLANNED", "BLOCKED")):
@@ -135,21 +147,13 @@ class Engine:
             task = asyncio.create_task(self._guarded(rem.id), name=f"remediation-{rem.node}")
             self._tasks[rem.node] = task
             task.add_done_callback(lambda _t, node=rem.node: self._tasks.pop(node, None))
+        await settle.check(self)
         if time.monotonic() - self._gauges_at >= max(1.0, self.config.engine.tick):
             await self.refresh_gauges()
 
     async def refresh_gauges(self) -> None:
-        from .journal import get_meta
-
         self._gauges_at = time.monotonic()
-        now = self.clock()
-        self.metrics.set_states(await self.journal.run(state_counts))
-        self.metrics.breaker_open.set(1 if await self.journal.run(get_meta, "breaker") else 0)
-        self.metrics.paused.set(1 if self._paused else 0)
-        for name, left in (await self.journal.run(budgets, now, self.config.safety, self.pool)).items():
-            self.metrics.budget.labels(name).set(left)
-        if self.pool is not None:
-            self.metrics.pool.set(self.pool)
+        await gauges.refresh(self)
 
     async def _refresh_pool(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -160,25 +164,7 @@ class Engine:
             self.pool = await self.inventory.pool_size(self.config.policy.targets.node_selector)
         except InventoryUnavailable as exc:
             log.warning("cannot size the node pool; percentage caps use the last size", extra={"error": str(exc)})
-        await self._sweep_marks()
-
-    async def _sweep_marks(self) -> None:
-        """Forget our cordon marks on machines that are gone: a node the inventory no longer knows, or another
-        machine under the name (a replace). A mark counts against the fleet cap, and with undo off nothing else
-        would ever lift it, so every replaced node would hold a slot of the cap for good."""
-        for node, rid in (await self.journal.run(marks)).items():
-            if node in self._tasks:
-                continue  # its remediation is running and decides for itself
-            rem = await self.journal.run(load, rid)
-            try:
-                now_uid = (await self.inventory.resolve(node)).uid
-            except NodeNotFound:
-                await self.journal.run(clear_mark, node, self.clock(), "the node is gone")
-                continue
-            except InventoryUnavailable:
-                return  # try again at the next refresh
-            if rem is not None and rem.node_uid and now_uid != rem.node_uid:
-                await self.journal.run(clear_mark, node, self.clock(), "another machine carries the node's name")
+        await fleet.sweep(self)
 
     async def _guarded(self, rid: str) -> None:
         try:
@@ -198,33 +184,49 @@ class Engine:
             return None
         return (*metric_target(action, Target(rem.node, rem.gpu, rem.uuid)), action, result)
 
-    def _note(self, event: MetricEvent | None) -> None:
+    def note(self, event: MetricEvent | None, at: float | None = None) -> None:
+        """Count a finished action; `at`: the time the journal recorded for it (the restored gauges show that)."""
         if event is not None:
-            self.metrics.action_finished(*event, self.clock())
+            self.metrics.action_finished(*event, self.clock() if at is None else at)
 
-    async def _park(self, rem: Remediation, state: str, reason: str, *, blocked_action: str = "") -> None:
+    async def park(self, rem: Remediation, state: str, reason: str, *, blocked_action: str = "") -> None:
         if rem.state == state and rem.reason == reason and state != "BLOCKED":
             return
         terminal = state in ("REFUSED", "CANCELLED")
         event = self.metric_event(rem, blocked_action or rem.ladder[rem.target], "blocked") if terminal else None
         # A blocked remediation is looked at again after a tick, not in a busy loop.
-        later = self.clock() + self.config.engine.tick if state == "BLOCKED" else 0.0
-        moved = await self.journal.run(transition, rem.id, state, reason, self.clock(), event=event,
-                                       not_before=later)
+        now = self.clock()
+        later = now + self.config.engine.tick if state == "BLOCKED" else 0.0
+        moved = await self.journal.run(transition, rem.id, state, reason, now, event=event, not_before=later)
         if moved:
-            self._note(event)
+            self.note(event, now)
             log.info("remediation %s", state.lower(), extra={"remediation_id": rem.id, "node": rem.node,
                                                               "reason": reason})
+
+    async def hold(self, rem: Remediation, why: str) -> None:
+        await self.journal.run(hold_remediation, rem.id, self.clock(), self.config.policy.resolved_hold, "engine",
+                               why)
+        log.info("remediation held", extra={"remediation_id": rem.id, "node": rem.node, "reason": why})
+
+    async def overridden(self, rem: Remediation, detail: str) -> None:
+        if await self.journal.run(override, rem.id, self.clock(), detail):
+            self.metrics.overrides.inc()
+            self.metrics.slot_releases.labels("overridden").inc()
+            log.warning("remediation overridden by a person", extra={"remediation_id": rem.id, "node": rem.node,
+                                                                     "detail": detail})
 
     async def _drive(self, rid: str) -> None:
         rem = await self.journal.run(load, rid)
         if rem is None:
             return
         if rem.state == "HEALTHY_DELAY":
-            await self._undo(rem)
+            await undo.run(self, rem)
+            return
+        if rem.state == "HELD":  # runnable only when its hold expired
+            await self._expire(rem)
             return
         step = await self.journal.run(open_step, rid)
-        if step is not None and not await self._reconcile(rem, step):
+        if step is not None and not await reconcile.run(self, rem, step):
             return
         rem = await self.journal.run(load, rid)
         assert rem is not None
@@ -236,27 +238,31 @@ class Engine:
             if rem.state not in ("PLANNED", "BLOCKED", "RUNNING"):
                 return
             if rem.next_rung > rem.target:
-                final = "DRY_RUN_RECORDED" if rem.dry_run else "SUCCEEDED"
-                await self.journal.run(transition, rid, final, "all steps done", self.clock())
+                await self.journal.run(complete, rid, self.clock(), self.config.policy.settle_time)
                 return
             if not await self._rung(rem):
                 return
+
+    async def _expire(self, rem: Remediation) -> None:
+        await self.park(rem, "CANCELLED", f"its alert resolved and did not fire again within "
+                                          f"{self.config.policy.resolved_hold:.0f}s (policy.resolved_hold)")
+        await replan.orphans(self, rem.id)
 
     async def _resolve(self, rem: Remediation) -> bool:
         try:
             node = await self.inventory.resolve(rem.node)
         except NodeNotFound:
-            await self._park(rem, "REFUSED", "node not found in the inventory")
+            await self.park(rem, "REFUSED", "node not found in the inventory")
             return False
         except InventoryUnavailable as exc:
-            await self._park(rem, "BLOCKED", f"inventory unavailable: {exc}")
+            await self.park(rem, "BLOCKED", f"inventory unavailable: {exc}")
             return False
         refusal = target_refusal(node, self.config.policy.targets)
         if refusal:
-            await self._park(rem, "REFUSED", refusal)
+            await self.park(rem, "REFUSED", refusal)
             return False
         if node.created_at is not None and node.created_at > rem.starts_ts:
-            await self._park(rem, "CANCELLED", "the node was created after the alert started: it is another machine")
+            await self.park(rem, "CANCELLED", "the node was created after the alert started: it is another machine")
             return False
         await self.journal.run(save_identity, rem.id, node.uid, node.provider_id, node.created_at, self.clock())
         return True
@@ -268,7 +274,7 @@ class Engine:
             return "paused" if self._paused else None
         return check
 
-    def _context(self, rem: Remediation, node: NodeIdentity, dry_run: bool) -> ActionContext:
+    def context(self, rem: Remediation, node: NodeIdentity, dry_run: bool) -> ActionContext:
         # Without Kubernetes (a Slurm inventory) actions still get a recorder; every Kubernetes call through
         # it fails as unavailable, which only provider-backed actions can avoid.
         kube: KubeApi = self.kube if self.kube is not None else _NoKube()
@@ -276,55 +282,74 @@ class Engine:
         return ActionContext(remediation_id=rem.id, node=node, target=Target(rem.node, rem.gpu, rem.uuid),
                              reason=reason, kube=RecordingKube(kube, dry_run=dry_run), dry_run=dry_run,
                              should_stop=self._should_stop(rem.id), sleep=self.sleep, clock=self.clock,
-                             note=self._provider_event)
+                             note=self._provider_event, hold_placed=rem.hold_placed and not dry_run)
 
     def _provider_event(self, provider: str, action: str, kind: str) -> None:
         self.metrics.provider_events.labels(provider, action, kind).inc()
 
-    def _saved_identity(self, rem: Remediation) -> NodeIdentity:
+    def saved_identity(self, rem: Remediation) -> NodeIdentity:
         return NodeIdentity(name=rem.node, uid=rem.node_uid or "", provider_id=rem.provider_id or "",
                             created_at=rem.node_created)
 
+    async def source_labels(self, rem: Remediation) -> Mapping[str, str] | None:
+        import json
+
+        row = await self.journal.run(source_occurrence, rem)
+        return json.loads(row["labels_json"]) if row is not None else None
+
     async def _rung(self, rem: Remediation) -> bool:
         """Run the next rung; True to continue with the one after it."""
+        if await self.journal.run(source_status, rem.id) == "resolved":
+            await self.hold(rem, "its alert resolved")
+            return False
         name = rem.ladder[rem.next_rung]
         action = self.actions[name]
         gates = gates_for(action, self.config.safety, self.pool)
         why = await self.journal.run(gate_check, rem.id, name, rem.dry_run, gates, self.clock())
         if why:
-            await self._park(rem, "BLOCKED", why)
+            await self.park(rem, "BLOCKED", why)
             return False
         if name in rem.requires_approval and rem.next_rung not in rem.approvals and not rem.dry_run:
-            await self._park(rem, "AWAITING_APPROVAL", f"{name} requires approval through the admin API")
+            await self.park(rem, "AWAITING_APPROVAL", f"{name} requires approval through the admin API")
             return False
         check = await verify(rem, self.inventory, self.alertmanager, retries=self.config.engine.verify_retries,
-                             sleep=self.sleep)
+                             sleep=self.sleep, labels=await self.source_labels(rem))
         if check.verdict == Verdict.BLOCK:
-            await self._park(rem, "BLOCKED", check.reason)
+            await self.park(rem, "BLOCKED", check.reason)
             return False
-        if check.verdict == Verdict.CANCEL:
+        if check.verdict == Verdict.HOLD and not await replan.has_twins(self, rem):
+            await self.hold(rem, check.reason)
+            return False
+        if check.verdict in (Verdict.CANCEL, Verdict.HOLD):
+            if check.alert == AlertState.MISMATCH:
+                await self.journal.run(mark_forged, rem, self.clock(), check.reason)
             await self._cancel_step(rem, name, check.reason)
+            if check.alert in (AlertState.MISMATCH, AlertState.GONE):
+                await replan.orphans(self, rem.id)  # its twin may be the real alert; merged alerts need an owner
             return False
         assert check.node is not None
+        if rem.hold_placed and not rem.dry_run and check.node.held_by is not None \
+                and not held_by(check.node.held_by, rem.id):
+            await self.overridden(rem, f"someone else uncordoned {rem.node} (or removed our taint) before {name}; "
+                                       f"the remediation stops and never cordons it again for this alert")
+            return False
         started = await self.journal.run(begin_step, rem.id, rem.next_rung, name, rem.dry_run, gates, self.clock())
         if isinstance(started, str):
-            await self._park(rem, "BLOCKED", started)
+            await self.park(rem, "BLOCKED", started)
             return False
         return await self._execute(rem, started, action, check.node)
 
     async def _cancel_step(self, rem: Remediation, name: str, reason: str) -> None:
         """A failed verification: journal a cancelled step, cancel the remediation, count it as blocked."""
-        from .journal import Gates
-
         seq = await self.journal.run(begin_step, rem.id, rem.next_rung, name, rem.dry_run,
                                      Gates(False, 1 << 30, None), self.clock())
         if isinstance(seq, int):
             await self.journal.run(finish_step, rem.id, seq, "CANCELLED", "cancelled", reason, [], self.clock(),
                                    event=None, advance=False)
-        await self._park(rem, "CANCELLED", reason, blocked_action=name)
+        await self.park(rem, "CANCELLED", reason, blocked_action=name)
 
     async def _execute(self, rem: Remediation, seq: int, action: Action, node: NodeIdentity) -> bool:
-        ctx = self._context(rem, node, rem.dry_run)
+        ctx = self.context(rem, node, rem.dry_run)
         t0 = time.monotonic()
         try:
             result = await action.run(ctx)
@@ -332,33 +357,39 @@ class Engine:
             if action.idempotent:
                 await self.journal.run(finish_step, rem.id, seq, "ERROR", "error", f"transient: {exc}",
                                        [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
-                await self._park(rem, "BLOCKED", f"kubernetes unavailable: {exc}")
+                await self.park(rem, "BLOCKED", f"kubernetes unavailable: {exc}")
                 return False
-            await self._ambiguous(rem, seq, action.name, f"outcome unknown: {exc}", ctx)
+            await self.ambiguous(rem, seq, action.name, f"outcome unknown: {exc}", ctx)
             return False
         except KubeApiError as exc:
             result = StepResult(Outcome.FAILURE, f"kubernetes refused: {exc}")
         self.metrics.step_seconds.labels(action.name, result.outcome.value).observe(time.monotonic() - t0)
-        return await self._complete(rem, seq, action, ctx, result)
+        return await self.complete_step(rem, seq, action, ctx, result)
 
-    async def _complete(self, rem: Remediation, seq: int, action: Action, ctx: ActionContext,
-                        result: StepResult) -> bool:
+    async def complete_step(self, rem: Remediation, seq: int, action: Action, ctx: ActionContext,
+                            result: StepResult) -> bool:
         if result.outcome == Outcome.INTERRUPTED:
             await self.journal.run(finish_step, rem.id, seq, "CANCELLED", "interrupted", result.detail,
                                    [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
             if rem.id in self._cancelled:
                 return False
-            await self._park(rem, "BLOCKED", "paused")
+            await self.park(rem, "BLOCKED", "paused")
+            return False
+        if result.outcome == Outcome.OVERRIDDEN:
+            await self.journal.run(finish_step, rem.id, seq, "CANCELLED", "overridden", result.detail,
+                                   [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
+            await self.overridden(rem, result.detail)
             return False
         await self._node_event(rem, seq, action.name, ctx, result)
         ok = result.outcome in (Outcome.SUCCESS, Outcome.DRY_RUN)
         event = self.metric_event(rem, action.name, result.outcome.value)
         state = {Outcome.SUCCESS: "SUCCEEDED", Outcome.DRY_RUN: "DRY_RUN", Outcome.FAILURE: "FAILED"}[result.outcome]
         mark = "set" if ok and action.cordons and not rem.dry_run else None
+        finished = self.clock()
         await self.journal.run(finish_step, rem.id, seq, state, result.outcome.value, result.detail,
-                               [c.as_dict() for c in ctx.kube.calls], self.clock(), event=event, advance=ok,
-                               mark=mark)
-        self._note(event)
+                               [c.as_dict() for c in ctx.kube.calls], finished, event=event, advance=ok,
+                               mark=mark, holds=result.holds and ok and not rem.dry_run)
+        self.note(event, finished)
         log.info("step finished", extra={"remediation_id": rem.id, "node": rem.node, "action": action.name,
                                          "outcome": result.outcome.value, "detail": result.detail})
         if not ok and result.fallback and await self._fall_back(rem, action.name, result.detail):
@@ -388,7 +419,7 @@ class Engine:
                                                              "action": failed, "next": ladder[nxt]})
         return True
 
-    async def _ambiguous(self, rem: Remediation, seq: int, action: str, detail: str, ctx: ActionContext | None) -> None:
+    async def ambiguous(self, rem: Remediation, seq: int, action: str, detail: str, ctx: ActionContext | None) -> None:
         calls = [c.as_dict() for c in ctx.kube.calls] if ctx else []
         await self.journal.run(finish_step, rem.id, seq, "AMBIGUOUS", "unknown", detail, calls, self.clock(),
                                event=None, advance=False)
@@ -416,95 +447,11 @@ class Engine:
         except KubeApiError as exc:
             log.warning("could not create the node Event", extra={"node": rem.node, "error": str(exc)})
 
-    # ------------------------------------------------------------------------------------------ restart
-
-    async def _reconcile(self, rem: Remediation, step: Any) -> bool:
-        """An intent row without completion: the process died mid-step. Read the node; True to go on."""
-        action = self.actions.get(step["action"])
-        seq = int(step["seq"])
-        if action is None or step["dry_run"]:
-            await self.journal.run(finish_step, rem.id, seq, "ABANDONED", "abandoned",
-                                   "interrupted by a restart; re-run", [], self.clock(), event=None, advance=False)
-            return True
-        ctx = dataclasses.replace(self._context(rem, self._saved_identity(rem), False),
-                                  step_started=float(step["started_at"]))
-        try:
-            seen = await action.observe(ctx)
-        except (KubeApiError, InventoryUnavailable) as exc:
-            if not action.idempotent:
-                await self._ambiguous(rem, seq, action.name, f"cannot read the node after a restart: {exc}", ctx)
-                return False
-            await self._park(rem, "BLOCKED", f"cannot reconcile after a restart: {exc}")
-            return False
-        if seen == Observation.DONE:
-            await self._complete(rem, seq, action, ctx,
-                                 StepResult(Outcome.SUCCESS, "reconciled after a restart: already done"))
-            return True
-        if seen == Observation.AMBIGUOUS or (seen == Observation.UNKNOWN and not action.idempotent):
-            await self._ambiguous(rem, seq, action.name, "interrupted by a restart; the node cannot tell whether it "
-                                                         "happened", ctx)
-            return False
-        await self.journal.run(finish_step, rem.id, seq, "ABANDONED", "abandoned",
-                               f"interrupted by a restart; observed {seen.value}; re-run",
-                               [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
-        return True
-
-    # --------------------------------------------------------------------------------------------- undo
-
-    async def _undo(self, rem: Remediation) -> None:
-        """Healthy delay passed after the alert resolved: undo our cordon and taint if nothing fires again."""
-        from .journal import Gates
-
-        now = self.clock()
-        if self.alertmanager is not None:
-            try:
-                firing = await self.alertmanager.active_for_node(rem.node)
-            except Exception as exc:  # noqa: BLE001 - any failure means: not now
-                await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {exc}", now,
-                                       not_before=now + self.config.engine.tick)
-                return
-            if any(a.get("labels", {}).get("remediation") not in (None, "", "none") for a in firing):
-                await self.journal.run(transition, rem.id, "CLOSED", "a remediation alert fires again for the "
-                                       "node; our cordon stays", now)
-                return
-        try:
-            node = await self.inventory.resolve(rem.node)
-        except NodeNotFound:
-            await self.journal.run(transition, rem.id, "CLOSED", "node gone; nothing to undo", now)
-            return
-        except InventoryUnavailable as exc:
-            await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {exc}", now,
-                                   not_before=now + self.config.engine.tick)
-            return
-        if node.uid != rem.node_uid:
-            await self.journal.run(transition, rem.id, "CLOSED", "node replaced; nothing to undo", now)
-            return
-        action = self.actions["uncordon"]
-        seq = await self.journal.run(begin_step, rem.id, rem.next_rung, action.name, False,
-                                     Gates(False, 1 << 30, None), now)
-        if isinstance(seq, str):
-            await self.journal.run(transition, rem.id, "HEALTHY_DELAY", f"undo postponed: {seq}", now,
-                                   not_before=now + self.config.engine.tick)
-            return
-        ctx = self._context(rem, node, False)
-        try:
-            result = await action.run(ctx)
-        except KubeApiError as exc:
-            result = StepResult(Outcome.FAILURE, str(exc))
-        ok = result.outcome == Outcome.SUCCESS
-        await self.journal.run(finish_step, rem.id, seq, "SUCCEEDED" if ok else "FAILED", result.outcome.value,
-                               result.detail, [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None,
-                               advance=False, mark="clear" if ok else None)
-        await self.journal.run(transition, rem.id, "CLOSED", "undone after the healthy delay" if ok else
-                               f"undo failed: {result.detail}", self.clock())
-
 
 def _fallback_row(conn: Any, rid: str, ladder: tuple[str, ...], nxt: int, failed: str, to: str, detail: str,
                   now: float) -> None:
     """Advance past the failed rung and, if needed, raise the target to the next rung (journal + audit)."""
     import json
-
-    from .journal import audit
 
     conn.execute("UPDATE remediation SET next_rung=?, target=MAX(target, ?), ladder_json=?, updated_at=? WHERE id=?",
                  (nxt, nxt, json.dumps(list(ladder)), now, rid))

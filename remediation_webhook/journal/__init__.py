@@ -1,0 +1,61 @@
+"""The durable journal: SQLite in WAL mode with synchronous=FULL, one writer thread with group commit.
+
+The journal decides: what was already done, what history an escalation may claim, which nodes hold the fleet
+cap. Modules: writer (the thread and its transactions), schema (tables, states, migration), rows (row types and
+shared writes), accept (a notification's occurrences and decisions), history (what the journal knows was
+done), steps (what the engine writes while it drives a remediation), ops (what people do and read through the
+admin API).
+"""
+
+from .accept import AcceptIn, AcceptOut, AlertIn, accept, hold_remediation, replan, skip_cutoff, storm_skip_reason
+from .history import Fix, count_since_replace, last_fix, restore_metrics, successful_counts, unconfirmed
+from .ops import (
+    approve,
+    breaker_status,
+    cancel,
+    detail,
+    list_remediations,
+    ping,
+    release_slot,
+    reset_breaker,
+    set_pause,
+    slots,
+    state_counts,
+    state_since,
+)
+from .rows import MetricEvent, Remediation, audit, get_meta, load, set_meta, source_occurrence
+from .schema import ACTIVE, TERMINAL, VERSION
+from .steps import (
+    Gates,
+    active_on,
+    begin_step,
+    clear_mark,
+    climb,
+    complete,
+    cordon_holders,
+    finish_step,
+    mark_forged,
+    marks,
+    open_step,
+    orphans,
+    override,
+    rate_used,
+    runnable,
+    save_identity,
+    settle_due,
+    settled,
+    source_status,
+    transition,
+)
+from .writer import Journal
+
+__all__ = [
+    "ACTIVE", "TERMINAL", "VERSION", "AcceptIn", "AcceptOut", "AlertIn", "Fix", "Gates", "Journal", "MetricEvent",
+    "Remediation", "accept", "active_on", "approve", "audit", "begin_step", "breaker_status", "cancel", "clear_mark",
+    "climb", "complete", "cordon_holders", "count_since_replace", "detail", "finish_step", "get_meta",
+    "hold_remediation", "last_fix", "list_remediations", "load", "mark_forged", "marks", "open_step", "orphans",
+    "override", "ping", "rate_used", "release_slot", "replan", "reset_breaker", "restore_metrics", "runnable",
+    "save_identity", "set_meta", "set_pause", "settle_due", "settled", "skip_cutoff", "slots", "source_occurrence",
+    "source_status", "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition",
+    "unconfirmed",
+]

@@ -1,0 +1,119 @@
+"""The remediation history as the journal knows it, which is what decides: is a fault already remediated, does
+the history an escalation alert claims exist, and the numbers the webhook publishes for the rules.
+
+Prometheus' view of this history can be late, missing or doubled; these functions read only the journal.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..policy import GPU_SCOPED, RANK, Evidence
+from .rows import MetricEvent
+
+WINDOWS = (("7d", 7 * 86400.0), ("30d", 30 * 86400.0))
+
+
+def _at(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _target_clause(uuid: str) -> tuple[str, list[str]]:
+    """Node actions of the node, and GPU actions only of the same GPU (by UUID: indexes change across boots)."""
+    gpu_actions = ",".join(f"'{a}'" for a in sorted(GPU_SCOPED))
+    if uuid:
+        return f"(action NOT IN ({gpu_actions}) OR uuid=?)", [uuid]
+    return f"action NOT IN ({gpu_actions})", []
+
+
+@dataclass(frozen=True)
+class Fix:
+    """The newest successful action that fixes a fault asking for `rung`: that rung or a higher one, on the same
+    node (and the same GPU for a GPU action)."""
+
+    remediation_id: str
+    action: str
+    finished_at: float
+    node_uid: str
+
+    def covers(self, fault_ts: float) -> bool:
+        return fault_ts <= self.finished_at
+
+    def record(self, fault_ts: float) -> dict[str, object]:
+        """Exactly what was compared, for the journal."""
+        return {"fault_timestamp": fault_ts, "fixed_by": self.remediation_id, "action": self.action,
+                "finished_at": self.finished_at, "node_uid": self.node_uid}
+
+    def reason(self, fault_ts: float) -> str:
+        return (f"already remediated: the fault at {_at(fault_ts)} is not newer than the successful {self.action} "
+                f"that finished at {_at(self.finished_at)} (remediation {self.remediation_id})")
+
+
+def last_fix(conn: sqlite3.Connection, node: str, uuid: str, rung: str, dry_run: bool) -> Fix | None:
+    fixing = [a for a, r in RANK.items() if r >= RANK.get(rung, 0)]
+    clause, args = _target_clause(uuid)
+    marks = ",".join("?" for _ in fixing)
+    row = conn.execute(f"SELECT remediation_id, action, finished_at, node_uid FROM history WHERE node=? AND "
+                       f"dry_run=? AND action IN ({marks}) AND {clause} ORDER BY finished_at DESC LIMIT 1",
+                       [node, int(dry_run), *fixing, *args]).fetchone()
+    if row is None:
+        return None
+    return Fix(row["remediation_id"], row["action"], float(row["finished_at"]), row["node_uid"])
+
+
+def count_since_replace(conn: sqlite3.Connection, node: str, uuid: str, action: str, window: float, now: float,
+                        dry_run: bool) -> int:
+    """Successful `action` on the node (the GPU, for a GPU action) within `window`, after the node's last
+    successful replace: a replaced node is another machine, and its history starts again."""
+    replaced = conn.execute("SELECT MAX(finished_at) FROM history WHERE node=? AND action='replace' AND dry_run=?",
+                            (node, int(dry_run))).fetchone()[0]
+    since = max(now - window, float(replaced) if replaced is not None and action != "replace" else float("-inf"))
+    uuid_clause = " AND uuid=?" if action in GPU_SCOPED else ""
+    args: list[object] = [node, action, int(dry_run), since, now + 1]
+    if uuid_clause:
+        args.append(uuid)
+    return int(conn.execute(f"SELECT COUNT(*) FROM history WHERE node=? AND action=? AND dry_run=? AND "
+                            f"finished_at>? AND finished_at<=?{uuid_clause}", args).fetchone()[0])
+
+
+def unconfirmed(conn: sqlite3.Connection, node: str, uuid: str, evidence: Evidence, now: float,
+                dry_run: bool) -> str:
+    """Why the journal does not confirm the history an escalation alert claims ("" if it does)."""
+    if evidence.action in GPU_SCOPED and not uuid:
+        return f"escalation not confirmed: history of {evidence.action} needs the alert's GPU uuid"
+    n = count_since_replace(conn, node, uuid, evidence.action, evidence.window, now, dry_run)
+    if n >= evidence.min_count:
+        return ""
+    what = f"GPU {uuid} of {node}" if evidence.action in GPU_SCOPED else node
+    return (f"escalation not confirmed by the journal: {n} successful {evidence.action} of {what} within "
+            f"{evidence.window / 86400:g}d (since its last replace), the alert claims at least {evidence.min_count}")
+
+
+def successful_counts(conn: sqlite3.Connection, now: float) -> dict[tuple[str, str, str, str], dict[str, int]]:
+    """The history gauges: live successes per (node, gpu, uuid, action) and window, since the node's last
+    replace; only series with a success in the longest window."""
+    longest = max(w for _, w in WINDOWS)
+    out: dict[tuple[str, str, str, str], dict[str, int]] = {}
+    rows = conn.execute(
+        "SELECT h.node, h.gpu, h.uuid, h.action, h.finished_at FROM history h WHERE h.dry_run=0 AND h.finished_at>? "
+        "AND (h.action='replace' OR h.finished_at > COALESCE((SELECT MAX(r.finished_at) FROM history r WHERE "
+        "r.node=h.node AND r.action='replace' AND r.dry_run=0), -1))", (now - longest,)).fetchall()
+    for node, gpu, uuid, action, finished in rows:
+        counts = out.setdefault((node, gpu, uuid, action), {name: 0 for name, _ in WINDOWS})
+        for name, window in WINDOWS:
+            counts[name] += int(finished > now - window)
+    return out
+
+
+def restore_metrics(conn: sqlite3.Connection) -> tuple[list[tuple[MetricEvent, int]],
+                                                       list[tuple[tuple[str, str, str, str, str], float]]]:
+    """Counters by (node, gpu, uuid, action, result), and the last time of each (node, gpu, uuid, action) for
+    result success and failure."""
+    counts = [((r[0], r[1], r[2], r[3], r[4]), int(r[5])) for r in conn.execute(
+        "SELECT node, gpu, uuid, action, result, COUNT(*) FROM action_result GROUP BY node, gpu, uuid, action, result")]
+    last = [((r[0], r[1], r[2], r[3], r[4]), float(r[5])) for r in conn.execute(
+        "SELECT node, gpu, uuid, action, result, MAX(ts) FROM action_result WHERE result IN ('success','failure') "
+        "GROUP BY node, gpu, uuid, action, result")]
+    return counts, last
