@@ -31,6 +31,9 @@ XID_CLASSES = ("none", "reset_gpu", "reboot", "human", "recovery")
 RECOVERY_CLASSES = ("none", "reset_gpu", "reboot", "drain", "human")
 # Classes whose fault a reset of the GPU fixes; a reboot (or replace) of the node fixes every class.
 NOT_FIXED_BY_GPU_RESET = ("reboot",)
+# How long the last-success records keep a value the webhook no longer exports: longer than any scrape gap or
+# webhook outage, and than the contract's 8 days of export.
+LATCH_DAYS = 30
 
 
 def load_policy(path: Path = POLICY_PATH) -> dict[str, Any]:
@@ -146,10 +149,20 @@ groups:
       # Newest successful reset of each GPU (by uuid: indexes can change across boots) and newest successful
       # reboot or replace of each node, from the webhook (docs/webhook-metrics-contract.md). A fault older than
       # the action that fixes it no longer stands.
+      # Latched: while the webhook's series is absent (a scrape gap, a restart) each record falls back to its own
+      # previous value, else a fixed fault would stand again and re-fire. The live value wins whenever present;
+      # the latched one expires {LATCH_DAYS} days after the last success, so the series set stays bounded. A
+      # Prometheus down for longer than its lookback (5m) loses it; the webhook refuses a fixed fault anyway.
       - record: node_uuid:gpu_remediation_last_success_timestamp_seconds:max
-        expr: max by (node, uuid) (gpu_remediation_last_success_timestamp_seconds{{action="reset_gpu"}})
+        expr: |
+          max by (node, uuid) (gpu_remediation_last_success_timestamp_seconds{{action="reset_gpu"}})
+          or
+          (node_uuid:gpu_remediation_last_success_timestamp_seconds:max > time() - {LATCH_DAYS} * 86400)
       - record: node:gpu_remediation_last_success_timestamp_seconds:max
-        expr: max by (node) (gpu_remediation_last_success_timestamp_seconds{{action=~"reboot|replace"}})
+        expr: |
+          max by (node) (gpu_remediation_last_success_timestamp_seconds{{action=~"reboot|replace"}})
+          or
+          (node:gpu_remediation_last_success_timestamp_seconds:max > time() - {LATCH_DAYS} * 86400)
 
       # Every Xid seen this boot, labelled with its policy class; value: when it last happened. The series
       # exists from the first occurrence on (whatever the count), so a counter that first appears above zero

@@ -464,8 +464,12 @@ def test_alertmanager_snippet_is_valid_and_routes_remediation_alerts(tmp_path: P
     assert check.returncode == 0, check.stdout + check.stderr
     for labels, expected in ((["remediation=reboot", "severity=critical", "node=n1"], "gpu-remediation"),
                              (["remediation=none", "severity=warning", "node=n1"], "default"),
-                             (["alertname=GPURemediationStorm", "remediation=none"], "gpu-remediation")):
+                             (["alertname=GPURemediationStorm", "remediation=none"], "gpu-remediation"),
+                             (["alertname=GPURemediationWatchdog", "remediation=none", "severity=info"],
+                              "gpu-remediation")):
         routed = subprocess.run([AMTOOL, "config", "routes", "test", f"--config.file={path}", *labels],
                                 capture_output=True, check=False, text=True, timeout=30)
         assert routed.returncode == 0, routed.stderr
         assert expected in routed.stdout.split(",")[0], (labels, routed.stdout)
+        if labels[0] == "alertname=GPURemediationWatchdog":
+            assert routed.stdout.strip() == "gpu-remediation", "the watchdog reaches the webhook only"

@@ -120,13 +120,31 @@ def test_the_storm_alert_reaches_the_webhook_breaker() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@needs_amtool
+def test_the_watchdog_reaches_only_the_webhook() -> None:
+    labels = ("alertname=GPURemediationWatchdog", "remediation=none", "severity=info", "component=remediation")
+    result = _route(*labels, verify="gpu-remediation")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "gpu-remediation", "people are not paged with the dead man's switch"
+
+
 def _seconds(duration: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600}
     return int(duration[:-1]) * units[duration[-1]]
 
 
-def test_remediation_route_groups_by_node_and_is_fast_for_critical() -> None:
+def test_the_watchdog_route_is_first_and_resent_every_5m() -> None:
+    """GPURemediationNoNotifications allows 15 minutes without a notification: three re-sends."""
     route = _am()["route"]["routes"][0]
+    assert route["matchers"] == ['alertname="GPURemediationWatchdog"'] and route["receiver"] == "gpu-remediation"
+    assert "continue" not in route and route["group_by"] == ["alertname"]
+    assert _seconds(route["group_wait"]) == 0 and _seconds(route["repeat_interval"]) == 300
+    assert _seconds(route["group_interval"]) <= 60
+
+
+def test_remediation_route_groups_by_node_and_is_fast_for_critical() -> None:
+    route = next(r for r in _am()["route"]["routes"]
+                 if r.get("matchers") == ['remediation=~"cordon|drain|reset_gpu|reboot|replace"'])
     assert route["receiver"] == "gpu-remediation" and route["continue"] is True
     assert route["group_by"] == ["node"]
     critical = route["routes"][0]

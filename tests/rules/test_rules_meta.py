@@ -25,11 +25,20 @@ RUNBOOKS = ROOT / "docs" / "runbooks.md"
 REMEDIATIONS = {"none", "cordon", "drain", "reset_gpu", "reboot", "replace"}
 SEVERITIES = {"critical", "warning", "info"}
 COMPONENTS = {"xid", "memory", "nvlink", "pcie", "thermal", "availability", "exporter", "remediation"}
-# Alerts whose input can never carry scrape-side labels: GPURemediationStorm reads ALERTS, which Prometheus writes.
-NO_SCRAPE_LABELS = {"GPURemediationStorm"}
-# Alerts about the fleet, not one node.
+# Alerts whose input can never carry scrape-side labels: GPURemediationStorm reads ALERTS, which Prometheus writes;
+# GPURemediationWatchdog reads nothing.
+NO_SCRAPE_LABELS = {"GPURemediationStorm", "GPURemediationWatchdog"}
+# The dead man's switch fires from the first evaluation on: it has no silent edge to test.
+ALWAYS_FIRING = {"GPURemediationWatchdog"}
 # Alerts about the fleet or the remediator, not one node.
-FLEET_LEVEL = {"GPURemediationStorm", "GPURemediationNoCapacity"}
+FLEET_LEVEL = {
+    "GPURemediationStorm", "GPURemediationNoCapacity",
+    # rules/remediator.alerts.yaml
+    "GPURemediationWebhookDown", "GPURemediationWebhookAbsent", "GPURemediationWatchdog",
+    "GPURemediationNoNotifications", "GPURemediationBreakerOpen", "GPURemediationPausedTooLong",
+    "GPURemediationBudgetExhausted", "GPURemediationStuck", "GPURemediationNeedsHuman", "GPURemediationJournalErrors",
+    "GPURemediationEngineStalled", "GPURemediationAlertConflict",
+}
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -143,7 +152,7 @@ def test_alert_has_unit_tests_firing_and_silent(name: str) -> None:
                     assert alert["exp_labels"].get("node"), f"{name}: every alert names its node"
                 assert not {"pod", "instance", "job"} & set(alert["exp_labels"]), f"{name}: scrape labels leak"
     assert firing, f"{name}: no promtool test expects it firing"
-    assert silent, f"{name}: no promtool test expects it silent (e.g. before its `for`)"
+    assert silent or name in ALWAYS_FIRING, f"{name}: no promtool test expects it silent (e.g. before its `for`)"
     if name not in NO_SCRAPE_LABELS:
         assert scrape_labels, f"{name}: fire it from input series with pod/instance labels, to show they are dropped"
 
