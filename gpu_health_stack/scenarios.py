@@ -25,6 +25,12 @@ def xid13(gpu: int) -> str:
             f"on (GPC 1, TPC 3, SM 0): Out Of Range Address")
 
 
+def xid48(gpu: int) -> str:
+    """A double-bit ECC error: the XID policy resets the GPU (GPUXidResetRequired)."""
+    return (f"NVRM: Xid (PCI:0000:{BUS[gpu]}:00): 48, pid=2201, name=python3, An uncorrectable double bit error "
+            f"(DBE) has been detected on GPU in the framebuffer at partition 0, subpartition 0.")
+
+
 def xid45(gpu: int) -> str:
     return f"NVRM: Xid (PCI:0000:{BUS[gpu]}:00): 45, pid=12542, name=python3, Ch 00000008"
 

@@ -57,6 +57,9 @@ class Timings:
     # None: Alertmanager's routes keep the values of the file they come from.
     group_wait: str | None = "0s"
     group_interval: str | None = "1s"
+    repeat_interval: str | None = None
+    # Prometheus re-sends a firing alert (with its current annotations) this often; None: its default, 1m.
+    resend_delay: str | None = None
     prometheus_file: Path | None = None  # scrape and rule settings taken from this file (targets are ours)
     alertmanager_file: Path = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
@@ -167,7 +170,8 @@ class Stack:
 
     # --- Prometheus ----------------------------------------------------------------------
 
-    def prometheus_config(self, extra_scrape_configs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def prometheus_config(self, extra_scrape_configs: list[dict[str, Any]] | None = None, *,
+                          send_alerts: bool = True) -> dict[str, Any]:
         """Prometheus' configuration: rules/, the exporters (and extra jobs), the stack's Alertmanager, and the
         timings (with a prometheus_file, its global and exporter-job settings)."""
         t = self.timings
@@ -189,7 +193,8 @@ class Stack:
         config.update({
             "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yaml"))]
             + [str(p) for p in sorted((ROOT / "rules").glob("*.alerts.yaml"))],
-            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.am_port}"]}]}]},
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.am_port}"]}]}]
+                         if send_alerts else []},
             "scrape_configs": [exporter_job, *(extra_scrape_configs or [])],
         })
         return config
@@ -202,11 +207,21 @@ class Stack:
             PROMETHEUS, f"--config.file={path}", f"--storage.tsdb.path={self.dir / 'prom-data'}",
             f"--web.listen-address=127.0.0.1:{self.prom_port}", "--web.enable-lifecycle",
             f"--web.external-url=http://127.0.0.1:{self.prom_port}",
+            *([f"--rules.alert.resend-delay={t.resend_delay}"] if t.resend_delay else []),
         ], self.dir)
         self.prometheus.wait_http(f"{self.prom_url}/-/ready")
         # Prometheus holds new targets back for about 5 s; wait until every exporter is scraped.
         wait_until(lambda: self.query('count(up{job="gpu-health-exporter"} == 1)') == [len(self.exporters)]
                    or None, 30 + 2 * seconds(t.scrape_interval), "Prometheus to scrape every exporter")
+
+    def reload_prometheus(self, extra_scrape_configs: list[dict[str, Any]] | None = None, *,
+                          send_alerts: bool = True) -> None:
+        """Write a new configuration (another relabelling of the webhook's job; `send_alerts` False: Prometheus
+        cannot reach Alertmanager) and POST /-/reload."""
+        path = self.dir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(self.prometheus_config(extra_scrape_configs, send_alerts=send_alerts),
+                                       sort_keys=False))
+        http_json(f"{self.prom_url}/-/reload", {}, "POST")
 
     @property
     def prom_url(self) -> str:
@@ -245,7 +260,8 @@ class Stack:
 
         def fast(route: dict[str, Any]) -> None:
             # group_wait 0s and group_interval 1s: the test configuration's latency, not the production one.
-            for key, value in (("group_wait", t.group_wait), ("group_interval", t.group_interval)):
+            for key, value in (("group_wait", t.group_wait), ("group_interval", t.group_interval),
+                               ("repeat_interval", t.repeat_interval)):
                 if value is not None and (key in route or route is config["route"]):
                     route[key] = value
             for child in route.get("routes", []):
@@ -292,3 +308,7 @@ class Stack:
 
     def am_alerts(self) -> list[dict[str, Any]]:
         return list(json.loads(http_get(f"{self.am_url}/api/v2/alerts")))
+
+    def post_am_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        """Send alerts to Alertmanager as Prometheus does (POST /api/v2/alerts)."""
+        http_json(f"{self.am_url}/api/v2/alerts", alerts, "POST")

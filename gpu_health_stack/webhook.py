@@ -56,11 +56,23 @@ class Webhook:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def scrape_config(self) -> dict[str, Any]:
-        """Prometheus' job for the webhook's /metrics: honor_labels keeps the `node` of its history metrics."""
-        return {"job_name": "gpu-health-webhook", "honor_labels": True,
-                "authorization": {"type": "Bearer", "credentials_file": str(self.scrape_token_file)},
-                "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]}
+    def scrape_config(self, instance: str = "") -> dict[str, Any]:
+        """Prometheus' job for the webhook's /metrics: honor_labels keeps the `node` of its history metrics.
+        `instance`: the series' instance label, as a recreated pod (a new pod IP) would give them."""
+        job: dict[str, Any] = {"job_name": "gpu-health-webhook", "honor_labels": True,
+                               "authorization": {"type": "Bearer", "credentials_file": str(self.scrape_token_file)},
+                               "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]}
+        if instance:
+            job["relabel_configs"] = [{"target_label": "instance", "replacement": instance}]
+        return job
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def start(self) -> None:
+        """Start it again on the same ports and journal (Alertmanager's receiver URL does not change)."""
+        self.proc.start()
+        self.proc.wait_http(f"{self.url}/readyz", timeout=60)
 
     # ---- admin API
 

@@ -318,9 +318,14 @@ def test_half_the_fleet_failing_at_once_trips_the_breaker(run: Run, report: Call
                "node-c's second alert to reach the webhook")
     wait_until(lambda: run.stack.query("gpu_remediation_breaker_open") == [1.0], 30,
                "Prometheus to scrape the open breaker from the webhook")
-    # The storm alert of the rules fires too (it would trip the breaker on its own).
+    # The storm alert of the rules fires too (it would trip the breaker on its own), and so does the remediator's own
+    # alert: the webhook has stopped acting, for how long it says.
     wait_until(lambda: [a for a in run.stack.prometheus_alerts("firing")
                         if a["labels"]["alertname"] == "GPURemediationStorm"], 30, "GPURemediationStorm")
+    opened = wait_until(lambda: [a for a in run.stack.prometheus_alerts("firing")
+                                 if a["labels"]["alertname"] == "GPURemediationBreakerOpen"], 30,
+                        "GPURemediationBreakerOpen")
+    assert opened[0]["labels"]["severity"] == "critical" and "open for" in opened[0]["annotations"]["summary"]
     run.stack.wait_rule_evaluations(since=time.time(), rounds=2)
     assert run.webhook.breaker()["open"] is True
     assert [r["state"] for n in ("node-c", "node-d") for r in remediations(run.webhook, n)] == ["BLOCKED"] * 2
