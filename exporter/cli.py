@@ -88,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse(args, available)
         web_config = None
         if config.web_config_file:
-            from .webconfig import load_web_config
+            from gpu_health_common.webconfig import load_web_config
 
-            web_config = load_web_config(config.web_config_file)
+            web_config = load_web_config(config.web_config_file, error=ConfigError)
         nvml = make_backend(config)
     except ConfigError as exc:
         print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-health-exporter: error: {exc}", file=sys.stderr)
         return 1
 
-    from . import logs
+    from gpu_health_common import logs
 
     logs.setup(config.log_level, config.log_format)
     try:
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     middlewares = []
     ssl_context = None
     if web_config is not None:
-        from .webconfig import middleware
+        from gpu_health_common.webconfig import middleware
 
         middlewares.append(middleware(web_config))
         ssl_context = web_config.ssl_context()

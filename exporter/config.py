@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpu_health_common.durations import parse_duration
+
 from . import __version__
-from .durations import parse_duration
 from .errors import ConfigError
 from .registry import Collector
 
@@ -137,9 +138,9 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         raise ConfigError("--sim-config: only applies with --backend sim")
     if not ns.telemetry_path.startswith("/") or ns.telemetry_path in ("/", "/healthz"):
         raise ConfigError(f"--web.telemetry-path: expected a path such as /metrics, got {ns.telemetry_path!r}")
-    interval = parse_duration(ns.interval, "--collect-interval")
-    slow = parse_duration(ns.slow_interval, "--collect-interval.slow")
-    timeout = parse_duration(ns.timeout, "--collect-timeout")
+    interval = parse_duration(ns.interval, "--collect-interval", error=ConfigError)
+    slow = parse_duration(ns.slow_interval, "--collect-interval.slow", error=ConfigError)
+    timeout = parse_duration(ns.timeout, "--collect-timeout", error=ConfigError)
     if interval <= 0:
         raise ConfigError("--collect-interval: must be above zero")
     if slow < interval:

@@ -1,7 +1,7 @@
 """Listener authentication: bearer tokens (from a file) and/or basic auth, TLS client certificates.
 
 Basic auth users, TLS and client certificates come from an exporter-toolkit web config file and reuse
-exporter.webconfig (bcrypt checks are cached and run off the event loop). Either a valid bearer token or
+gpu_health_common.webconfig, as the exporter does (bcrypt checks are cached and run off the event loop). Either a valid bearer token or
 valid basic credentials let a request in; with a client certificate required by TLS, the handshake itself
 already refused everyone else.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from exporter.webconfig import _parse_basic
+from gpu_health_common.webconfig import parse_basic
 
 from .config import ListenerConfig, split_address
 
@@ -63,7 +63,7 @@ def middleware(listener: ListenerConfig, *, open_paths: frozenset[str], realm: s
             elif web_config is not None and web_config.basic_auth_enabled and scheme.lower() == "basic":
                 ok = web_config.check_basic_auth_cached(header) or await asyncio.get_running_loop().run_in_executor(
                     pool, web_config.check_basic_auth, header)
-                creds = _parse_basic(header)
+                creds = parse_basic(header)
                 actor = f"user:{creds[0]}" if creds else "basic"
             elif not tokens and not (web_config and web_config.basic_auth_enabled):
                 ok = peercert is not None  # TLS required a verified client certificate

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from exporter import logs
+from gpu_health_common import logs
 
 from . import __version__
 from .admin import create_admin_app

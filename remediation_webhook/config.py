@@ -18,10 +18,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from exporter import validate
-from exporter.durations import parse_duration
-from exporter.errors import ConfigError as ExporterConfigError
-from exporter.webconfig import WebConfig, load_web_config
+from gpu_health_common import validate
+from gpu_health_common.durations import parse_duration
+from gpu_health_common.webconfig import WebConfig, load_web_config
 
 from . import actions as actions_pkg
 from . import inventory as inventory_pkg
@@ -69,10 +68,7 @@ def _percent(value: object, key: str) -> float:
 
 
 def _duration(value: object, key: str) -> float:
-    try:
-        return parse_duration(value, key)
-    except ExporterConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return parse_duration(value, key, error=ConfigError)
 
 
 def _address(value: object, key: str) -> str:
@@ -269,8 +265,8 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
     if sec.get("config_file"):
         cfg_path = _file(sec["config_file"], f"{key}.config_file", base)
         try:
-            web = load_web_config(cfg_path)
-        except ExporterConfigError as exc:
+            web = load_web_config(cfg_path, error=ConfigError)
+        except ConfigError as exc:
             raise ConfigError(f"{key}.config_file: {exc}") from exc
     tokens: tuple[str, ...] = ()
     if sec.get("bearer_token_file"):

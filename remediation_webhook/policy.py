@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from gpu_health_common.durations import parse_duration
+
 from .actions.base import KNOWN_ACTIONS
 from .config import PolicyConfig, Rule, TargetsConfig
 from .inventory.base import NodeIdentity
@@ -92,12 +94,9 @@ def evidence_of(annotations: Mapping[str, str]) -> tuple[Evidence | None, str]:
     action = annotations["history_action"].strip()
     if action not in KNOWN_ACTIONS:
         return None, "history_action annotation names no known action"
-    from exporter.durations import parse_duration
-    from exporter.errors import ConfigError as DurationError
-
     try:
-        window = parse_duration(annotations["history_window"].strip(), "history_window")
-    except DurationError:
+        window = parse_duration(annotations["history_window"].strip(), "history_window", error=ValueError)
+    except ValueError:
         return None, "history_window annotation is not a duration"
     if not 0 < window <= MAX_HISTORY_WINDOW:
         return None, "history_window annotation must be more than 0 and at most 90d"

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from exporter import webconfig
-from exporter.errors import ConfigError
-from exporter.webconfig import WebConfig, load_web_config, middleware
+from gpu_health_common import webconfig
+from gpu_health_common.errors import ConfigError
+from gpu_health_common.webconfig import WebConfig, load_web_config, middleware
 
 
 @dataclass(frozen=True)

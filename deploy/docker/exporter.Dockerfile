@@ -16,6 +16,7 @@ FROM python:3.13.13-slim-trixie AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY gpu_health_common ./gpu_health_common
 COPY exporter ./exporter
 COPY remediation_webhook ./remediation_webhook
 RUN python -m venv /opt/gpu-health \

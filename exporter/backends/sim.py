@@ -22,9 +22,10 @@ from typing import Any
 
 import pynvml
 
-from ..durations import parse_duration
+from gpu_health_common.durations import parse_duration
+from gpu_health_common.validate import read_yaml
+
 from ..errors import ConfigError
-from ..validate import read_yaml
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class SimConfig:
 
 def load_sim_config(path: str) -> SimConfig:
     """Parse and validate a --sim-config file; errors name the file and the key."""
-    raw = read_yaml(path, f"--sim-config {path}") or {}
+    raw = read_yaml(path, f"--sim-config {path}", error=ConfigError) or {}
     try:
         return sim_config_from_dict(raw)
     except ConfigError as exc:
@@ -201,7 +202,7 @@ def _parse_fault(raw: Any, i: int, gpus: int) -> Fault:
         raise ConfigError(f"{where}.gpu: expected a GPU index below {gpus}, got {gpu!r}")
     params = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
     if kind == "temperature_ramp":
-        params["over"] = parse_duration(params.get("over", 0), f"{where}.over")
+        params["over"] = parse_duration(params.get("over", 0), f"{where}.over", error=ConfigError)
         params["to"] = float(params.get("to", 95))
     if kind == "nvlink_errors" and params.get("counter", "crc_flit") not in _NVLINK_COUNTERS:
         raise ConfigError(f"{where}.counter: expected one of {', '.join(_NVLINK_COUNTERS)}")
@@ -217,8 +218,8 @@ def _parse_fault(raw: Any, i: int, gpus: int) -> Fault:
     return Fault(
         kind=kind,
         gpu=gpu,
-        at=parse_duration(raw.get("at", 0), f"{where}.at"),
-        until=None if until is None else parse_duration(until, f"{where}.until"),
+        at=parse_duration(raw.get("at", 0), f"{where}.at", error=ConfigError),
+        until=None if until is None else parse_duration(until, f"{where}.until", error=ConfigError),
         params=params,
     )
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from gpu_health_common.durations import parse_duration
+
 from ..errors import (
     ConfigError,
     KubeApiError,
@@ -26,13 +28,7 @@ _MIRROR = "kubernetes.io/config.mirror"
 
 
 def _duration(raw: Mapping[str, Any], name: str, key: str, default: float) -> float:
-    from exporter.durations import parse_duration
-    from exporter.errors import ConfigError as ExporterConfigError
-
-    try:
-        return parse_duration(raw.get(name, default), f"{key}.{name}")
-    except ExporterConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return parse_duration(raw.get(name, default), f"{key}.{name}", error=ConfigError)
 
 
 def evictable(pod: Mapping[str, Any]) -> bool:

@@ -216,13 +216,9 @@ def opt(raw: Mapping[str, Any], key: str, name: str, kind: type, default: Any) -
 
 
 def duration(raw: Mapping[str, Any], key: str, name: str, default: str) -> float:
-    from exporter.durations import parse_duration
-    from exporter.errors import ConfigError as ExporterConfigError
+    from gpu_health_common.durations import parse_duration
 
-    try:
-        return float(parse_duration(raw.get(name, default), f"{key}.{name}"))
-    except ExporterConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return float(parse_duration(raw.get(name, default), f"{key}.{name}", error=ConfigError))
 
 
 def only_keys(raw: Mapping[str, Any], key: str, allowed: set[str]) -> None:

@@ -9,7 +9,8 @@ import pytest
 import requests
 
 import exporter
-from exporter import cli, logs
+from exporter import cli
+from gpu_health_common import logs
 from exporter.config import parse
 from exporter.errors import ConfigError
 from exporter.registry import Tier, discover

@@ -24,7 +24,9 @@ from typing import Any, Final
 
 import pynvml
 
-from ...durations import parse_duration
+from gpu_health_common.durations import parse_duration
+
+from ...errors import ConfigError
 from . import fields
 from .bindings import Bindings, load_bindings
 
@@ -726,10 +728,8 @@ _shared: dict[tuple[str, str], list[Any]] = {}  # key -> [connection, references
 def parse_timeout(value: object) -> float:
     if value in (None, ""):
         return DEFAULT_TIMEOUT
-    seconds = parse_duration(value, "--dcgm.timeout")
+    seconds = parse_duration(value, "--dcgm.timeout", error=ConfigError)
     if seconds <= 0:
-        from ...errors import ConfigError
-
         raise ConfigError("--dcgm.timeout: must be above zero")
     return seconds
 

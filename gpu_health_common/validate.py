@@ -1,7 +1,7 @@
 """Reading a YAML config file and small validators for its values, shared by the exporter's config files and the
 webhook's config.
 
-Each raises ``error`` (the exporter's ConfigError unless the caller passes its own class) with a message that
+Each raises ``error`` (gpu_health_common's ConfigError unless the caller passes its own class) with a message that
 starts with the key or file it was given, so every package keeps its own exception type and the same wording.
 """
 

@@ -10,13 +10,13 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(value: object, key: str) -> float:
-    """Seconds from a duration string or a plain number of seconds; ConfigError names `key`."""
+def parse_duration(value: object, key: str, *, error: type[Exception] = ConfigError) -> float:
+    """Seconds from a duration string or a plain number of seconds; `error` names `key`."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration such as 5s, got {value!r}")
+        raise error(f"{key}: expected a duration such as 5s, got {value!r}")
     if isinstance(value, int | float):
         if value < 0:
-            raise ConfigError(f"{key}: duration must not be negative, got {value!r}")
+            raise error(f"{key}: duration must not be negative, got {value!r}")
         return float(value)
     text = str(value).strip()
     pos, total = 0, 0.0
@@ -26,5 +26,5 @@ def parse_duration(value: object, key: str) -> float:
         total += float(m.group(1)) * _UNIT[m.group(2)]
         pos = m.end()
     if not text or pos != len(text):
-        raise ConfigError(f"{key}: expected a duration such as 500ms, 5s or 1m30s, got {value!r}")
+        raise error(f"{key}: expected a duration such as 500ms, 5s or 1m30s, got {value!r}")
     return total

@@ -165,12 +165,12 @@ class WebConfig:
 
     def check_basic_auth_cached(self, authorization_header: str | None) -> bool:
         """True only on a cache hit; lets the async caller skip the executor for repeat scrapes."""
-        creds = _parse_basic(authorization_header)
+        creds = parse_basic(authorization_header)
         return creds is not None and creds[0] in self.users and self._cached(*creds)
 
     def check_basic_auth(self, authorization_header: str | None) -> bool:
         """Whether the header carries valid credentials; blocks for one bcrypt check on a cache miss."""
-        creds = _parse_basic(authorization_header)
+        creds = parse_basic(authorization_header)
         if creds is None or not self.users:
             return False
         user, password = creds
@@ -218,7 +218,7 @@ def _canonical_ip(value: str) -> str:
         return value
 
 
-def _parse_basic(header: str | None) -> tuple[str, bytes] | None:
+def parse_basic(header: str | None) -> tuple[str, bytes] | None:
     """(user, password) as Go's Request.BasicAuth splits them; the password stays bytes, as bcrypt wants."""
     if not header:
         return None
@@ -268,14 +268,14 @@ def middleware(config: WebConfig) -> Middleware:
     return webconfig_middleware
 
 
-def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
-    """Parse and fully validate the file (certificates included) so a bad file stops startup."""
+def load_web_config(path: str | os.PathLike[str], *, error: type[Exception] = ConfigError) -> WebConfig:
+    """Parse and fully validate the file (certificates included) so a bad file stops startup; raises `error`."""
     name = os.fspath(path)
-    raw = validate.read_yaml(name, f"web.config.file {name}")
+    raw = validate.read_yaml(name, f"web.config.file {name}", error=error)
     try:
         return _build(name, raw)
     except ConfigError as exc:
-        raise ConfigError(f"web.config.file {name}: {exc}") from exc
+        raise error(f"web.config.file {name}: {exc}") from exc
 
 
 def _mapping(value: object, key: str, allowed: set[str] | None = None) -> dict[Any, Any]:
