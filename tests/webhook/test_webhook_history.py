@@ -63,6 +63,16 @@ async def reset_done(h: Any, kube: Any) -> str:
     return rid
 
 
+def earlier_resets(h: Any, kube: Any, *days_ago: float) -> None:
+    """Successful resets of GPU 3 of gpu-1 that days ago, as a journal that has run that long holds them."""
+    node_uid = kube.node("gpu-1")["metadata"]["uid"]
+    for days in days_ago:
+        at = time.time() - days * 86400
+        h.journal.run_sync(lambda c, at=at: c.execute(
+            "INSERT INTO history(remediation_id, node, node_uid, gpu, uuid, action, dry_run, started_at, finished_at) "
+            "VALUES ('earlier', 'gpu-1', ?, '3', ?, 'reset_gpu', 0, ?, ?)", (node_uid, UUID, at, at)))
+
+
 async def reset_harness(harness: Any, tmp_path: Any, kube: Any, **policy: Any) -> Any:
     gpu_node(kube, "gpu-1")
     return await harness(reset_config(tmp_path, kube, **policy))
@@ -111,12 +121,7 @@ async def test_a_fix_of_another_gpu_or_a_lower_rung_does_not_count(harness, tmp_
 async def test_an_escalation_the_journal_does_not_confirm_is_refused(harness, tmp_path, kube):
     h = await reset_harness(harness, tmp_path, kube)
     # Two resets 12 days ago (outside the 7 days the alert claims) and one today.
-    node_uid = kube.node("gpu-1")["metadata"]["uid"]
-    for days in (12.5, 12):
-        h.journal.run_sync(lambda c, d=days: c.execute(
-            "INSERT INTO history(remediation_id, node, node_uid, gpu, uuid, action, dry_run, started_at, finished_at) "
-            "VALUES ('old', 'gpu-1', ?, '3', ?, 'reset_gpu', 0, ?, ?)",
-            (node_uid, UUID, time.time() - d * 86400, time.time() - d * 86400)))
+    earlier_resets(h, kube, 12.5, 12)
     await h.post(notification(occurrence(RESET_GPU, minutes_ago=30, fault_ts=time.time() - 1800)))
     await reset_done(h, kube)
     calls = len(kube.calls(mutating=True))
@@ -169,15 +174,21 @@ async def test_history_gauges_are_the_journals_in_every_process(harness, tmp_pat
     assert 'action="reset_gpu",gpu="3",node="gpu-1",uuid="' + UUID + '",window="7d"} 1.0' in after
 
 
-async def test_a_condition_still_firing_after_its_rung_climbs_the_ladder(harness, tmp_path, kube):
-    """GPU.* alerts here have no fault_timestamp: conditions. Still firing a settle time after cordon succeeded, the
-    remediation climbs to drain; still firing after drain, the last rung, a person is called."""
+async def cordoned_for_a_condition(harness: Any, kube: Any) -> Any:
+    """n1 (with a pod) cordoned for GPUNVLinkDown, a condition (no fault_timestamp); cordon -> drain; settle 100ms."""
     kube.add_node("n1")
     kube.add_pod("team-a", "train", "n1")
     h = await harness(policy={"dry_run": False, "settle_time": "100ms", "rules": [
         {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon", "drain"]}]})
     await h.post(notification(alert("n1", alertname="GPUNVLinkDown", remediation="cordon")))
     await h.until_state("n1", "SUCCEEDED")
+    return h
+
+
+async def test_a_condition_still_firing_after_its_rung_climbs_the_ladder(harness, tmp_path, kube):
+    """GPU.* alerts here have no fault_timestamp: conditions. Still firing a settle time after cordon succeeded, the
+    remediation climbs to drain; still firing after drain, the last rung, a person is called."""
+    h = await cordoned_for_a_condition(harness, kube)
     assert kube.pods("n1") == ["team-a/train"]
     # reopened at drain, drained, succeeded again
     await h.drive_until(lambda: kube.pods("n1") == [] and h.states() == {"n1": "SUCCEEDED"}, what="the climb")
@@ -214,12 +225,7 @@ async def test_a_condition_that_resolves_or_an_event_fault_does_not_climb(harnes
 
 
 async def test_a_person_who_uncordons_after_the_rung_stops_the_climb(harness, tmp_path, kube):
-    kube.add_node("n1")
-    kube.add_pod("team-a", "train", "n1")
-    h = await harness(policy={"dry_run": False, "settle_time": "100ms", "rules": [
-        {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon", "drain"]}]})
-    await h.post(notification(alert("n1", alertname="GPUNVLinkDown", remediation="cordon")))
-    await h.until_state("n1", "SUCCEEDED")
+    h = await cordoned_for_a_condition(harness, kube)
     kube.uncordon("n1")
     time.sleep(0.15)
     await h.settle()
@@ -236,12 +242,7 @@ async def test_a_confirmed_escalation_passes_the_cooldown_of_the_rung_below(harn
     raw = reset_config(tmp_path, kube)
     raw["safety"]["per_node"] = {"cooldown": "1h", "max_attempts": 50}
     h = await harness(raw)
-    node_uid = kube.node("gpu-1")["metadata"]["uid"]
-    for days in (3, 2):
-        h.journal.run_sync(lambda c, d=days: c.execute(
-            "INSERT INTO history(remediation_id, node, node_uid, gpu, uuid, action, dry_run, started_at, finished_at) "
-            "VALUES ('earlier', 'gpu-1', ?, '3', ?, 'reset_gpu', 0, ?, ?)",
-            (node_uid, UUID, time.time() - d * 86400, time.time() - d * 86400)))
+    earlier_resets(h, kube, 3, 2)
     await h.post(notification(occurrence(RESET_GPU, minutes_ago=5, fault_ts=time.time() - 300)))
     await reset_done(h, kube)
     plain = occurrence({**REPEATED, "gpu": "4"}, minutes_ago=1)  # a replace that claims no history
