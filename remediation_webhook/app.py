@@ -71,7 +71,7 @@ async def receive(request: web.Request) -> web.Response:
         return web.json_response({"error": "journal unavailable"}, status=503)
     s.metrics.accept_seconds.observe(time.perf_counter() - t0)
     s.metrics.requests.labels("200").inc()
-    s.metrics.last_notification.set(now)
+    s.engine.notified(now)
     for decision, n in result.decisions().items():
         if n:
             s.metrics.alerts.labels(decision).inc(n)

@@ -11,6 +11,7 @@ Besides the remediations, every tick: the fleet-cap sweep (fleet.py), the settle
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -21,7 +22,7 @@ from typing import Any
 from ..actions.base import Action, ActionContext, Outcome, StepResult, held_by
 from ..alertmanager import AlertChecker, AlertState
 from ..config import Config
-from ..errors import InventoryUnavailable, KubeApiError, KubeUnavailable, NodeNotFound
+from ..errors import InventoryUnavailable, JournalError, KubeApiError, KubeUnavailable, NodeNotFound
 from ..inventory.base import Inventory, NodeIdentity
 from ..journal import (
     Gates,
@@ -41,7 +42,6 @@ from ..journal import (
     runnable,
     save_identity,
     source_occurrence,
-    source_status,
     transition,
 )
 from ..kube import KubeApi, RecordingKube
@@ -77,6 +77,9 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._gauges_at = float("-inf")
         self.settling: set[str] = set()  # remediations whose settle check is in progress
+        # When the last notification was journaled: kept in the journal by the gauge refresh (at most a second
+        # late), so a restart does not reset it and accepting one costs no extra write.
+        self.last_notification = 0.0
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -96,11 +99,19 @@ class Engine:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        try:
+            await self.refresh_gauges()  # keeps the last notification's time in the journal
+        except JournalError as exc:
+            log.warning("could not save the engine's state at stop", extra={"error": str(exc)})
         if self.alertmanager is not None:
             await self.alertmanager.close()
 
     def wake(self) -> None:
         self._wake.set()
+
+    def notified(self, at: float) -> None:
+        self.last_notification = max(self.last_notification, at)
+        self.metrics.last_notification.set(self.last_notification)
 
     def set_paused(self, paused: bool) -> None:
         self._paused = paused
@@ -291,15 +302,15 @@ class Engine:
         return NodeIdentity(name=rem.node, uid=rem.node_uid or "", provider_id=rem.provider_id or "",
                             created_at=rem.node_created)
 
-    async def source_labels(self, rem: Remediation) -> Mapping[str, str] | None:
-        import json
-
+    async def source(self, rem: Remediation) -> tuple[str, Mapping[str, str] | None]:
+        """The last status the journal saw for the remediation's own alert, and its labels ("", None if unknown)."""
         row = await self.journal.run(source_occurrence, rem)
-        return json.loads(row["labels_json"]) if row is not None else None
+        return (str(row["status"]), json.loads(row["labels_json"])) if row is not None else ("", None)
 
     async def _rung(self, rem: Remediation) -> bool:
         """Run the next rung; True to continue with the one after it."""
-        if await self.journal.run(source_status, rem.id) == "resolved":
+        status, labels = await self.source(rem)
+        if status == "resolved":
             await self.hold(rem, "its alert resolved")
             return False
         name = rem.ladder[rem.next_rung]
@@ -313,7 +324,7 @@ class Engine:
             await self.park(rem, "AWAITING_APPROVAL", f"{name} requires approval through the admin API")
             return False
         check = await verify(rem, self.inventory, self.alertmanager, retries=self.config.engine.verify_retries,
-                             sleep=self.sleep, labels=await self.source_labels(rem))
+                             sleep=self.sleep, labels=labels)
         if check.verdict == Verdict.BLOCK:
             await self.park(rem, "BLOCKED", check.reason)
             return False

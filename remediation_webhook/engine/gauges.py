@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import SafetyConfig
-from ..journal import get_meta, state_counts, state_since, successful_counts
+from ..journal import get_meta, set_meta, state_counts, state_since, successful_counts
 from ..safety import budgets
 
 if TYPE_CHECKING:
@@ -26,8 +26,12 @@ class Snapshot:
     last_notification: float
 
 
-def snapshot(conn: sqlite3.Connection, now: float, safety: SafetyConfig, pool: int | None) -> Snapshot:
+def snapshot(conn: sqlite3.Connection, now: float, safety: SafetyConfig, pool: int | None,
+             notified: float = 0.0) -> Snapshot:
     last = get_meta(conn, "last_notification")
+    if notified > (float(last["at"]) if last else 0.0):
+        set_meta(conn, "last_notification", {"at": notified})
+        last = {"at": notified}
     return Snapshot(states=state_counts(conn), since=state_since(conn), breaker=get_meta(conn, "breaker"),
                     pause=get_meta(conn, "pause"), budgets=budgets(conn, now, safety, pool),
                     history=successful_counts(conn, now), last_notification=float(last["at"]) if last else 0.0)
@@ -35,7 +39,8 @@ def snapshot(conn: sqlite3.Connection, now: float, safety: SafetyConfig, pool: i
 
 async def refresh(engine: Engine) -> None:
     m = engine.metrics
-    snap = await engine.journal.run(snapshot, engine.clock(), engine.config.safety, engine.pool)
+    snap = await engine.journal.run(snapshot, engine.clock(), engine.config.safety, engine.pool,
+                                    engine.last_notification)
     m.set_states(snap.states, snap.since)
     m.breaker_open.set(1 if snap.breaker else 0)
     m.breaker_since.set(float(snap.breaker["since"]) if snap.breaker else 0)
@@ -47,5 +52,5 @@ async def refresh(engine: Engine) -> None:
         m.pool.set(engine.pool)
     m.set_history(snap.history)
     if snap.last_notification:
-        m.last_notification.set(snap.last_notification)
+        engine.notified(snap.last_notification)
     m.sync_journal_errors(engine.journal.errors)

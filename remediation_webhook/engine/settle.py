@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..actions.base import held_by
 from ..alertmanager import AlertState
 from ..errors import AlertmanagerUnavailable, InventoryUnavailable, NodeNotFound
-from ..journal import Remediation, climb, settle_due, settled, source_status
+from ..journal import Remediation, climb, settle_due, settled
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -46,14 +46,15 @@ async def _one(engine: Engine, rem: Remediation) -> None:
     async def later() -> None:
         await journal.run(settled, rem.id, now, "", later=now + engine.config.engine.tick)
 
-    if await journal.run(source_status, rem.id) == "resolved":
+    status, labels = await engine.source(rem)
+    if status == "resolved":
         await done("its alert resolved: fixed")
         return
     if engine.alertmanager is None:
         await done("no Alertmanager to ask whether the alert still fires")
         return
     try:
-        state = await engine.alertmanager.state(rem.source_fp, rem.alertname, rem.node, await engine.source_labels(rem))
+        state = await engine.alertmanager.state(rem.source_fp, rem.alertname, rem.node, labels)
     except AlertmanagerUnavailable:
         await later()
         return

@@ -44,7 +44,6 @@ from .steps import (
     save_identity,
     settle_due,
     settled,
-    source_status,
     transition,
 )
 from .writer import Journal
@@ -56,6 +55,6 @@ __all__ = [
     "hold_remediation", "last_fix", "list_remediations", "load", "mark_forged", "marks", "open_step", "orphans",
     "override", "ping", "rate_used", "release_slot", "replan", "reset_breaker", "restore_metrics", "runnable",
     "save_identity", "set_meta", "set_pause", "settle_due", "settled", "skip_cutoff", "slots", "source_occurrence",
-    "source_status", "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition",
+    "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition",
     "unconfirmed",
 ]

@@ -114,7 +114,6 @@ def accept(conn: sqlite3.Connection, batch: AcceptIn) -> AcceptOut:
     """Journal one notification: occurrences, decisions, planned remediations, audit; trips the breaker."""
     out = AcceptOut()
     now, safety = batch.now, batch.safety
-    set_meta(conn, "last_notification", {"at": now})
     breaker_open = get_meta(conn, "breaker") is not None
     skip = skip_cutoff(get_meta(conn, "breaker_reset"))
     window_start = now - safety.breaker.window

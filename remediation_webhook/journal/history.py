@@ -96,11 +96,13 @@ def successful_counts(conn: sqlite3.Connection, now: float) -> dict[tuple[str, s
     replace; only series with a success in the longest window."""
     longest = max(w for _, w in WINDOWS)
     out: dict[tuple[str, str, str, str], dict[str, int]] = {}
-    rows = conn.execute(
-        "SELECT h.node, h.gpu, h.uuid, h.action, h.finished_at FROM history h WHERE h.dry_run=0 AND h.finished_at>? "
-        "AND (h.action='replace' OR h.finished_at > COALESCE((SELECT MAX(r.finished_at) FROM history r WHERE "
-        "r.node=h.node AND r.action='replace' AND r.dry_run=0), -1))", (now - longest,)).fetchall()
+    replaced = dict(conn.execute("SELECT node, MAX(finished_at) FROM history WHERE dry_run=0 AND action='replace' "
+                                 "GROUP BY node").fetchall())
+    rows = conn.execute("SELECT node, gpu, uuid, action, finished_at FROM history WHERE dry_run=0 AND finished_at>?",
+                        (now - longest,)).fetchall()
     for node, gpu, uuid, action, finished in rows:
+        if action != "replace" and finished <= replaced.get(node, float("-inf")):
+            continue
         counts = out.setdefault((node, gpu, uuid, action), {name: 0 for name, _ in WINDOWS})
         for name, window in WINDOWS:
             counts[name] += int(finished > now - window)

@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS occurrence(
 CREATE INDEX IF NOT EXISTS occurrence_first_seen ON occurrence(first_seen);
 CREATE INDEX IF NOT EXISTS occurrence_node_seen ON occurrence(node, first_seen);
 CREATE INDEX IF NOT EXISTS occurrence_fingerprint ON occurrence(fingerprint);
-CREATE INDEX IF NOT EXISTS occurrence_remediation ON occurrence(remediation_id);
 CREATE TABLE IF NOT EXISTS remediation(
   id TEXT PRIMARY KEY, node TEXT NOT NULL, gpu TEXT NOT NULL, uuid TEXT NOT NULL,
   alertname TEXT NOT NULL, rule TEXT NOT NULL, ladder_json TEXT NOT NULL, target INTEGER NOT NULL,
@@ -71,7 +70,7 @@ CREATE TABLE IF NOT EXISTS history(
   node_uid TEXT NOT NULL DEFAULT '', gpu TEXT NOT NULL, uuid TEXT NOT NULL, action TEXT NOT NULL,
   dry_run INTEGER NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS history_node ON history(node, action, finished_at);
-CREATE INDEX IF NOT EXISTS history_finished ON history(finished_at);
+CREATE INDEX IF NOT EXISTS history_live ON history(dry_run, finished_at);
 CREATE TABLE IF NOT EXISTS node_mark(node TEXT PRIMARY KEY, remediation_id TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit(
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, event TEXT NOT NULL,

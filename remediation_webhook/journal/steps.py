@@ -164,14 +164,6 @@ def rate_used(conn: sqlite3.Connection, action: str, now: float, limit: RateLimi
                             "AND state!='CANCELLED'", (action, now - limit.per)).fetchone()[0])
 
 
-def source_status(conn: sqlite3.Connection, rid: str) -> str:
-    """The last status the journal saw for the remediation's own alert ('' if unknown)."""
-    row = conn.execute("SELECT o.status FROM remediation r JOIN occurrence o ON o.fingerprint=r.source_fp AND "
-                       "o.starts_at=r.source_starts_at AND o.labels_hash=r.source_labels_hash WHERE r.id=?",
-                       (rid,)).fetchone()
-    return str(row["status"]) if row else ""
-
-
 def override(conn: sqlite3.Connection, rid: str, now: float, detail: str) -> bool:
     """A person undid our step on the node: the remediation stops for good, and the node's slot is free."""
     rem = load(conn, rid)
