@@ -33,6 +33,7 @@ from .actions.base import Outcome
 from .app import SERVICES, Services, judge_all
 from .auth import ACTOR, middleware as auth_middleware
 from .config import effective_policy
+from .engine import replan
 from .errors import InventoryError, KubeApiError, PayloadError
 from .kube import RecordingKube
 from .models import Target, parse_notification, valid_node_name
@@ -101,6 +102,8 @@ async def remediation_verb(request: web.Request) -> web.Response:
         error = await s.journal.run(j.cancel, rid, _actor(request), now, reason, event)
         if not error and event is not None:
             s.metrics.action_finished(*event, now)
+        if not error:
+            await replan.twins(s.engine, rid)  # a conflict twin of its alert may be the real one
     if error == "not found":
         raise web.HTTPNotFound(text="no such remediation\n")
     if error:
@@ -153,6 +156,7 @@ async def breaker_reset(request: web.Request) -> web.Response:
                 ev = blocked(rem)
                 if ev is not None:
                     s.metrics.action_finished(*ev, now)
+            await replan.twins(s.engine, rid)
     s.metrics.breaker_open.set(0)
     s.engine.wake()
     return web.json_response(out)

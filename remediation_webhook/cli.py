@@ -19,6 +19,7 @@ from .alertmanager import Alertmanagers
 from .app import Services, create_app
 from .auth import effective_address
 from .config import Config, load_config
+from .config import warnings as config_warnings
 from .engine import Engine
 from .errors import ConfigError, InventoryError, JournalError
 from .inventory import build_inventory
@@ -52,6 +53,8 @@ def check_config(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     rules = ", ".join(f"{r.name} ({' -> '.join(r.ladder)})" for r in config.policy.rules) or "none (deny all)"
     mode = "dry-run" if config.policy.dry_run else "LIVE"
     print(f"ok: {args.file}: {mode}; policy {config.policy_hash}; rules: {rules}")
@@ -85,6 +88,8 @@ async def serve(config: Config, web_listen: str = "", admin_listen: str = "") ->
             ssl_context = listener.web.ssl_context() if listener.web else None
             await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
             log.info("listening", extra={"listener": name, "address": f"{host}:{port}", "tls": ssl_context is not None})
+        for warning in config_warnings(config):
+            log.warning("configuration", extra={"warning": warning})
         log.info("gpu-health-webhook started", extra={"dry_run": config.policy.dry_run,
                                                       "policy_hash": config.policy_hash,
                                                       "journal": config.journal_path})

@@ -167,7 +167,7 @@ class PolicyConfig:
     max_alert_age: float = 86400.0
     future_skew: float = 300.0
     # A remediation whose alert resolves before it finished waits this long for the same alert to fire again.
-    resolved_hold: float = 3600.0
+    resolved_hold: float = 900.0
     # A condition alert (no fault_timestamp) still firing this long after its rung succeeded climbs to the rule's
     # next rung (escalation by persistence); 0 turns that off.
     settle_time: float = 900.0
@@ -429,7 +429,7 @@ def _policy(raw: object, executors: Mapping[str, Action]) -> PolicyConfig:
     return PolicyConfig(dry_run=_bool(sec.get("dry_run", True), f"{key}.dry_run"), rules=rules, targets=targets,
                         max_alert_age=_duration(sec.get("max_alert_age", "24h"), f"{key}.max_alert_age"),
                         future_skew=_duration(sec.get("future_skew", "5m"), f"{key}.future_skew"),
-                        resolved_hold=_duration(sec.get("resolved_hold", "1h"), f"{key}.resolved_hold"),
+                        resolved_hold=_duration(sec.get("resolved_hold", "15m"), f"{key}.resolved_hold"),
                         settle_time=_duration(sec.get("settle_time", "15m"), f"{key}.settle_time"))
 
 
@@ -549,6 +549,20 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
                   inventory_kind=kind, inventory_raw=MappingProxyType(dict(inv)), kubernetes=kubernetes,
                   policy=policy, safety=safety, engine=engine, actions=MappingProxyType(actions),
                   policy_hash=policy_hash, effective=effective)
+
+
+# The shipped remediation alerts keep firing 10 minutes after their fault stands no more (keep_firing_for); a settle
+# time below this would climb the ladder for every condition a reset fixed.
+SETTLE_MIN = 11 * 60.0
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but probably wrong: said by check-config and logged at start."""
+    out = []
+    if 0 < config.policy.settle_time < SETTLE_MIN:
+        out.append(f"policy.settle_time: {config.policy.settle_time:g}s is shorter than the shipped alerts' "
+                   f"keep_firing_for (10m) plus a minute: a condition fixed by its rung would still fire and climb")
+    return out
 
 
 def effective_policy(config: Config) -> dict[str, Any]:

@@ -22,7 +22,14 @@ from typing import Any
 from ..actions.base import Action, ActionContext, Outcome, StepResult, held_by
 from ..alertmanager import AlertChecker, AlertState
 from ..config import Config
-from ..errors import InventoryUnavailable, JournalError, KubeApiError, KubeUnavailable, NodeNotFound
+from ..errors import (
+    AlertmanagerUnavailable,
+    InventoryUnavailable,
+    JournalError,
+    KubeApiError,
+    KubeUnavailable,
+    NodeNotFound,
+)
 from ..inventory.base import Inventory, NodeIdentity
 from ..journal import (
     Gates,
@@ -32,17 +39,20 @@ from ..journal import (
     audit,
     begin_step,
     complete,
+    drop_escalation,
     finish_step,
     get_meta,
     hold_remediation,
     load,
     mark_forged,
+    occurrence,
     open_step,
     override,
     runnable,
     save_identity,
     source_occurrence,
     transition,
+    unconfirmed,
 )
 from ..kube import KubeApi, RecordingKube
 from ..metrics import Metrics
@@ -200,31 +210,42 @@ class Engine:
         if event is not None:
             self.metrics.action_finished(*event, self.clock() if at is None else at)
 
-    async def park(self, rem: Remediation, state: str, reason: str, *, blocked_action: str = "") -> None:
+    async def park(self, rem: Remediation, state: str, reason: str, *, blocked_action: str = "",
+                   expect: tuple[str, ...] | None = None) -> bool:
+        """Move it to `state` (never out of a finished state: a person's cancel wins); True if it moved."""
         if rem.state == state and rem.reason == reason and state != "BLOCKED":
-            return
+            return False
         terminal = state in ("REFUSED", "CANCELLED")
         event = self.metric_event(rem, blocked_action or rem.ladder[rem.target], "blocked") if terminal else None
         # A blocked remediation is looked at again after a tick, not in a busy loop.
         now = self.clock()
         later = now + self.config.engine.tick if state == "BLOCKED" else 0.0
-        moved = await self.journal.run(transition, rem.id, state, reason, now, event=event, not_before=later)
+        moved = await self.journal.run(transition, rem.id, state, reason, now, event=event, not_before=later,
+                                       expect=expect)
         if moved:
             self.note(event, now)
             log.info("remediation %s", state.lower(), extra={"remediation_id": rem.id, "node": rem.node,
                                                               "reason": reason})
+        if moved and terminal:
+            await replan.twins(self, rem.id)  # it ends without acting: its alert's twin may be the real one
+        return bool(moved)
 
-    async def hold(self, rem: Remediation, why: str) -> None:
-        await self.journal.run(hold_remediation, rem.id, self.clock(), self.config.policy.resolved_hold, "engine",
-                               why)
-        log.info("remediation held", extra={"remediation_id": rem.id, "node": rem.node, "reason": why})
+    async def hold(self, rem: Remediation, why: str, *, unless_firing: bool = False) -> bool:
+        held = await self.journal.run(hold_remediation, rem.id, self.clock(), self.config.policy.resolved_hold,
+                                      "engine", why, unless_firing=unless_firing)
+        if held:
+            log.info("remediation held", extra={"remediation_id": rem.id, "node": rem.node, "reason": why})
+        return bool(held)
 
     async def overridden(self, rem: Remediation, detail: str) -> None:
-        if await self.journal.run(override, rem.id, self.clock(), detail):
+        moved, freed = await self.journal.run(override, rem.id, self.clock(), detail)
+        if moved:
             self.metrics.overrides.inc()
-            self.metrics.slot_releases.labels("overridden").inc()
+            if freed:
+                self.metrics.slot_releases.labels("overridden").inc()
             log.warning("remediation overridden by a person", extra={"remediation_id": rem.id, "node": rem.node,
                                                                      "detail": detail})
+            await replan.twins(self, rem.id)
 
     async def _drive(self, rid: str) -> None:
         rem = await self.journal.run(load, rid)
@@ -255,9 +276,11 @@ class Engine:
                 return
 
     async def _expire(self, rem: Remediation) -> None:
-        await self.park(rem, "CANCELLED", f"its alert resolved and did not fire again within "
-                                          f"{self.config.policy.resolved_hold:.0f}s (policy.resolved_hold)")
-        await replan.orphans(self, rem.id)
+        # expect HELD: a resume that just came in wins.
+        if await self.park(rem, "CANCELLED", f"its alert resolved and did not fire again within "
+                                             f"{self.config.policy.resolved_hold:.0f}s (policy.resolved_hold)",
+                           expect=("HELD",)):
+            await replan.merged(self, rem.id)  # its merged alerts still fire: they need an owner
 
     async def _resolve(self, rem: Remediation) -> bool:
         try:
@@ -275,6 +298,14 @@ class Engine:
         if node.created_at is not None and node.created_at > rem.starts_ts:
             await self.park(rem, "CANCELLED", "the node was created after the alert started: it is another machine")
             return False
+        if rem.evidence is not None:
+            # The journal counted by node name; the history must also be this machine's (one recreated under the
+            # name by someone else, as an instance group's auto-heal does, starts again).
+            why = await self.journal.run(unconfirmed, rem.node, rem.uuid, rem.evidence, self.clock(), rem.dry_run,
+                                         node.created_at)
+            if why:
+                await self.park(rem, "REFUSED", why)
+                return False
         await self.journal.run(save_identity, rem.id, node.uid, node.provider_id, node.created_at, self.clock())
         return True
 
@@ -311,7 +342,7 @@ class Engine:
         """Run the next rung; True to continue with the one after it."""
         status, labels = await self.source(rem)
         if status == "resolved":
-            await self.hold(rem, "its alert resolved")
+            await self.hold(rem, "its alert resolved", unless_firing=True)
             return False
         name = rem.ladder[rem.next_rung]
         action = self.actions[name]
@@ -323,20 +354,29 @@ class Engine:
         if name in rem.requires_approval and rem.next_rung not in rem.approvals and not rem.dry_run:
             await self.park(rem, "AWAITING_APPROVAL", f"{name} requires approval through the admin API")
             return False
+        if rem.escalation is not None and rem.next_rung > rem.source_target:
+            why = await self._escalation_stands(rem)
+            if why is None:
+                return False
+            if why:
+                await self.journal.run(drop_escalation, rem.id, self.clock(), why)
+                return True  # on with the rungs its own alert asked for (or done)
         check = await verify(rem, self.inventory, self.alertmanager, retries=self.config.engine.verify_retries,
                              sleep=self.sleep, labels=labels)
         if check.verdict == Verdict.BLOCK:
             await self.park(rem, "BLOCKED", check.reason)
             return False
-        if check.verdict == Verdict.HOLD and not await replan.has_twins(self, rem):
-            await self.hold(rem, check.reason)
+        if check.verdict == Verdict.HOLD:
+            # Its alert may come back (an Alertmanager that lost it); a twin of it may be the real one meanwhile.
+            if await self.hold(rem, check.reason):
+                await replan.twins(self, rem.id)
             return False
-        if check.verdict in (Verdict.CANCEL, Verdict.HOLD):
+        if check.verdict == Verdict.CANCEL:
             if check.alert == AlertState.MISMATCH:
                 await self.journal.run(mark_forged, rem, self.clock(), check.reason)
             await self._cancel_step(rem, name, check.reason)
-            if check.alert in (AlertState.MISMATCH, AlertState.GONE):
-                await replan.orphans(self, rem.id)  # its twin may be the real alert; merged alerts need an owner
+            if check.alert == AlertState.MISMATCH:
+                await replan.merged(self, rem.id)  # its alert was not real: the alerts merged into it need an owner
             return False
         assert check.node is not None
         if rem.hold_placed and not rem.dry_run and check.node.held_by is not None \
@@ -349,6 +389,28 @@ class Engine:
             await self.park(rem, "BLOCKED", started)
             return False
         return await self._execute(rem, started, action, check.node)
+
+    async def _escalation_stands(self, rem: Remediation) -> str | None:
+        """Before a rung another alert asked for (it raised this remediation's target when it merged): is that alert
+        active in Alertmanager, with its labels? "" yes; None not now (parked BLOCKED); else why not."""
+        assert rem.escalation is not None
+        if self.alertmanager is None:
+            return ""
+        row = await self.journal.run(occurrence, rem.escalation)
+        if row is None:
+            return "the alert that raised the target is not in the journal"
+        try:
+            state = await self.alertmanager.state(rem.escalation[0], row["alertname"], rem.node,
+                                                  json.loads(row["labels_json"]))
+        except AlertmanagerUnavailable as exc:
+            await self.park(rem, "BLOCKED", f"cannot verify the alert that raised the target: {exc}")
+            return None
+        if state == AlertState.ACTIVE:
+            return ""
+        if state in (AlertState.UNPROCESSED, AlertState.RESTARTED):
+            await self.park(rem, "BLOCKED", f"the alert that raised the target is {state.value} in Alertmanager")
+            return None
+        return f"the alert that raised the target ({row['alertname']}) is {state.value} in Alertmanager"
 
     async def _cancel_step(self, rem: Remediation, name: str, reason: str) -> None:
         """A failed verification: journal a cancelled step, cancel the remediation, count it as blocked."""
@@ -395,7 +457,8 @@ class Engine:
         ok = result.outcome in (Outcome.SUCCESS, Outcome.DRY_RUN)
         event = self.metric_event(rem, action.name, result.outcome.value)
         state = {Outcome.SUCCESS: "SUCCEEDED", Outcome.DRY_RUN: "DRY_RUN", Outcome.FAILURE: "FAILED"}[result.outcome]
-        mark = "set" if ok and action.cordons and not rem.dry_run else None
+        # The node holds a slot of the fleet cap while it carries our cordon (in flight, it holds one anyway).
+        mark = "set" if ok and action.cordons and not rem.dry_run and (result.holds or rem.hold_placed) else None
         finished = self.clock()
         await self.journal.run(finish_step, rem.id, seq, state, result.outcome.value, result.detail,
                                [c.as_dict() for c in ctx.kube.calls], finished, event=event, advance=ok,
@@ -464,8 +527,9 @@ def _fallback_row(conn: Any, rid: str, ladder: tuple[str, ...], nxt: int, failed
     """Advance past the failed rung and, if needed, raise the target to the next rung (journal + audit)."""
     import json
 
-    conn.execute("UPDATE remediation SET next_rung=?, target=MAX(target, ?), ladder_json=?, updated_at=? WHERE id=?",
-                 (nxt, nxt, json.dumps(list(ladder)), now, rid))
+    # The next rung is the remediation's own (its alert's fault still stands), not another alert's escalation.
+    conn.execute("UPDATE remediation SET next_rung=?, target=MAX(target, ?), source_target=MAX(source_target, ?), "
+                 "ladder_json=?, updated_at=? WHERE id=?", (nxt, nxt, nxt, json.dumps(list(ladder)), now, rid))
     audit(conn, now, "engine", "fallback", rid, None, failed=failed, to=to, detail=detail[:500])
 
 

@@ -1,19 +1,25 @@
 """Occurrences whose owner ended without acting on them are decided again, as if they arrived now.
 
-A remediation cancelled because Alertmanager did not confirm its alert (another alert's fingerprint with other
-labels, or an alert it no longer has) or because its alert never fired again after it resolved leaves two kinds
-of occurrence behind: conflict twins of its alert (one of them may be the real alert) and other firing alerts
-that were merged into it. Each is judged again by the current policy and goes through the journal's decision.
+Two kinds are left behind:
+- conflict twins of a remediation's alert (its fingerprint, other labels), held back while it ran: when it ends
+  without acting (refused, cancelled for any reason, overridden) or is held, one of them may be the real alert;
+- firing alerts merged into a remediation whose own alert turned out not real (another alert's fingerprint) or
+  never fired again after it resolved: they still need an owner.
+Each is judged again by the current policy and goes through the journal's decision (and, if planned, through
+verification like any plan). A person's cancel or override re-plans twins only: merged alerts of the same node
+would undo what the person decided.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..intake import alert_in, occurrence_alert
-from ..journal import AcceptIn, Remediation, orphans as journal_orphans, replan
+from ..journal import AcceptIn, merged as journal_merged, replan, twins as journal_twins
 from ..policy import judge
 
 if TYPE_CHECKING:
@@ -22,14 +28,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("remediation_webhook.engine")
 
 
-async def has_twins(engine: Engine, rem: Remediation) -> bool:
-    rows = await engine.journal.run(journal_orphans, rem.id)
-    return any(r["fingerprint"] == rem.source_fp and r["decision"] == "conflict" for r in rows)
+async def twins(engine: Engine, rid: str) -> None:
+    await _again(engine, rid, journal_twins)
 
 
-async def orphans(engine: Engine, rid: str) -> None:
+async def merged(engine: Engine, rid: str) -> None:
+    await _again(engine, rid, journal_merged)
+
+
+async def _again(engine: Engine, rid: str, rows: Callable[[sqlite3.Connection, str], list[sqlite3.Row]]) -> None:
     config = engine.config
-    for row in await engine.journal.run(journal_orphans, rid):
+    found = await engine.journal.run(rows, rid)
+    for row in found:
         now = engine.clock()
         judgement = judge(occurrence_alert(row), config.policy, datetime.fromtimestamp(now, UTC))
         batch = AcceptIn(alerts=(), group_key=str(row["group_key"]), truncated=0, now=now, pool=engine.pool,
@@ -42,4 +52,5 @@ async def orphans(engine: Engine, rid: str) -> None:
         log.info("occurrence decided again", extra={"fingerprint": row["fingerprint"], "node": row["node"],
                                                     "decision": decision, "reason": reason,
                                                     "remediation_id": new_rid, "after": rid})
-    engine.wake()
+    if found:
+        engine.wake()

@@ -23,7 +23,7 @@ from .ops import (
     state_counts,
     state_since,
 )
-from .rows import MetricEvent, Remediation, audit, get_meta, load, set_meta, source_occurrence
+from .rows import MetricEvent, Remediation, audit, get_meta, load, occurrence, set_meta, source_occurrence
 from .schema import ACTIVE, TERMINAL, VERSION
 from .steps import (
     Gates,
@@ -33,11 +33,12 @@ from .steps import (
     climb,
     complete,
     cordon_holders,
+    drop_escalation,
     finish_step,
     mark_forged,
     marks,
     open_step,
-    orphans,
+    merged,
     override,
     rate_used,
     runnable,
@@ -45,16 +46,17 @@ from .steps import (
     settle_due,
     settled,
     transition,
+    twins,
 )
 from .writer import Journal
 
 __all__ = [
     "ACTIVE", "TERMINAL", "VERSION", "AcceptIn", "AcceptOut", "AlertIn", "Fix", "Gates", "Journal", "MetricEvent",
     "Remediation", "accept", "active_on", "approve", "audit", "begin_step", "breaker_status", "cancel", "clear_mark",
-    "climb", "complete", "cordon_holders", "count_since_replace", "detail", "finish_step", "get_meta",
-    "hold_remediation", "last_fix", "list_remediations", "load", "mark_forged", "marks", "open_step", "orphans",
+    "climb", "complete", "cordon_holders", "drop_escalation", "count_since_replace", "detail", "finish_step", "get_meta",
+    "hold_remediation", "last_fix", "list_remediations", "load", "mark_forged", "occurrence", "marks", "open_step", "orphans",
     "override", "ping", "rate_used", "release_slot", "replan", "reset_breaker", "restore_metrics", "runnable",
     "save_identity", "set_meta", "set_pause", "settle_due", "settled", "skip_cutoff", "slots", "source_occurrence",
-    "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition",
+    "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition", "twins",
     "unconfirmed",
 ]

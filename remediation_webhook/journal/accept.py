@@ -14,6 +14,7 @@ An occurrence is fingerprint + startsAt + the hash of the alert's labels; its la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import uuid
@@ -26,7 +27,7 @@ from ..config import SafetyConfig
 from ..policy import RANK, Evidence
 from .history import Fix, last_fix, unconfirmed
 from .rows import MetricEvent, Remediation, audit, get_meta, record_result, set_meta
-from .schema import ACTIVE_SQL, ATTEMPTED_SQL
+from .schema import ACTIVE, ACTIVE_SQL, ATTEMPTED_SQL
 
 # Remediations a resolved alert holds (HELD) at once; a running one is held by the engine before its next rung.
 HOLDABLE = ("PLANNED", "BLOCKED", "AWAITING_APPROVAL")
@@ -225,14 +226,17 @@ def _recurred(conn: sqlite3.Connection, a: AlertIn, row: sqlite3.Row, batch: Acc
 
 
 def _recurrence(conn: sqlite3.Connection, a: AlertIn, row: sqlite3.Row) -> bool:
-    """A re-sent firing occurrence whose fault_timestamp is newer than our successful action is a recurrence."""
-    if a.status != "firing" or a.decision != "plan" or a.fault_ts is None or row["remediation_id"] is None:
+    """A re-sent firing occurrence whose fault_timestamp is newer than the last fault decided for it is a new fault,
+    decided again (the journal's last fix tells whether it is already remediated), unless the remediation it
+    belongs to is still unfinished (that one handles it; the fault is looked at again on a later re-send)."""
+    if a.status != "firing" or a.decision != "plan" or a.fault_ts is None or not row["firing_decided"]:
         return False
     if row["fault_ts"] is not None and a.fault_ts <= row["fault_ts"]:
         return False
-    rem = conn.execute("SELECT state, finished_at FROM remediation WHERE id=?", (row["remediation_id"],)).fetchone()
-    return bool(rem and rem["state"] in ("SUCCEEDED", "CLOSED") and rem["finished_at"] is not None
-                and a.fault_ts > rem["finished_at"])
+    if row["remediation_id"] is None:
+        return True
+    rem = conn.execute("SELECT state FROM remediation WHERE id=?", (row["remediation_id"],)).fetchone()
+    return rem is None or rem["state"] not in ACTIVE
 
 
 def _is_source(rem: sqlite3.Row, row: sqlite3.Row) -> bool:
@@ -250,9 +254,19 @@ def _hold(conn: sqlite3.Connection, row: sqlite3.Row, batch: AcceptIn) -> None:
     hold_remediation(conn, rem["id"], batch.now, batch.hold, batch.actor, "its alert resolved")
 
 
-def hold_remediation(conn: sqlite3.Connection, rid: str, now: float, hold: float, actor: str, why: str) -> None:
-    """Park a remediation in HELD until its alert fires again or `hold` seconds after it was first held."""
-    rem = conn.execute("SELECT state, node, held_at FROM remediation WHERE id=?", (rid,)).fetchone()
+def hold_remediation(conn: sqlite3.Connection, rid: str, now: float, hold: float, actor: str, why: str, *,
+                     unless_firing: bool = False) -> bool:
+    """Park an unfinished remediation that is not in the middle of a step in HELD, until its alert fires again or
+    `hold` seconds after it was held. `unless_firing`: not if the journal saw its alert fire again meanwhile (the
+    engine read "resolved" a moment ago). False if it was not held."""
+    rem = conn.execute("SELECT * FROM remediation WHERE id=?", (rid,)).fetchone()
+    if rem is None or rem["state"] not in (*HOLDABLE, "RUNNING", "HELD"):
+        return False
+    if unless_firing:
+        source = conn.execute("SELECT status FROM occurrence WHERE fingerprint=? AND starts_at=? AND labels_hash=?",
+                              (rem["source_fp"], rem["source_starts_at"], rem["source_labels_hash"])).fetchone()
+        if source is not None and source["status"] == "firing":
+            return False
     held_at = rem["held_at"] or now
     conn.execute("UPDATE remediation SET state='HELD', reason=?, updated_at=?, state_since=?, held_at=?, "
                  "not_before=? WHERE id=?",
@@ -260,6 +274,7 @@ def hold_remediation(conn: sqlite3.Connection, rid: str, now: float, hold: float
                   f"{datetime.fromtimestamp(held_at + hold, UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
                   now, now, held_at, held_at + hold, rid))
     audit(conn, now, actor, "held", rid, rem["node"], reason=why, previous=rem["state"], until=held_at + hold)
+    return True
 
 
 def _resume(conn: sqlite3.Connection, row: sqlite3.Row, batch: AcceptIn, out: AcceptOut) -> bool:
@@ -269,8 +284,9 @@ def _resume(conn: sqlite3.Connection, row: sqlite3.Row, batch: AcceptIn, out: Ac
     if rem is None or rem["state"] != "HELD" or not _is_source(rem, row):
         return False
     state, reason = ("BLOCKED", "breaker open") if get_meta(conn, "breaker") is not None else ("PLANNED", "")
-    conn.execute("UPDATE remediation SET state=?, reason=?, updated_at=?, state_since=?, not_before=0 WHERE id=?",
-                 (state, reason, batch.now, batch.now, rem["id"]))
+    # A later hold counts its time afresh.
+    conn.execute("UPDATE remediation SET state=?, reason=?, updated_at=?, state_since=?, not_before=0, held_at=0 "
+                 "WHERE id=?", (state, reason, batch.now, batch.now, rem["id"]))
     audit(conn, batch.now, batch.actor, "resumed", rem["id"], rem["node"], fingerprint=row["fingerprint"])
     out.resumed += 1
     out.remediation_ids.append(rem["id"])
@@ -278,19 +294,22 @@ def _resume(conn: sqlite3.Connection, row: sqlite3.Row, batch: AcceptIn, out: Ac
 
 
 def _live_twin(conn: sqlite3.Connection, a: AlertIn) -> sqlite3.Row | None:
-    """A firing occurrence with this fingerprint but other labels whose remediation is still unfinished."""
-    return conn.execute(f"SELECT o.* FROM occurrence o JOIN remediation r ON r.id=o.remediation_id "
-                        f"WHERE o.fingerprint=? AND o.labels_hash!=? AND o.status='firing' "
-                        f"AND r.state IN ({ACTIVE_SQL}) LIMIT 1", (a.fingerprint, a.labels_hash)).fetchone()
+    """A firing occurrence with this fingerprint but other labels that is the alert of an unfinished remediation
+    (not merely merged into one: a merged alert is never verified, so it cannot be told real or forged)."""
+    return conn.execute(f"SELECT o.*, r.id AS owner FROM occurrence o JOIN remediation r ON "
+                        f"r.source_fp=o.fingerprint AND r.source_starts_at=o.starts_at AND "
+                        f"r.source_labels_hash=o.labels_hash WHERE o.fingerprint=? AND o.labels_hash!=? AND "
+                        f"o.status='firing' AND r.state IN ({ACTIVE_SQL}) LIMIT 1",
+                        (a.fingerprint, a.labels_hash)).fetchone()
 
 
 def _conflict(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, out: AcceptOut) -> tuple[str, str, None]:
     twin = _live_twin(conn, a)
     assert twin is not None
     out.conflicts += 1
-    reason = (f"conflict: remediation {twin['remediation_id']} acts on an alert with this fingerprint and other "
+    reason = (f"conflict: remediation {twin['owner']} acts on an alert with this fingerprint and other "
               f"labels; this one waits until Alertmanager tells which is real")
-    audit(conn, batch.now, batch.actor, "conflict", twin["remediation_id"], a.node, fingerprint=a.fingerprint,
+    audit(conn, batch.now, batch.actor, "conflict", twin["owner"], a.node, fingerprint=a.fingerprint,
           startsAt=a.starts_key, labels_hash=a.labels_hash, twin_labels_hash=twin["labels_hash"])
     return "conflict", reason, None
 
@@ -366,7 +385,7 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
         why = unconfirmed(conn, a.node, a.uuid, a.evidence, now, a.dry_run)
         if why:
             out.unconfirmed += 1
-            _refused(conn, a, now, batch.actor, why, a.blocked_event, out, evidence=a.evidence.__dict__)
+            _refused(conn, a, now, batch.actor, why, a.blocked_event, out, evidence=dataclasses.asdict(a.evidence))
             return "unconfirmed", why, None
     active = conn.execute(f"SELECT * FROM remediation WHERE node=? AND state IN ({ACTIVE_SQL})", (a.node,)).fetchone()
     if active is not None:
@@ -374,8 +393,10 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
         out.merged += 1
         if rem.rule == a.rule and a.target_index > rem.target and rem.ladder == a.ladder[: len(rem.ladder)] \
                 and len(a.ladder) > len(rem.ladder) and rem.state != "HEALTHY_DELAY":
-            conn.execute("UPDATE remediation SET target=?, ladder_json=?, updated_at=? WHERE id=?",
-                         (a.target_index, json.dumps(a.ladder), now, rem.id))
+            # The rungs above its own alert's come from this one: verified with Alertmanager before they run.
+            conn.execute("UPDATE remediation SET target=?, ladder_json=?, updated_at=?, escalation_fp=?, "
+                         "escalation_starts_at=?, escalation_labels_hash=? WHERE id=?",
+                         (a.target_index, json.dumps(a.ladder), now, *a.key, rem.id))
             audit(conn, now, batch.actor, "escalated", rem.id, a.node, to=a.ladder[a.target_index],
                   fingerprint=a.fingerprint)
             return "escalated", f"raised the active remediation to {a.ladder[a.target_index]}", rem.id
@@ -391,10 +412,12 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
     conn.execute(
         "INSERT INTO remediation(id, node, gpu, uuid, alertname, rule, ladder_json, target, state, reason, dry_run, "
         "requires_approval_json, source_fp, source_starts_at, source_labels_hash, starts_ts, policy_hash, created_at, "
-        "updated_at, finished_at, state_since) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "updated_at, finished_at, state_since, source_target, evidence_json) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (rid, a.node, a.gpu, a.uuid, a.alertname[:1000], a.rule, json.dumps(a.ladder), a.target_index, state, reason,
          int(a.dry_run), json.dumps(sorted(a.requires_approval)), a.fingerprint, a.starts_key, a.labels_hash,
-         a.starts_ts, batch.policy_hash, now, now, now if state == "REFUSED" else None, now))
+         a.starts_ts, batch.policy_hash, now, now, now if state == "REFUSED" else None, now, a.target_index,
+         json.dumps(dataclasses.asdict(a.evidence)) if a.evidence else None))
     audit(conn, now, batch.actor, "planned" if state != "REFUSED" else "refused", rid, a.node,
           fingerprint=a.fingerprint, startsAt=a.starts_key, rule=a.rule, ladder=list(a.ladder), dry_run=a.dry_run,
           reason=reason)

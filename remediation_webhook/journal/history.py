@@ -20,6 +20,12 @@ def _at(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _runs(dry_run: bool) -> str:
+    """Which history a plan is judged against: a live plan, live actions only; a dry-run plan, live actions and
+    dry-run records both (so dry-run shows what live would do, live history included)."""
+    return "dry_run IN (0, 1)" if dry_run else "dry_run=0"
+
+
 def _target_clause(uuid: str) -> tuple[str, list[str]]:
     """Node actions of the node, and GPU actions only of the same GPU (by UUID: indexes change across boots)."""
     gpu_actions = ",".join(f"'{a}'" for a in sorted(GPU_SCOPED))
@@ -56,39 +62,45 @@ def last_fix(conn: sqlite3.Connection, node: str, uuid: str, rung: str, dry_run:
     clause, args = _target_clause(uuid)
     marks = ",".join("?" for _ in fixing)
     row = conn.execute(f"SELECT remediation_id, action, finished_at, node_uid FROM history WHERE node=? AND "
-                       f"dry_run=? AND action IN ({marks}) AND {clause} ORDER BY finished_at DESC LIMIT 1",
-                       [node, int(dry_run), *fixing, *args]).fetchone()
+                       f"{_runs(dry_run)} AND action IN ({marks}) AND {clause} ORDER BY finished_at DESC LIMIT 1",
+                       [node, *fixing, *args]).fetchone()
     if row is None:
         return None
     return Fix(row["remediation_id"], row["action"], float(row["finished_at"]), row["node_uid"])
 
 
 def count_since_replace(conn: sqlite3.Connection, node: str, uuid: str, action: str, window: float, now: float,
-                        dry_run: bool) -> int:
+                        dry_run: bool, created_after: float | None = None) -> int:
     """Successful `action` on the node (the GPU, for a GPU action) within `window`, after the node's last
-    successful replace: a replaced node is another machine, and its history starts again."""
-    replaced = conn.execute("SELECT MAX(finished_at) FROM history WHERE node=? AND action='replace' AND dry_run=?",
-                            (node, int(dry_run))).fetchone()[0]
-    since = max(now - window, float(replaced) if replaced is not None and action != "replace" else float("-inf"))
-    uuid_clause = " AND uuid=?" if action in GPU_SCOPED else ""
-    args: list[object] = [node, action, int(dry_run), since, now + 1]
-    if uuid_clause:
+    successful replace: a replaced node is another machine, and its history starts again. With `created_after`
+    (when the machine now under the name joined), what came before it belongs to an earlier machine too (one
+    that someone else recreated under the name)."""
+    replaced = conn.execute(f"SELECT MAX(finished_at) FROM history WHERE node=? AND action='replace' AND "
+                            f"{_runs(dry_run)}", (node,)).fetchone()[0]
+    since = max(now - window, float(replaced) if replaced is not None and action != "replace" else float("-inf"),
+                created_after if created_after is not None else float("-inf"))
+    sql = f"SELECT COUNT(*) FROM history WHERE node=? AND action=? AND {_runs(dry_run)} AND finished_at>? AND " \
+          f"finished_at<=?"
+    args: list[object] = [node, action, since, now + 1]
+    if action in GPU_SCOPED:
+        sql += " AND uuid=?"
         args.append(uuid)
-    return int(conn.execute(f"SELECT COUNT(*) FROM history WHERE node=? AND action=? AND dry_run=? AND "
-                            f"finished_at>? AND finished_at<=?{uuid_clause}", args).fetchone()[0])
+    return int(conn.execute(sql, args).fetchone()[0])
 
 
 def unconfirmed(conn: sqlite3.Connection, node: str, uuid: str, evidence: Evidence, now: float,
-                dry_run: bool) -> str:
-    """Why the journal does not confirm the history an escalation alert claims ("" if it does)."""
+                dry_run: bool, created_after: float | None = None) -> str:
+    """Why the journal does not confirm the history an escalation alert claims ("" if it does); with
+    `created_after`, counting only what was done since the machine now under the name joined."""
     if evidence.action in GPU_SCOPED and not uuid:
         return f"escalation not confirmed: history of {evidence.action} needs the alert's GPU uuid"
-    n = count_since_replace(conn, node, uuid, evidence.action, evidence.window, now, dry_run)
+    n = count_since_replace(conn, node, uuid, evidence.action, evidence.window, now, dry_run, created_after)
     if n >= evidence.min_count:
         return ""
     what = f"GPU {uuid} of {node}" if evidence.action in GPU_SCOPED else node
+    since = "its last replace" if created_after is None else "its last replace or since this machine joined"
     return (f"escalation not confirmed by the journal: {n} successful {evidence.action} of {what} within "
-            f"{evidence.window / 86400:g}d (since its last replace), the alert claims at least {evidence.min_count}")
+            f"{evidence.window / 86400:g}d (since {since}), the alert claims at least {evidence.min_count}")
 
 
 def successful_counts(conn: sqlite3.Connection, now: float) -> dict[tuple[str, str, str, str], dict[str, int]]:

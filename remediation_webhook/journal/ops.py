@@ -100,9 +100,9 @@ def slots(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 def release_slot(conn: sqlite3.Connection, node: str, actor: str, now: float, reason: str) -> str:
     """A person gives a node's slot back by hand ('' on success, else why not). The node is left as it is."""
-    active = conn.execute(f"SELECT id, state, started FROM remediation WHERE node=? AND state IN ({ACTIVE_SQL})",
-                          (node,)).fetchone()
-    if active is not None and active["started"]:
+    active = conn.execute(f"SELECT id, state, started, dry_run FROM remediation WHERE node=? AND state IN "
+                          f"({ACTIVE_SQL})", (node,)).fetchone()
+    if active is not None and active["started"] and not active["dry_run"]:
         return (f"remediation {active['id']} of {node} is {active['state']} and holds the node; cancel it first "
                 f"(POST /v1/remediations/{active['id']}:cancel)")
     if not clear_mark(conn, node, now, f"released by {actor} through the admin API: {reason}" if reason else
@@ -158,7 +158,7 @@ def breaker_status(conn: sqlite3.Connection, now: float, breaker: BreakerConfig,
     state = get_meta(conn, "breaker")
     n = conn.execute("SELECT COUNT(DISTINCT node) FROM occurrence WHERE status='firing' AND node IS NOT NULL "
                      "AND wants!='' AND first_seen>=?", (now - breaker.window,)).fetchone()[0]
-    backlog = conn.execute("SELECT COUNT(*) FROM remediation WHERE state IN ('PLANNED','BLOCKED')").fetchone()[0]
+    backlog = conn.execute("SELECT COUNT(*) FROM remediation WHERE state IN ('PLANNED','BLOCKED','HELD')").fetchone()[0]
     last_reset = get_meta(conn, "breaker_reset")
     skip = skip_cutoff(last_reset)
     return {"open": state is not None, **({"reason": state["reason"], "since": state["since"]} if state else {}),

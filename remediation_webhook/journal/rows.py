@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..policy import Evidence
+
 MetricEvent = tuple[str, str, str, str, str]  # node, gpu, uuid, action, result
 
 
@@ -44,6 +46,9 @@ class Remediation:
     hold_placed: bool  # a cordon or taint of ours is on the node: undoing it is a person's override
     held_at: float  # when it was first held (HELD) since its last step; 0 if never
     settle_at: float  # a condition alert's rung succeeded: when to look whether it still fires; 0 if not
+    source_target: int  # the rung its own alert asked for; higher rungs came from another alert (escalation)
+    escalation: tuple[str, str, str] | None  # the occurrence that raised the target, to verify before those rungs
+    evidence: Evidence | None  # the history its alert claimed, checked again against the machine's identity
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Remediation:
@@ -58,7 +63,10 @@ class Remediation:
                    policy_hash=row["policy_hash"], created_at=row["created_at"], updated_at=row["updated_at"],
                    finished_at=row["finished_at"], not_before=row["not_before"], started=bool(row["started"]),
                    state_since=row["state_since"], hold_placed=bool(row["hold_placed"]), held_at=row["held_at"],
-                   settle_at=row["settle_at"])
+                   settle_at=row["settle_at"], source_target=row["source_target"],
+                   escalation=(row["escalation_fp"], row["escalation_starts_at"], row["escalation_labels_hash"])
+                   if row["escalation_fp"] else None,
+                   evidence=Evidence(**json.loads(row["evidence_json"])) if row["evidence_json"] else None)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "node": self.node, "gpu": self.gpu, "uuid": self.uuid, "alertname": self.alertname,
@@ -119,5 +127,9 @@ def load(conn: sqlite3.Connection, remediation_id: str) -> Remediation | None:
 
 
 def source_occurrence(conn: sqlite3.Connection, rem: Remediation) -> sqlite3.Row | None:
+    return occurrence(conn, (rem.source_fp, rem.source_starts_at, rem.source_labels_hash))
+
+
+def occurrence(conn: sqlite3.Connection, key: tuple[str, str, str]) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM occurrence WHERE fingerprint=? AND starts_at=? AND labels_hash=?",
-                        (rem.source_fp, rem.source_starts_at, rem.source_labels_hash)).fetchone()
+                        key).fetchone()

@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS remediation(
   policy_hash TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL,
   not_before REAL NOT NULL DEFAULT 0, started INTEGER NOT NULL DEFAULT 0,
   state_since REAL NOT NULL DEFAULT 0, hold_placed INTEGER NOT NULL DEFAULT 0, held_at REAL NOT NULL DEFAULT 0,
-  settle_at REAL NOT NULL DEFAULT 0);
+  settle_at REAL NOT NULL DEFAULT 0, source_target INTEGER NOT NULL DEFAULT -1, escalation_fp TEXT,
+  escalation_starts_at TEXT, escalation_labels_hash TEXT, evidence_json TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS remediation_one_active_per_node ON remediation(node) WHERE state IN ({ACTIVE_SQL});
 CREATE INDEX IF NOT EXISTS remediation_state ON remediation(state);
 CREATE INDEX IF NOT EXISTS remediation_node ON remediation(node, created_at);
@@ -141,18 +142,26 @@ def _from_v1(conn: sqlite3.Connection) -> None:
                 tzinfo=UTC).timestamp()
         except ValueError:
             row["starts_ts"] = 0.0
+        # v1 kept the fault time but not the annotations: enough to judge the occurrence again.
+        row["annotations_json"] = (json.dumps({"fault_timestamp": f"{float(row['fault_ts']):.0f}"})  # type: ignore[arg-type]
+                                   if row.get("fault_ts") is not None else "{}")
         conn.execute("INSERT INTO occurrence(fingerprint, starts_at, labels_hash, status, first_seen, last_seen, "
                      "deliveries, alertname, node, wants, labels_json, group_key, decision, reason, remediation_id, "
-                     "fault_ts, firing_decided, starts_ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                     "fault_ts, firing_decided, starts_ts, annotations_json) "
+                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                      tuple(row.get(k) for k in ("fingerprint", "starts_at", "labels_hash", "status", "first_seen",
                                                 "last_seen", "deliveries", "alertname", "node", "wants",
                                                 "labels_json", "group_key", "decision", "reason", "remediation_id",
-                                                "fault_ts", "firing_decided", "starts_ts")))
+                                                "fault_ts", "firing_decided", "starts_ts", "annotations_json")))
     conn.execute("DROP TABLE occurrence_v1")
     have = _columns(conn, "remediation")
+    # v1's one-active-per-node index lists v1's active states; the schema creates it again with HELD.
+    conn.execute("DROP INDEX IF EXISTS remediation_one_active_per_node")
     for column, decl in (("source_labels_hash", "TEXT NOT NULL DEFAULT ''"), ("state_since", "REAL NOT NULL DEFAULT 0"),
                          ("hold_placed", "INTEGER NOT NULL DEFAULT 0"), ("held_at", "REAL NOT NULL DEFAULT 0"),
-                         ("settle_at", "REAL NOT NULL DEFAULT 0")):
+                         ("settle_at", "REAL NOT NULL DEFAULT 0"), ("source_target", "INTEGER NOT NULL DEFAULT -1"),
+                         ("escalation_fp", "TEXT"), ("escalation_starts_at", "TEXT"),
+                         ("escalation_labels_hash", "TEXT"), ("evidence_json", "TEXT")):
         if column not in have:
             conn.execute(f"ALTER TABLE remediation ADD COLUMN {column} {decl}")
     conn.execute("UPDATE remediation SET state_since=updated_at WHERE state_since=0")
@@ -161,8 +170,10 @@ def _from_v1(conn: sqlite3.Connection) -> None:
                  "ORDER BY o.first_seen LIMIT 1), '') WHERE source_labels_hash=''")
     # A cordon or taint of ours: the cordon step said so ("cordoned", or ours already).
     conn.execute("UPDATE remediation SET hold_placed=1 WHERE dry_run=0 AND EXISTS (SELECT 1 FROM step s WHERE "
-                 "s.remediation_id=remediation.id AND s.action IN ('cordon','taint') AND s.state='SUCCEEDED' "
-                 "AND s.detail NOT LIKE 'already cordoned by someone else%')")
+                 "s.remediation_id=remediation.id AND s.state='SUCCEEDED' AND ((s.action='cordon' AND (s.detail='cordoned' "
+                 "OR s.detail LIKE 'already cordoned by this remediation%')) OR (s.action='taint' AND "
+                 "s.detail LIKE 'tainted %')))")
+    conn.execute("UPDATE remediation SET source_target=target WHERE source_target<0")
     # history, from the finished actions (the start of a step is its intent row's time where it is known).
     conn.execute("CREATE TABLE IF NOT EXISTS history(id INTEGER PRIMARY KEY AUTOINCREMENT, remediation_id TEXT NOT "
                  "NULL, node TEXT NOT NULL, node_uid TEXT NOT NULL DEFAULT '', gpu TEXT NOT NULL, uuid TEXT NOT NULL, "

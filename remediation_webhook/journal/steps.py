@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import RateLimit
+from ..policy import RANK
 from .rows import MetricEvent, Remediation, audit, get_meta, load, record_history, record_result
 from .schema import ACTIVE_SQL, TERMINAL
 
@@ -34,9 +35,10 @@ def save_identity(conn: sqlite3.Connection, rid: str, uid: str, provider_id: str
 def transition(conn: sqlite3.Connection, rid: str, state: str, reason: str, now: float, *,
                expect: Sequence[str] | None = None, actor: str = "engine",
                event: MetricEvent | None = None, not_before: float = 0.0, audit_as: str = "") -> bool:
-    """Move a remediation to `state` (only from `expect` states if given); journals and audits it."""
+    """Move an unfinished remediation to `state` (only from `expect` states if given); journals and audits it.
+    A finished one (a person cancelled it while the engine was verifying, say) is never moved: False."""
     row = conn.execute("SELECT state, node, reason FROM remediation WHERE id=?", (rid,)).fetchone()
-    if row is None or (expect is not None and row["state"] not in expect):
+    if row is None or row["state"] in TERMINAL or (expect is not None and row["state"] not in expect):
         return False
     same = row["state"] == state and row["reason"] == reason
     finished = now if state in TERMINAL else None
@@ -56,7 +58,9 @@ def complete(conn: sqlite3.Connection, rid: str, now: float, settle: float) -> N
     rem = load(conn, rid)
     assert rem is not None
     transition(conn, rid, "DRY_RUN_RECORDED" if rem.dry_run else "SUCCEEDED", "all steps done", now)
-    if rem.dry_run or settle <= 0:
+    # Only a rung that can fix a fault is expected to end the condition: after a cordon or a drain (nothing
+    # fixed, a person's turn) the alert rightly fires on.
+    if rem.dry_run or settle <= 0 or RANK.get(rem.ladder[rem.target], 0) < RANK["reset_gpu"]:
         return
     source = conn.execute("SELECT fault_ts FROM occurrence WHERE fingerprint=? AND starts_at=? AND labels_hash=?",
                           (rem.source_fp, rem.source_starts_at, rem.source_labels_hash)).fetchone()
@@ -164,32 +168,40 @@ def rate_used(conn: sqlite3.Connection, action: str, now: float, limit: RateLimi
                             "AND state!='CANCELLED'", (action, now - limit.per)).fetchone()[0])
 
 
-def override(conn: sqlite3.Connection, rid: str, now: float, detail: str) -> bool:
-    """A person undid our step on the node: the remediation stops for good, and the node's slot is free."""
+def override(conn: sqlite3.Connection, rid: str, now: float, detail: str) -> tuple[bool, bool]:
+    """A person undid our step on the node: the remediation stops for good, and the node's slot is free.
+    (overridden, slot freed)."""
     rem = load(conn, rid)
     if rem is None or rem.state in TERMINAL:
-        return False
+        return False, False
     conn.execute("UPDATE step SET state='CANCELLED', outcome='overridden', detail=?, finished_at=? "
                  "WHERE remediation_id=? AND state='INTENT'", (detail[:4000], now, rid))
     transition(conn, rid, "OVERRIDDEN", detail, now)
     mark = conn.execute("SELECT remediation_id FROM node_mark WHERE node=?", (rem.node,)).fetchone()
-    if mark is not None and mark["remediation_id"] == rid:
-        clear_mark(conn, rem.node, now, f"overridden: {detail}")
-    return True
+    freed = mark is not None and mark["remediation_id"] == rid and clear_mark(conn, rem.node, now,
+                                                                              f"overridden: {detail}")
+    return True, bool(freed)
 
 
-def orphans(conn: sqlite3.Connection, rid: str) -> list[sqlite3.Row]:
-    """Occurrences left without an owner when remediation `rid` ends without acting on its own alert: firing
-    alerts merged into it, and conflict twins of its alert waiting for Alertmanager's word."""
+def twins(conn: sqlite3.Connection, rid: str) -> list[sqlite3.Row]:
+    """Conflict twins of remediation `rid`'s alert (its fingerprint, other labels) waiting for Alertmanager's
+    word: once `rid` ends without acting, one of them may be the real alert."""
     rem = load(conn, rid)
     if rem is None:
         return []
-    merged = conn.execute("SELECT * FROM occurrence WHERE remediation_id=? AND status='firing' AND decision IN "
-                          "('merged','escalated') AND NOT (fingerprint=? AND starts_at=? AND labels_hash=?)",
-                          (rid, rem.source_fp, rem.source_starts_at, rem.source_labels_hash)).fetchall()
-    twins = conn.execute("SELECT * FROM occurrence WHERE fingerprint=? AND labels_hash!=? AND status='firing' "
-                         "AND decision='conflict'", (rem.source_fp, rem.source_labels_hash)).fetchall()
-    return [*merged, *twins]
+    return conn.execute("SELECT * FROM occurrence WHERE fingerprint=? AND labels_hash!=? AND status='firing' "
+                        "AND decision='conflict'", (rem.source_fp, rem.source_labels_hash)).fetchall()
+
+
+def merged(conn: sqlite3.Connection, rid: str) -> list[sqlite3.Row]:
+    """Firing alerts merged into remediation `rid`: left without an owner when its own alert turns out gone or
+    not real."""
+    rem = load(conn, rid)
+    if rem is None:
+        return []
+    return conn.execute("SELECT * FROM occurrence WHERE remediation_id=? AND status='firing' AND decision IN "
+                        "('merged','escalated') AND NOT (fingerprint=? AND starts_at=? AND labels_hash=?)",
+                        (rid, rem.source_fp, rem.source_starts_at, rem.source_labels_hash)).fetchall()
 
 
 def mark_forged(conn: sqlite3.Connection, rem: Remediation, now: float, reason: str) -> None:
@@ -222,16 +234,30 @@ def climb(conn: sqlite3.Connection, rid: str, ladder: tuple[str, ...], now: floa
     if higher and get_meta(conn, "breaker") is not None:
         state = "BLOCKED"
     try:
+        # The climb is its own alert's (settle verified it): the new rung is no other alert's escalation.
         conn.execute("UPDATE remediation SET state=?, reason=?, ladder_json=?, target=?, finished_at=NULL, "
-                     "settle_at=0, not_before=0, updated_at=?, state_since=? WHERE id=?",
+                     "settle_at=0, not_before=0, updated_at=?, state_since=?, source_target=?, "
+                     "escalation_fp=NULL, escalation_starts_at=NULL, escalation_labels_hash=NULL WHERE id=?",
                      (state, reason if state != "BLOCKED" else "breaker open", json.dumps(list(ladder)),
-                      len(ladder) - 1, now, now, rid))
+                      len(ladder) - 1, now, now, len(ladder) - 1 if higher else rem.source_target, rid))
     except sqlite3.IntegrityError:
         settled(conn, rid, now, "the condition persists, but another remediation of the node is active")
         return "another remediation of the node is active"
     audit(conn, now, "engine", "escalated_by_persistence" if higher else "needs_human", rid, rem.node,
           reason=reason, to=ladder[-1] if higher else None)
     return ""
+
+
+def drop_escalation(conn: sqlite3.Connection, rid: str, now: float, why: str) -> None:
+    """The alert that raised the target is not confirmed by Alertmanager: back to the rung the remediation's own
+    alert asked for."""
+    rem = load(conn, rid)
+    if rem is None or rem.escalation is None:
+        return
+    conn.execute("UPDATE remediation SET target=MAX(source_target, next_rung - 1), escalation_fp=NULL, "
+                 "escalation_starts_at=NULL, escalation_labels_hash=NULL, updated_at=? WHERE id=?", (now, rid))
+    audit(conn, now, "engine", "escalation_dropped", rid, rem.node, reason=why, fingerprint=rem.escalation[0],
+          was=rem.ladder[rem.target], to=rem.ladder[max(rem.source_target, rem.next_rung - 1)])
 
 
 def active_on(conn: sqlite3.Connection, node: str) -> Remediation | None:

@@ -101,7 +101,17 @@ def test_alertmanager_peers_and_the_new_policy_durations(tmp_path):
     assert cfg.alertmanager is not None and cfg.alertmanager.urls == ("http://am-0:9093", "http://am-1:9093")
     assert (cfg.policy.resolved_hold, cfg.policy.settle_time) == (1800.0, 0.0)
     defaults = build_config(base_config(tmp_path, "http://127.0.0.1:1"), base=tmp_path).policy
-    assert (defaults.resolved_hold, defaults.settle_time) == (3600.0, 900.0)
+    assert (defaults.resolved_hold, defaults.settle_time) == (900.0, 900.0)
+
+
+def test_a_settle_time_shorter_than_the_alerts_keep_firing_is_warned_about(tmp_path, capsys):
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, "http://127.0.0.1:1", policy={"settle_time": "5m"})))
+    assert main(["check-config", str(path)]) == 0
+    assert "warning: policy.settle_time: 300s is shorter than the shipped alerts' keep_firing_for" in \
+        capsys.readouterr().err
+    path.write_text(yaml.safe_dump(base_config(tmp_path, "http://127.0.0.1:1")))
+    assert main(["check-config", str(path)]) == 0 and "warning" not in capsys.readouterr().err
 
 
 def test_check_config_cli_exit_code_and_message(tmp_path):

@@ -60,7 +60,7 @@ async def test_a_slot_released_by_hand_through_the_admin_api(harness, kube):
     assert h.metric("gpu_remediation_slot_releases_total", reason="admin") == 1
     await h.until_state("b", "SUCCEEDED")
     assert kube.cordoned() == ["a", "b"]  # a keeps its cordon: releasing the slot changes nothing on the node
-    # b's remediation is finished but its node is ours: released too. One still running is refused (409).
+    # b's remediation is finished but its node is ours: released too (one that still holds it: next test).
     kube.add_node("c")
     await h.post(notification(alert("c")))
     await h.until_state("c", "BLOCKED")

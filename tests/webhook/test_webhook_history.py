@@ -174,65 +174,83 @@ async def test_history_gauges_are_the_journals_in_every_process(harness, tmp_pat
     assert 'action="reset_gpu",gpu="3",node="gpu-1",uuid="' + UUID + '",window="7d"} 1.0' in after
 
 
-async def cordoned_for_a_condition(harness: Any, kube: Any) -> Any:
-    """n1 (with a pod) cordoned for GPUNVLinkDown, a condition (no fault_timestamp); cordon -> drain; settle 100ms."""
-    kube.add_node("n1")
-    kube.add_pod("team-a", "train", "n1")
-    h = await harness(policy={"dry_run": False, "settle_time": "100ms", "rules": [
-        {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon", "drain"]}]})
-    await h.post(notification(alert("n1", alertname="GPUNVLinkDown", remediation="cordon")))
-    await h.until_state("n1", "SUCCEEDED")
+REMAP = {"alertname": "GPURowRemapPending", "remediation": "reset_gpu", "gpu": "3", "uuid": UUID}
+
+
+async def reset_for_a_condition(harness: Any, tmp_path: Any, kube: Any, ladder: list[str]) -> Any:
+    """gpu-1's GPU 3 reset for a pending row remap (a condition: no fault_timestamp) under one rule whose ladder is
+    `ladder` (replace: a person's record); the settle check is due only when the test says (due_now)."""
+    gpu_node(kube, "gpu-1")
+    raw = reset_config(tmp_path, kube, settle_time="1h")
+    raw["policy"]["rules"] = [{"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ladder,
+                               "requires_approval": []}]
+    h = await harness(raw)
+    await h.post(notification(occurrence(REMAP, minutes_ago=5)))
+    await reset_done(h, kube)
+    assert h.sql("SELECT settle_at > 0 FROM remediation") == [(1,)]
     return h
 
 
-async def test_a_condition_still_firing_after_its_rung_climbs_the_ladder(harness, tmp_path, kube):
-    """GPU.* alerts here have no fault_timestamp: conditions. Still firing a settle time after cordon succeeded, the
-    remediation climbs to drain; still firing after drain, the last rung, a person is called."""
-    h = await cordoned_for_a_condition(harness, kube)
-    assert kube.pods("n1") == ["team-a/train"]
-    # reopened at drain, drained, succeeded again
-    await h.drive_until(lambda: kube.pods("n1") == [] and h.states() == {"n1": "SUCCEEDED"}, what="the climb")
+def due_now(h: Any) -> None:
+    h.journal.run_sync(lambda c: c.execute("UPDATE remediation SET settle_at=1 WHERE settle_at>0"))
+
+
+def settled_reasons(h: Any) -> list[str]:
+    return [json.loads(d)["reason"] for (d,) in h.sql("SELECT detail_json FROM audit WHERE event='settled'")]
+
+
+async def test_a_condition_still_firing_after_its_reset_climbs_to_the_rules_next_rung(harness, tmp_path, kube):
+    h = await reset_for_a_condition(harness, tmp_path, kube, ["cordon", "drain", "reset_gpu", "replace"])
+    due_now(h)
+    # Still active in Alertmanager: the remediation reopens at replace (a person's record on bare metal).
+    await h.until_state("gpu-1", "NEEDS_HUMAN")
     rid, ladder = h.sql("SELECT id, ladder_json FROM remediation")[0]
-    assert json.loads(ladder) == ["cordon", "drain"]
+    assert json.loads(ladder) == ["cordon", "drain", "reset_gpu", "replace"]
     events = [e for (e,) in h.sql("SELECT event FROM audit WHERE remediation_id=? ORDER BY id", rid)]
     assert "escalated_by_persistence" in events
-    time.sleep(0.15)
-    await h.until_state("n1", "NEEDS_HUMAN")
-    assert "the last rung of rule gpu" in h.sql("SELECT reason FROM remediation")[0][0]
+    assert [a for (a,) in h.sql("SELECT action FROM step WHERE state='SUCCEEDED' ORDER BY seq")][-1] == "replace"
     assert len(h.sql("SELECT id FROM remediation")) == 1
 
 
-async def test_a_condition_that_resolves_or_an_event_fault_does_not_climb(harness, tmp_path, kube, am):
-    for n in ("n1", "n2"):
-        kube.add_node(n)
-        kube.add_pod("team-a", f"train-{n}", n)
-    h = await harness(policy={"dry_run": False, "settle_time": "100ms", "rules": [
-        {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon", "drain"]}]},
-        safety={"fleet_cap": {"max_nodes": 4, "max_percent": 100}})
-    condition = alert("n1", alertname="GPUNVLinkDown", remediation="cordon")
-    event = alert("n2", alertname="GPUXidFatal", remediation="cordon")
-    event["annotations"]["fault_timestamp"] = f"{time.time() - 60:.0f}"
-    await h.post(notification(condition, event))
-    await h.settle()
-    await h.post(notification({**condition, "status": "resolved"}))
-    time.sleep(0.15)
-    await h.settle()
-    assert h.states() == {"n1": "SUCCEEDED", "n2": "SUCCEEDED"}
-    assert sorted(kube.pods(n) for n in ("n1", "n2")) == [["team-a/train-n1"], ["team-a/train-n2"]]
-    assert h.sql("SELECT settle_at FROM remediation") == [(0.0,), (0.0,)]
-    settled = [json.loads(d)["reason"] for (d,) in h.sql("SELECT detail_json FROM audit WHERE event='settled'")]
-    assert settled == ["its alert resolved: fixed"]
+async def test_a_condition_still_firing_after_the_last_rung_goes_to_a_person(harness, tmp_path, kube):
+    h = await reset_for_a_condition(harness, tmp_path, kube, ["cordon", "drain", "reset_gpu"])
+    due_now(h)
+    await h.until_state("gpu-1", "NEEDS_HUMAN")
+    assert "the last rung of rule gpu" in h.sql("SELECT reason FROM remediation")[0][0]
 
 
-async def test_a_person_who_uncordons_after_the_rung_stops_the_climb(harness, tmp_path, kube):
-    h = await cordoned_for_a_condition(harness, kube)
-    kube.uncordon("n1")
-    time.sleep(0.15)
-    await h.settle()
-    assert h.states() == {"n1": "SUCCEEDED"} and kube.pods("n1") == ["team-a/train"] and kube.cordoned() == []
-    reason = json.loads(h.sql("SELECT detail_json FROM audit WHERE event='settled'")[0][0])["reason"]
-    assert "people win" in reason
+async def test_a_condition_that_resolved_or_whose_node_a_person_uncordoned_does_not_climb(harness, tmp_path, kube):
+    h = await reset_for_a_condition(harness, tmp_path, kube, ["cordon", "drain", "reset_gpu", "replace"])
+    kube.uncordon("gpu-1")  # a person put the node back in service after the reset
+    due_now(h)
+    await h.drive_until(lambda: settled_reasons(h), what="the settle check")
+    assert "people win" in settled_reasons(h)[0]
+    assert h.states() == {"gpu-1": "SUCCEEDED"} and kube.cordoned() == []
+    # Another reset, whose alert then resolves: fixed, nothing climbs.
+    kube.add_pod("team-a", "train", "gpu-1")
+    again = occurrence(REMAP, minutes_ago=1)
+    await h.post(notification(again))
+    await reset_done(h, kube)
+    await h.post(notification({**again, "status": "resolved"}))
+    due_now(h)
+    await h.drive_until(lambda: len(settled_reasons(h)) == 2, what="the second settle check")
+    assert settled_reasons(h)[1] == "its alert resolved: fixed"
+    assert [s for (s,) in h.sql("SELECT state FROM remediation")] == ["SUCCEEDED", "SUCCEEDED"]
 
+
+async def test_only_a_rung_that_can_fix_waits_to_settle(harness, tmp_path, kube):
+    """A cordon or a drain fixes nothing (a person's turn): such a condition rightly fires on and never climbs;
+    an event fault (fault_timestamp) is judged by its time, not by persistence."""
+    gpu_node(kube, "gpu-1")
+    kube.add_node("n2")
+    raw = reset_config(tmp_path, kube, settle_time="1h")
+    raw["safety"]["fleet_cap"] = {"max_nodes": 4, "max_percent": 100}
+    h = await harness(raw)
+    await h.post(notification(alert("n2", alertname="GPUPCIeLinkWidthDegraded", remediation="cordon")))
+    await h.until_state("n2", "SUCCEEDED")
+    await h.post(notification(occurrence(RESET_GPU, minutes_ago=2, fault_ts=time.time() - 120)))
+    await reset_done(h, kube)
+    assert h.sql("SELECT node, settle_at FROM remediation ORDER BY node") == [("gpu-1", 0.0), ("n2", 0.0)]
 
 
 async def test_a_confirmed_escalation_passes_the_cooldown_of_the_rung_below(harness, tmp_path, kube):
@@ -250,3 +268,64 @@ async def test_a_confirmed_escalation_passes_the_cooldown_of_the_rung_below(harn
     assert (out["refused"], out["accepted"]) == (1, 1)
     assert "cooldown" in h.sql("SELECT reason FROM remediation WHERE state='REFUSED'")[0][0]
     await h.until_state("gpu-1", "NEEDS_HUMAN")  # the replace ran: a person's record on bare metal
+
+
+async def test_a_recurrence_refused_in_the_cooldown_does_not_swallow_the_next_one(harness, tmp_path, kube):
+    gpu_node(kube, "gpu-1")
+    raw = reset_config(tmp_path, kube)
+    raw["safety"]["per_node"] = {"cooldown": "1h", "max_attempts": 50}
+    h = await harness(raw)
+    a = occurrence(RESET_GPU, minutes_ago=10, fault_ts=time.time() - 600)
+    await h.post(notification(a))
+    await reset_done(h, kube)
+    # The same alert keeps firing with a new fault in the cooldown: refused (the cooldown is the policy's).
+    again = {**a, "annotations": {**a["annotations"], "fault_timestamp": f"{time.time() + 1:.0f}"}}
+    assert (await (await h.post(notification(again))).json())["refused"] == 1
+    # The cooldown ends (here: is lifted), and the next fault on that alert is decided again, not a duplicate.
+    h.journal.run_sync(lambda c: c.execute("UPDATE remediation SET finished_at=finished_at-7200"))
+    later = {**a, "annotations": {**a["annotations"], "fault_timestamp": f"{time.time() + 2:.0f}"}}
+    assert (await (await h.post(notification(later))).json())["accepted"] == 1
+    await reset_done(h, kube)
+
+
+async def test_the_escalation_history_must_be_the_machines_now_under_the_name(harness, tmp_path, kube):
+    """Three resets in the journal by node name, two of them on a machine that someone else recreated under the
+    name since (an instance group's auto-heal): the journal's count by name says yes, the machine's says no."""
+    from datetime import UTC, datetime, timedelta
+
+    joined = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    gpu_node(kube, "gpu-1")
+    h = await harness(reset_config(tmp_path, kube))
+    earlier_resets(h, kube, 3, 2)  # before the machine now under the name joined
+    kube.delete_node("gpu-1")
+    kube.add_node("gpu-1", created=joined)
+    patch_status(kube, "gpu-1", {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "7"}})
+    await h.post(notification(occurrence(RESET_GPU, minutes_ago=5, fault_ts=time.time() - 300)))
+    await reset_done(h, kube)
+    assert (await (await h.post(notification(repeated(minutes_ago=1)))).json())["accepted"] == 1
+    await h.until_state("gpu-1", "REFUSED")
+    reason = h.sql("SELECT reason FROM remediation WHERE alertname='GPURepeatedResets'")[0][0]
+    assert "1 successful reset_gpu" in reason and "since this machine joined" in reason
+    assert not [c for c in kube.calls(mutating=True) if "gpu-1" in c[1] and c[0] == "PATCH"][1:]
+
+
+async def test_a_dry_run_escalation_counts_the_live_resets(harness, tmp_path, kube):
+    """Live resets, and a replace rule left in dry-run: the dry-run record shows what live would do (replace), not
+    an escalation refused for want of dry-run history."""
+    gpu_node(kube, "gpu-1")
+    raw = reset_config(tmp_path, kube)
+    raw["policy"]["rules"][0]["dry_run"] = True
+    h = await harness(raw)
+    earlier_resets(h, kube, 2, 1)
+    await h.post(notification(occurrence(RESET_GPU, minutes_ago=5, fault_ts=time.time() - 300)))
+    await reset_done(h, kube)
+    assert (await (await h.post(notification(repeated(minutes_ago=1)))).json())["accepted"] == 1
+    await h.until_state("gpu-1", "DRY_RUN_RECORDED")
+
+
+async def test_a_fault_fixed_live_is_already_remediated_in_dry_run_too(harness, tmp_path, kube):
+    gpu_node(kube, "gpu-1")
+    h = await harness(reset_config(tmp_path, kube, dry_run=True))
+    earlier_resets(h, kube, 0.5)  # a live reset 12 hours ago (before the webhook went to dry-run)
+    out = await h.post(notification(occurrence(RESET_GPU, minutes_ago=5, fault_ts=time.time() - 86400)))
+    assert (await out.json())["already_remediated"] == 1

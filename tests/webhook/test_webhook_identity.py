@@ -18,39 +18,123 @@ SAFETY = {"breaker": {"max_nodes": 50, "max_percent": 100, "min_nodes": 50},
           "fleet_cap": {"max_nodes": 10, "max_percent": 100}}
 
 
-def _real_and_forged(am):
-    """The real alert on n1 and a forged one for n2 that reuses its fingerprint; Alertmanager has the real one."""
+def _real_and_forged(am, forged_node: str = "n2", **forged_labels: str):
+    """The real alert on n1 and a forged one that reuses its fingerprint (for `forged_node`, or n1 with other
+    labels); Alertmanager has the real one."""
     real = alert("n1", fingerprint="0123456789abcdef")
-    forged = alert("n2", fingerprint="0123456789abcdef")
+    forged = alert(forged_node, fingerprint="0123456789abcdef", **forged_labels)
     am.labels[real["fingerprint"]] = real["labels"]
     return real, forged
 
 
-@pytest.mark.parametrize("forged_first", [True, False], ids=["forged-first", "real-first"])
-async def test_a_forged_fingerprint_cannot_hide_the_real_alert(harness, kube, am, forged_first):
-    for n in ("n1", "n2"):
-        kube.add_node(n)
-    h = await harness(policy=LIVE, safety=SAFETY)
-    real, forged = _real_and_forged(am)
-    await h.admin.post("/v1/pause")  # both arrive before the engine looks at either
-    first, second = (forged, real) if forged_first else (real, forged)
+async def _both_arrive(h, first, second):
+    """Both arrive before the engine looks at either; the second is a conflict."""
+    await h.admin.post("/v1/pause")
     assert (await (await h.post(notification(first))).json())["accepted"] == 1
     out = await (await h.post(notification(second))).json()
     assert out["conflicts"] == 1 and out["duplicates"] == 0 and out["accepted"] == 0
     assert h.metric("gpu_remediation_webhook_alerts_total", decision="conflict") == 1
     await h.admin.delete("/v1/pause")
+
+
+async def _real_acts(h, kube):
     await h.drive_until(lambda: h.sql("SELECT 1 FROM remediation WHERE node='n1' AND state='SUCCEEDED'"),
                         what="the real alert to act")
     assert kube.cordoned() == ["n1"]  # the forged alert's node is never touched
-    decisions = dict(h.sql("SELECT node, decision FROM occurrence"))
-    if forged_first:
-        # The forged one planned first; Alertmanager's word at verification cancelled it and let the real one act.
-        assert decisions == {"n1": "planned", "n2": "forged"}
-        assert dict(h.sql("SELECT node, state FROM remediation")) == {"n1": "SUCCEEDED", "n2": "CANCELLED"}
-        assert "forged or corrupted" in h.sql("SELECT reason FROM remediation WHERE node='n2'")[0][0]
-    else:
-        assert decisions == {"n1": "planned", "n2": "conflict"}
-        assert dict(h.sql("SELECT node, state FROM remediation")) == {"n1": "SUCCEEDED"}
+
+
+@pytest.mark.parametrize("forged_first", [True, False], ids=["forged-first", "real-first"])
+async def test_a_forged_alert_for_another_node_cannot_hide_the_real_one(harness, kube, am, forged_first):
+    """Forged first: Alertmanager does not have it under its node, so it is held (an Alertmanager that lost an alert
+    gets it back from Prometheus) and its twin is planned meanwhile, verified, and acts. Real first: the forged one
+    waits as a conflict and never acts."""
+    for n in ("n1", "n2"):
+        kube.add_node(n)
+    h = await harness(policy=LIVE, safety=SAFETY)
+    real, forged = _real_and_forged(am)
+    await _both_arrive(h, *((forged, real) if forged_first else (real, forged)))
+    await _real_acts(h, kube)
+    await h.settle()
+    assert dict(h.sql("SELECT node, state FROM remediation")) == (
+        {"n1": "SUCCEEDED", "n2": "HELD"} if forged_first else {"n1": "SUCCEEDED"})
+    if not forged_first:
+        assert dict(h.sql("SELECT node, decision FROM occurrence")) == {"n1": "planned", "n2": "conflict"}
+
+
+async def test_a_forged_alert_for_the_same_node_first_is_found_out_and_the_real_one_acts(harness, kube, am):
+    """Alertmanager has the fingerprint under that node with other labels: forged, cancelled, the twin acts."""
+    kube.add_node("n1")
+    h = await harness(policy=LIVE, safety=SAFETY)
+    real, forged = _real_and_forged(am, "n1", gpu="7")
+    await _both_arrive(h, forged, real)
+    await _real_acts(h, kube)
+    rows = h.sql("SELECT o.decision, r.state FROM occurrence o JOIN remediation r ON r.source_fp=o.fingerprint "
+                 "AND r.source_labels_hash=o.labels_hash ORDER BY r.created_at")
+    assert rows == [("forged", "CANCELLED"), ("planned", "SUCCEEDED")]
+    assert "forged or corrupted" in h.sql("SELECT reason FROM remediation WHERE state='CANCELLED'")[0][0]
+
+
+async def test_a_forged_alert_for_a_node_that_does_not_exist_first_cannot_hide_the_real_one(harness, kube, am):
+    kube.add_node("n1")
+    h = await harness(policy=LIVE, safety=SAFETY)
+    real, forged = _real_and_forged(am, "no-such-node")
+    await _both_arrive(h, forged, real)
+    await _real_acts(h, kube)
+    assert dict(h.sql("SELECT node, state FROM remediation")) == {"n1": "SUCCEEDED", "no-such-node": "REFUSED"}
+
+
+async def test_a_forged_alert_merged_into_another_remediation_is_no_conflict(harness, kube, am):
+    """An alert merged into another node's remediation is never verified, so it cannot hold back its
+    fingerprint's real alert: the real one is planned at once."""
+    for n in ("n1", "n2"):
+        kube.add_node(n)
+    h = await harness(policy={**LIVE, "rules": [{"name": "gpu", "match_re": {"alertname": "GPU.*"},
+                                                  "ladder": ["cordon"], "requires_approval": ["cordon"]}]},
+                      safety=SAFETY)
+    first = alert("n2", alertname="GPUOther")
+    await h.post(notification(first))
+    forged = alert("n2", fingerprint="0123456789abcdef")
+    assert (await (await h.post(notification(forged))).json())["merged"] == 1
+    real = alert("n1", fingerprint="0123456789abcdef")
+    out = await (await h.post(notification(real))).json()
+    assert out["accepted"] == 1 and out["conflicts"] == 0
+
+
+async def test_an_alertmanager_gap_holds_the_real_alert_rather_than_losing_it_to_its_twin(harness, kube, am):
+    """The real alert first, a forged twin second; Alertmanager has lost the real one for a while (GONE): the real
+    plan is held, not cancelled; the twin is planned, finds nothing and is held; the real one fires again and acts."""
+    for n in ("n1", "n2"):
+        kube.add_node(n)
+    h = await harness(policy=LIVE, safety=SAFETY)
+    real, forged = _real_and_forged(am)
+    am.states[real["fingerprint"]] = AlertState.GONE
+    await _both_arrive(h, real, forged)
+    await h.drive_until(lambda: set(h.states().values()) == {"HELD"} and len(h.states()) == 2,
+                        what="both held")
+    am.states.pop(real["fingerprint"])
+    assert (await (await h.post(notification(real))).json())["resumed"] == 1
+    await _real_acts(h, kube)
+
+
+async def test_a_person_cancelling_while_the_engine_verifies_wins(harness, kube, am):
+    kube.add_node("n1")
+    h = await harness(policy=LIVE, safety=SAFETY)
+    a = alert("n1")
+    am.states[a["fingerprint"]] = AlertState.GONE
+
+    async def cancel_meanwhile(fingerprint: str) -> None:
+        rid = h.sql("SELECT id FROM remediation")[0][0]
+        am.before_state = None
+        assert (await h.admin.post(f"/v1/remediations/{rid}:cancel", json={"reason": "hands off"})).status == 200
+
+    am.before_state = cancel_meanwhile
+    await h.post(notification(a))
+    await h.drive_until(lambda: am.before_state is None, what="the cancel")
+    await h.settle()
+    am.states.pop(a["fingerprint"])
+    await h.post(notification(a))  # a re-send: it must not bring the cancelled plan back
+    await h.settle()
+    assert h.states() == {"n1": "CANCELLED"} and kube.cordoned() == []
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["live", "dry-run"])
@@ -164,3 +248,46 @@ async def test_silenced_on_alertmanager_is_a_veto_whatever_the_labels(harness, k
     await h.post(notification(a))
     await h.until_state("n1", "CANCELLED")
     assert kube.cordoned() == []
+
+
+@pytest.mark.parametrize("confirmed", [True, False], ids=["escalation-active", "escalation-unknown"])
+async def test_a_rung_another_alert_asked_for_runs_only_while_alertmanager_has_that_alert(harness, kube, am,
+                                                                                         confirmed):
+    """An alert that merges into a node's remediation and asks for a higher rung of its rule raises the target; that
+    alert is verified before those rungs run. Unknown to Alertmanager (a forged or stale one), the remediation
+    goes back to what its own alert asked for."""
+    kube.add_node("n1")
+    kube.add_pod("team-a", "train", "n1")
+    h = await harness(policy={"dry_run": False, "rules": [
+        {"name": "gpu", "match_re": {"alertname": "GPU.*"}, "ladder": ["cordon", "drain"],
+         "requires_approval": ["cordon"]}]}, safety=SAFETY)
+    own, higher = alert("n1"), alert("n1", alertname="GPUOther", remediation="drain")
+    if not confirmed:
+        am.states[higher["fingerprint"]] = AlertState.GONE
+    await h.post(notification(own))
+    await h.until_state("n1", "AWAITING_APPROVAL")
+    assert (await (await h.post(notification(higher))).json())["merged"] == 1
+    rid = h.sql("SELECT id FROM remediation")[0][0]
+    await h.admin.post(f"/v1/remediations/{rid}:approve")
+    await h.until_state("n1", "SUCCEEDED")
+    assert kube.pods("n1") == ([] if confirmed else ["team-a/train"])
+    dropped = h.sql("SELECT detail_json FROM audit WHERE event='escalation_dropped'")
+    assert bool(dropped) != confirmed
+    if dropped:
+        assert "GPUOther) is gone in Alertmanager" in json.loads(dropped[0][0])["reason"]
+
+
+async def test_a_second_hold_gets_the_whole_hold_time(harness, kube):
+    kube.add_node("n1")
+    h = await harness(policy={**LIVE, "resolved_hold": "1h"}, safety=SAFETY)
+    a = alert("n1")
+    await h.admin.post("/v1/pause")
+    await h.post(notification(a))
+    await h.post(notification({**a, "status": "resolved"}))
+    first = h.sql("SELECT held_at FROM remediation")[0][0]
+    await h.post(notification(a))  # resumed
+    assert h.sql("SELECT held_at FROM remediation") == [(0.0,)]
+    time.sleep(0.05)
+    await h.post(notification({**a, "status": "resolved"}))  # held again, later
+    held_at, not_before = h.sql("SELECT held_at, not_before FROM remediation")[0]
+    assert held_at > first and not_before == held_at + 3600 and h.states() == {"n1": "HELD"}

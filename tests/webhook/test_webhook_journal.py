@@ -48,10 +48,14 @@ def test_occurrence_key_is_fingerprint_startsat_and_labels_with_the_last_status(
     assert (again.duplicates, again.ignored, again.merged) == (1, 1, 1)
     rows = journal.run_sync(lambda c: c.execute("SELECT status, deliveries FROM occurrence ORDER BY starts_at").fetchall())
     assert [tuple(r) for r in rows] == [("resolved", 3), ("firing", 1)]
-    # The same fingerprint and startsAt with other labels is another occurrence, not a duplicate: a conflict with
-    # the firing alert of that fingerprint whose remediation is unfinished.
+    # The same fingerprint and startsAt with other labels is another occurrence, not a duplicate. Its twins here
+    # are no live alert of a remediation (one resolved, one merged): it merges like any new alert of the node.
     other = journal.run_sync(accept, _batch(dataclasses.replace(_alert("aa"), labels_hash="other")))
-    assert (other.duplicates, other.conflicts, other.accepted, other.merged) == (0, 1, 0, 0)
+    assert (other.duplicates, other.conflicts, other.accepted, other.merged) == (0, 0, 0, 1)
+    # With a firing alert of an unfinished remediation under that fingerprint, it is a conflict.
+    journal.run_sync(accept, _batch(_alert("bb", node="n2")))
+    twin = journal.run_sync(accept, _batch(dataclasses.replace(_alert("bb", node="n3"), labels_hash="other")))
+    assert (twin.conflicts, twin.accepted) == (1, 0)
 
 
 def test_one_active_remediation_per_node_is_enforced_by_the_schema(journal):
@@ -120,6 +124,11 @@ def test_a_version_1_journal_is_migrated_in_place_and_keeps_its_meaning(tmp_path
             "SELECT action, node_uid, dry_run, started_at, finished_at FROM history")])
         assert history == [("cordon", "uid-1", 0, 1764400002.0, 1764400003.0)]
         assert j.run_sync(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == VERSION
+        # One active remediation per node, HELD included: v1's index (without it) is gone.
+        index = j.run_sync(lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name="
+                                                "'remediation_one_active_per_node'").fetchone()[0])
+        assert "'HELD'" in index
+        assert occ["annotations_json"] == '{"fault_timestamp": "1764399940"}'  # v1 kept the time, not the text
         # The migrated occurrence is recognised: firing again is never planned twice.
         labels = json.loads(occ["labels_json"])
         again = dataclasses.replace(_alert(occ["fingerprint"], node="gpu-1", starts=occ["starts_at"]),

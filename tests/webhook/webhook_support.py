@@ -153,19 +153,27 @@ def _kube() -> Iterator[KubeFake]:
 
 class FakeAlertmanager:
     """AlertChecker double: states by fingerprint (default active), calls recorded. `labels` holds the labels
-    Alertmanager has under a fingerprint, when a test sets them: another label set is a MISMATCH, as the real
-    client answers."""
+    Alertmanager has under a fingerprint, when a test sets them, and the answer is the real client's: it looks the
+    alert up by alertname and node, so an alert Alertmanager has under another node or alertname is not found
+    (GONE), and one found with other labels is a MISMATCH. `before_state`: an async hook run inside each call (a
+    person acting while the engine asks)."""
 
     def __init__(self) -> None:
         self.states: dict[str, AlertState] = {}
         self.labels: dict[str, dict[str, str]] = {}
         self.firing_for_node: dict[str, list[dict[str, Any]]] = {}
         self.calls: list[str] = []
+        self.before_state: Callable[[str], Any] | None = None
 
     async def state(self, fingerprint: str, alertname: str, node: str,
                     labels: Any = None) -> AlertState:
         self.calls.append(fingerprint)
-        if labels is not None and fingerprint in self.labels and dict(labels) != self.labels[fingerprint]:
+        if self.before_state is not None:
+            await self.before_state(fingerprint)
+        known = self.labels.get(fingerprint)
+        if known is not None and (known.get("alertname") != alertname or known.get("node") != node):
+            return AlertState.GONE
+        if labels is not None and known is not None and dict(labels) != known:
             return AlertState.MISMATCH
         return self.states.get(fingerprint, AlertState.ACTIVE)
 
