@@ -99,6 +99,10 @@ class Engine:
         counts, last = await self.journal.run(restore_metrics)
         self.metrics.restore(counts, last)
         self._paused = await self.journal.run(get_meta, "pause") is not None
+        if await self.journal.run(get_meta, "last_notification") is None:
+            # Never notified yet: a new webhook has GPURemediationNoNotifications' grace from its start on, not an
+            # alert at once (the watchdog arrives within minutes when the route works).
+            self.notified(self.clock())
         await self._refresh_pool(force=True)
         await self.refresh_gauges()
         self._loop_task = asyncio.create_task(self._loop(), name="engine")

@@ -10,6 +10,12 @@ from remediation_webhook.errors import JournalError
 from tests.webhook.webhook_support import alert, await_for, notification
 
 
+async def test_a_new_webhook_counts_the_time_without_notifications_from_its_start(harness):
+    before = time.time()
+    h = await harness()
+    assert before <= h.metric("gpu_remediation_webhook_last_notification_timestamp_seconds") <= time.time()
+
+
 async def test_breaker_and_pause_say_since_when(harness, kube):
     kube.add_node("n1")
     h = await harness()
