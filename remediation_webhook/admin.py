@@ -22,6 +22,7 @@ POST /v1/evaluate                                     plan a pasted Alertmanager
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -34,12 +35,13 @@ from .app import SERVICES, Services, judge_all
 from .auth import ACTOR, middleware as auth_middleware
 from .config import effective_policy
 from .engine import replan
-from .errors import InventoryError, KubeApiError, PayloadError
+from .errors import InventoryError, JournalError, KubeApiError, PayloadError
 from .kube import RecordingKube
 from .models import Target, parse_notification, valid_node_name
 from .policy import target_refusal
 
 _ID = "[0-9a-f]{32}"
+log = logging.getLogger(__name__)
 
 
 def _actor(request: web.Request) -> str:
@@ -270,11 +272,21 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+@web.middleware
+async def journal_unavailable(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A journal that cannot commit (a full disk) is a 503 with one log line, not a traceback per request."""
+    try:
+        return await handler(request)
+    except JournalError as exc:
+        log.error("journal unavailable; admin request refused", extra={"path": request.path, "error": str(exc)})
+        return web.json_response({"error": "journal unavailable"}, status=503, headers={"Retry-After": "10"})
+
+
 def create_admin_app(services: Services) -> web.Application:
     listener = services.config.admin
     app = web.Application(client_max_size=services.config.web.max_body_bytes,
                           middlewares=[auth_middleware(listener, open_paths=frozenset({"/healthz"}),
-                                                       realm="gpu-health-webhook-admin")])
+                                                       realm="gpu-health-webhook-admin"), journal_unavailable])
     app[SERVICES] = services
     r = app.router
     r.add_get("/healthz", healthz)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .config import AlertmanagerConfig
+from .config import AlertmanagerConfig, redact_url
 from .errors import AlertmanagerUnavailable
 
 
@@ -74,7 +74,8 @@ class AlertmanagerClient:
 
     def __init__(self, config: AlertmanagerConfig, url: str = "") -> None:
         self._config = config
-        self.url = url or config.url
+        self._url = url or config.url
+        self.url = redact_url(self._url)  # as it is shown in errors, logs and the journal
         self._session: aiohttp.ClientSession | None = None
         headers = {}
         if config.bearer_token:
@@ -102,13 +103,14 @@ class AlertmanagerClient:
         params = [("active", "true"), ("silenced", "true"), ("inhibited", "true"), ("unprocessed", "true")]
         params += [("filter", f) for f in filters]
         try:
-            async with self._get_session().get(f"{self.url}/api/v2/alerts", params=params,
+            async with self._get_session().get(f"{self._url}/api/v2/alerts", params=params,
                                                allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: HTTP {resp.status}")
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: {type(exc).__name__}: {exc}") from exc
+            raise AlertmanagerUnavailable(redact_url(f"GET {self.url}/api/v2/alerts: {type(exc).__name__}: {exc}")) \
+                from exc
         if not isinstance(data, list):
             raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/alerts: expected a list")
         return [a for a in data if isinstance(a, dict)]
@@ -137,13 +139,14 @@ class AlertmanagerClient:
     async def _started_recently(self) -> bool:
         """Alertmanager's /api/v2/status `uptime` is the time it started (RFC 3339)."""
         try:
-            async with self._get_session().get(f"{self.url}/api/v2/status", allow_redirects=False) as resp:
+            async with self._get_session().get(f"{self._url}/api/v2/status", allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/status: HTTP {resp.status}")
                 data = await resp.json(content_type=None)
             started = parse_time(str(data["uptime"]))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            raise AlertmanagerUnavailable(f"GET {self.url}/api/v2/status: {type(exc).__name__}: {exc}") from exc
+            raise AlertmanagerUnavailable(redact_url(f"GET {self.url}/api/v2/status: {type(exc).__name__}: {exc}")) \
+                from exc
         return (datetime.now(timezone.utc) - started).total_seconds() < RESTART_GRACE
 
     async def active_for_node(self, node: str) -> list[dict[str, Any]]:

@@ -276,6 +276,45 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
                           web=web, bearer_tokens=tokens, max_body_bytes=max_body)
 
 
+def _separate_credentials(web: ListenerConfig, admin: ListenerConfig) -> None:
+    """The admin API can pause, approve and cancel: Alertmanager's (or a scraper's) credential must not open it,
+    and without credentials of its own it must stay on loopback."""
+    shared = set(web.bearer_tokens) & set(admin.bearer_tokens)
+    if shared:
+        raise ConfigError("admin.bearer_token_file: a token of the admin API is also a token of the receiver "
+                          "(web.bearer_token_file): give the admin API its own")
+    if web.web is not None and admin.web is not None:
+        same = {u for u, h in admin.web.users.items() if web.web.users.get(u) == h}
+        if same:
+            raise ConfigError(f"admin.config_file: basic-auth user {sorted(same)[0]!r} has the same password hash "
+                              f"as on the receiver (web.config_file): give the admin API its own")
+    if not admin.auth_enabled:
+        host, _ = split_address(admin.listen_address)
+        if not _loopback(host):
+            raise ConfigError(f"admin.listen_address: {admin.listen_address} is not loopback and the admin API has "
+                              f"no credentials (admin.bearer_token_file or admin.config_file)")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return bool(host) and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_USERINFO = re.compile(r"(://[^:/@\s]*):[^@/\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """A URL (or a message holding URLs) as it may be shown or logged: a password in it
+    (http://user:secret@host) becomes ***."""
+    return _USERINFO.sub(r"\1:***@", text)
+
+
 def _alertmanager(raw: object, base: Path) -> AlertmanagerConfig | None:
     key = "alertmanager"
     sec = _mapping(raw, key, {"url", "urls", "bearer_token_file", "basic_auth", "ca_file", "insecure_skip_verify",
@@ -503,6 +542,7 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
                              "safety", "engine", "actions", "executor", "providers"})
     web = _listener(top.get("web"), "web", base, "127.0.0.1:9096", body=True)
     admin = _listener(top.get("admin"), "admin", base, "127.0.0.1:9097", body=False)
+    _separate_credentials(web, admin)
     journal = _mapping(top.get("journal"), "journal", {"path"})
     journal_path = str(base / _str(journal.get("path", "gpu-health-webhook.db"), "journal.path"))
     kinds = inventory_pkg.discover()
@@ -595,5 +635,5 @@ def effective_policy(config: Config) -> dict[str, Any]:
         },
         "actions": sorted(n for n, a in config.actions.items() if not a.internal),
         "inventory": config.inventory_kind,
-        "alertmanager": list(config.alertmanager.urls) if config.alertmanager else None,
+        "alertmanager": [redact_url(u) for u in config.alertmanager.urls] if config.alertmanager else None,
     }

@@ -18,14 +18,15 @@ READ_ANNOTATIONS = ("fault_timestamp", "history_action", "history_window", "hist
 
 def _labels_json(judgement: Judgement) -> str:
     labels = dict(judgement.alert.labels)
-    if judgement.decision == "reject" or judgement.target is None:
-        # Hostile or unusable input: keep it bounded and printable in the journal.
+    if judgement.decision in ("reject", "ignore") or judgement.target is None:
+        # Hostile or unusable input, or an alert that asks for nothing: bounded and printable in the journal.
         labels = {printable(k, 64): printable(v, 256) for k, v in list(labels.items())[:64]}
     return json.dumps(labels, sort_keys=True)
 
 
 def _annotations_json(annotations: Mapping[str, str]) -> str:
-    return json.dumps({k: annotations[k][:64] for k in READ_ANNOTATIONS if k in annotations}, sort_keys=True)
+    return json.dumps({k: printable(annotations[k], 64) for k in READ_ANNOTATIONS if k in annotations},
+                      sort_keys=True)
 
 
 def alert_in(j: Judgement) -> AlertIn:
@@ -39,7 +40,7 @@ def alert_in(j: Judgement) -> AlertIn:
         skip = (*metric_target(j.ladder[0], t), j.ladder[0], "blocked")
     return AlertIn(
         fingerprint=a.fingerprint, starts_key=a.starts_key, starts_ts=a.starts_at.timestamp(), status=a.status,
-        alertname=a.alertname if j.decision != "reject" else printable(a.alertname, 200),
+        alertname=printable(a.alertname, 1000 if j.decision != "reject" else 200),
         labels_json=_labels_json(j), node=node, gpu=t.gpu if t else "", uuid=t.uuid if t else "",
         decision=j.decision, reason=j.reason, wants=j.wants, rule=j.rule.name if j.rule else "", ladder=j.ladder,
         target_index=j.target_index, dry_run=j.dry_run,

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -93,6 +93,10 @@ def valid_node_name(value: object) -> bool:
 
 def target_of(alert: Alert) -> Target | str:
     """The alert's validated target, or the reason it has none (the text is safe to log and journal)."""
+    if not all(encodable(k) and encodable(v) for m in (alert.labels, alert.annotations) for k, v in m.items()):
+        return "a label or annotation is not valid Unicode (a lone surrogate)"
+    if sum(len(k) + len(v) for k, v in alert.labels.items()) > MAX_LABELS_BYTES:
+        return f"labels longer than {MAX_LABELS_BYTES} characters"
     node = alert.labels.get("node")
     if node is None:
         return "no node label"
@@ -108,9 +112,23 @@ def target_of(alert: Alert) -> Target | str:
 
 
 def printable(value: str, limit: int = 200) -> str:
-    """A bounded, control-character-free rendering of untrusted text, for logs, audit rows and Events."""
+    """A bounded, control-character-free rendering of untrusted text, for logs, audit rows and Events (lone
+    surrogates, which no UTF-8 store or log takes, are control-free but not printable: '?')."""
     cleaned = "".join(c if c.isprintable() else "?" for c in value[:limit])
     return cleaned + ("..." if len(value) > limit else "")
+
+
+def encodable(value: str) -> bool:
+    """JSON may carry lone surrogates ("\\ud800"); UTF-8 (SQLite, logs, HTTP) cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# An alert's labels are a few hundred bytes; beyond this they are refused, not journaled for ever.
+MAX_LABELS_BYTES = 16 * 1024
 
 
 def parse_time(value: object, key: str) -> datetime:
@@ -122,12 +140,15 @@ def parse_time(value: object, key: str) -> datetime:
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     micro = int((m.group(7) or ".0")[1:7].ljust(6, "0"))
     zone = m.group(8)
+    # RFC 3339 allows a leap second (23:59:60); datetime does not: it is the next second's start.
+    leap = timedelta(seconds=1) if second == 60 else timedelta(0)
+    second -= int(second == 60)
     try:
         if zone in ("Z", "z"):
-            return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
+            return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC) + leap
         parsed = datetime.fromisoformat(f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
                                         f".{micro:06d}{zone}")
-        return parsed.astimezone(UTC)
+        return parsed.astimezone(UTC) + leap
     except (ValueError, OverflowError) as exc:
         raise PayloadError(f"{key}: not a valid time: {exc}") from exc
 
@@ -207,7 +228,8 @@ def parse_notification(obj: object) -> Notification:
         version=version,
         receiver=_str(obj, "receiver", ""),
         status=status,
-        group_key=_str(obj, "groupKey", ""),
+        # Stored for the record only: kept printable rather than refused.
+        group_key=printable(_str(obj, "groupKey", ""), 2000),
         truncated_alerts=truncated,
         external_url=_str(obj, "externalURL", ""),
         alerts=tuple(parse_alert(a, i) for i, a in enumerate(alerts)),

@@ -146,12 +146,20 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def _loop(self) -> None:
+        journal_down = False  # said once when it goes, once when it comes back: not a traceback per tick
         while True:
             try:
                 await self.schedule()
                 self.metrics.engine_tick.set(self.clock())
+                if journal_down:
+                    log.warning("journal available again; the engine runs")
+                journal_down = False
             except asyncio.CancelledError:
                 raise
+            except JournalError as exc:
+                if not journal_down:
+                    log.error("journal unavailable; the engine waits for it", extra={"error": str(exc)})
+                journal_down = True
             except Exception:
                 log.exception("engine tick failed")
             try:

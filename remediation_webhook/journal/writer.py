@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import queue
 import sqlite3
 import threading
@@ -21,6 +22,21 @@ from ..errors import JournalError
 from .schema import create_or_migrate
 
 T = TypeVar("T")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def refuse_foreign_file(path: str) -> None:
+    """An existing file that is not a journal (empty, truncated, something else) is never taken for a new one:
+    that would silently drop the history, cooldowns and duplicate records it should hold."""
+    if path == ":memory:" or not os.path.exists(path):
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(len(_SQLITE_HEADER))
+    if head == _SQLITE_HEADER:
+        return
+    what = "is empty (0 bytes)" if not head else "is not an SQLite database"
+    raise JournalError(f"the file {what}: not a journal. To start with a new, empty journal (losing the remediation "
+                       f"history, cooldowns and duplicate records), move it away: mv {path} {path}.broken")
 
 
 class Journal:
@@ -44,6 +60,7 @@ class Journal:
     # The connection lives only on the writer thread.
     def _main(self) -> None:
         try:
+            refuse_foreign_file(self.path)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
