@@ -322,8 +322,9 @@ def _webhook_config(objs: list[dict[str, Any]], tmp_path: Path) -> tuple[dict[st
     secret_dir = mounts["tokens"]
     files = {item["path"] for item in volumes["tokens"]["secret"]["items"]}
     (tmp_path / "secrets").mkdir()
-    for name in files:
-        (tmp_path / "secrets" / name).write_text("a" * 32 + "\n" + "b" * 32 + "\n", encoding="utf-8")
+    for i, name in enumerate(sorted(files)):  # a token of each file its own: the listeners' must differ
+        (tmp_path / "secrets" / name).write_text(f"{i:02d}" + "a" * 30 + "\n" + f"{i:02d}" + "b" * 30 + "\n",
+                                                 encoding="utf-8")
     path = tmp_path / "config.yaml"
     path.write_text(text.replace(secret_dir + "/", str(tmp_path / "secrets") + "/"), encoding="utf-8")
     return yaml.safe_load(text), load_webhook_config(path)
