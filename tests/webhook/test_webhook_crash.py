@@ -17,6 +17,7 @@ import yaml
 from tests.webhook.webhook_support import ROOT, FakeAlertmanagerServer, alert, free_port, notification, wait_for
 
 TOKEN = "crash-test-token-0123456789"
+ADMIN_TOKEN = "crash-test-admin-token-0123"
 
 
 @pytest.fixture(name="fake_am")
@@ -29,9 +30,10 @@ def _fake_am():
 def _config(tmp_path: Path, kube_url: str, am_url: str) -> tuple[Path, int, int]:
     web, admin = free_port(), free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "admin-token").write_text(ADMIN_TOKEN + "\n")
     cfg = {
         "web": {"listen_address": f"127.0.0.1:{web}", "bearer_token_file": "token"},
-        "admin": {"listen_address": f"127.0.0.1:{admin}", "bearer_token_file": "token"},
+        "admin": {"listen_address": f"127.0.0.1:{admin}", "bearer_token_file": "admin-token"},
         "journal": {"path": "journal.db"},
         "alertmanager": {"url": am_url},
         "inventory": {"kind": "kubernetes"},
@@ -98,7 +100,8 @@ def test_sigkill_between_accept_and_action_and_between_intent_and_completion(tmp
     proc = _start(path, web)
     try:
         def done() -> bool:
-            r = requests.get(f"http://127.0.0.1:{admin}/v1/remediations", headers=auth, timeout=5)
+            r = requests.get(f"http://127.0.0.1:{admin}/v1/remediations",
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
             return sorted(x["state"] for x in r.json()["remediations"]) == ["SUCCEEDED", "SUCCEEDED"]
         wait_for(done, 20, 0.05, "both remediations to complete")
         # a re-delivery after the restart is a duplicate, not new work
