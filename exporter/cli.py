@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from aiohttp import web
 
 from . import __version__
 from .backends import Nvml
@@ -137,15 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     try:
-        web.run_app(
-            app,
-            host=config.listen.host or None,
-            port=config.listen.port,
-            ssl_context=ssl_context,
-            print=None,
-            access_log=None,
-            handle_signals=True,
-        )
+        from gpu_health_common.serving import Counters, raise_nofile_limit, run_forever
+
+        raise_nofile_limit()
+        asyncio.run(run_forever(app, config.listen.host or None, config.listen.port, limits=config.web_limits,
+                                counters=Counters(), ssl_context=ssl_context))
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         return 1

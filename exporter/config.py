@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpu_health_common.durations import parse_duration
+from gpu_health_common.serving import Limits
 
 from . import __version__
 from .errors import ConfigError
@@ -34,6 +35,7 @@ class ExporterConfig:
     listen: ListenAddress
     telemetry_path: str
     web_config_file: str | None
+    web_limits: Limits
     node: str
     backend: str
     sim_config: str | None
@@ -73,6 +75,11 @@ def build_parser(available: Mapping[str, type[Collector]]) -> argparse.ArgumentP
                    help="Path under which to expose metrics. (default /metrics)")
     p.add_argument("--web.config.file", dest="web_config", default=None,
                    help="Path to a web configuration file (exporter-toolkit format) enabling TLS and/or basic auth.")
+    p.add_argument("--web.read-timeout", dest="read_timeout", default="10s",
+                   help="A request's headers must arrive within this of the connection opening or of the previous "
+                        "response, and an idle kept-alive connection is closed after it. (default 10s)")
+    p.add_argument("--web.max-connections", dest="max_connections", type=int, default=Limits.max_connections,
+                   help=f"Open connections beyond this are closed at accept. (default {Limits.max_connections})")
     p.add_argument("--node-name", dest="node", default=None,
                    help="Value of the node label on every series: the node's name as the remediator knows it. "
                         "(default: $NODE_NAME, else the hostname)")
@@ -149,6 +156,11 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         raise ConfigError("--collect-timeout: must be above zero and no longer than --collect-interval")
     if ns.web_config is not None and not Path(ns.web_config).is_file():
         raise ConfigError(f"--web.config.file: no such file {ns.web_config!r}")
+    read_timeout = parse_duration(ns.read_timeout, "--web.read-timeout", error=ConfigError)
+    if read_timeout <= 0:
+        raise ConfigError("--web.read-timeout: must be above zero")
+    if ns.max_connections < 1:
+        raise ConfigError(f"--web.max-connections: must be at least 1, got {ns.max_connections}")
     node = ns.node or env.get("NODE_NAME") or socket.gethostname()
     if not node.strip():
         raise ConfigError("--node-name: must not be empty")
@@ -156,6 +168,7 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         listen=ListenAddress.parse(ns.listen, "--web.listen-address"),
         telemetry_path=ns.telemetry_path,
         web_config_file=ns.web_config,
+        web_limits=Limits(read_timeout=read_timeout, max_connections=ns.max_connections),
         node=node,
         backend=ns.backend,
         sim_config=ns.sim_config,

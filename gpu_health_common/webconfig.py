@@ -14,8 +14,13 @@ node_exporter ``web.yml`` works here unchanged (for the keys below). Faithful to
   X-Content-Type-Options only to its allowed values (so Authorization, Set-Cookie etc. are refused);
 * client CAs without a client auth policy, and client_allowed_sans without a policy that requires a
   certificate, are errors;
-* basic auth: bcrypt hashes, unknown users still cost one bcrypt check, successful checks are cached,
-  and one bcrypt check runs at a time (exporter-toolkit serialises them with a mutex).
+* basic auth: bcrypt hashes, unknown users still cost one bcrypt check, successful checks are cached.
+
+Differs in how a flood of wrong passwords is borne: exporter-toolkit runs one bcrypt check at a time behind an
+unbounded queue, so 200 wrong attempts keep the right one waiting for seconds. Here checks run on a small pool
+(BCRYPT_WORKERS), each client address may have BCRYPT_PER_CLIENT of them waiting or running, and at most
+BCRYPT_QUEUE wait in all; past either, the request is refused at once (429, Retry-After) without a check. A
+client whose credentials were verified before is let in from the cache, without a check.
 
 Differs (mostly because Python's ``ssl`` module, not Go's ``crypto/tls``, does the handshake):
 
@@ -75,6 +80,9 @@ log = logging.getLogger(__name__)
 
 REALM = "gpu-health-exporter"
 CACHE_SIZE = 100
+BCRYPT_WORKERS = 2
+BCRYPT_PER_CLIENT = 2
+BCRYPT_QUEUE = 16
 
 _CLIENT_AUTH = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven",
                 "RequireAndVerifyClientCert")
@@ -139,10 +147,12 @@ class WebConfig:
     # Per-instance key, so the cache holds no plain hash of a password that could be brute-forced
     # faster than the bcrypt hash it stands in for.
     _cache_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
-    # One worker: bcrypt checks run one at a time, as in exporter-toolkit, so a flood of bad
-    # credentials costs one core and never ties up the loop's default executor.
+    # A small pool of its own, so a flood of bad credentials costs at most BCRYPT_WORKERS cores and never ties
+    # up the loop's default executor; admission (BcryptGate) keeps one client from filling it.
     _bcrypt_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="webconfig-bcrypt"), repr=False)
+        default_factory=lambda: ThreadPoolExecutor(BCRYPT_WORKERS, thread_name_prefix="webconfig-bcrypt"),
+        repr=False)
+    _gate: BcryptGate = field(default_factory=lambda: BcryptGate(), repr=False)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server context to hand to aiohttp's TCPSite, or None to serve plain HTTP."""
@@ -162,6 +172,18 @@ class WebConfig:
                 return False
             self._cache.move_to_end(user)
             return True
+
+    async def verify_basic_auth(self, authorization_header: str | None, client: str) -> bool | None:
+        """True or False; None: refused without a check (this client, or all, already has too many waiting)."""
+        if self.check_basic_auth_cached(authorization_header):
+            return True
+        if not self._gate.admit(client):
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._bcrypt_pool, self.check_basic_auth, authorization_header)
+        finally:
+            self._gate.release(client)
 
     def check_basic_auth_cached(self, authorization_header: str | None) -> bool:
         """True only on a cache hit; lets the async caller skip the executor for repeat scrapes."""
@@ -203,6 +225,36 @@ class WebConfig:
             if kind in ("DNS", "email", "URI", "IP Address") and value in self.client_allowed_sans:
                 return True
         return False
+
+
+class BcryptGate:
+    """Admission to the bcrypt pool, on the event loop: per client address and in all (no lock needed there)."""
+
+    def __init__(self, per_client: int = BCRYPT_PER_CLIENT, total: int = BCRYPT_QUEUE) -> None:
+        self.per_client = per_client
+        self.total = total
+        self.pending: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, client: str) -> bool:
+        if self.pending.get(client, 0) >= self.per_client or sum(self.pending.values()) >= self.total:
+            self.refused += 1
+            return False
+        self.pending[client] = self.pending.get(client, 0) + 1
+        return True
+
+    def release(self, client: str) -> None:
+        left = self.pending.get(client, 1) - 1
+        if left:
+            self.pending[client] = left
+        else:
+            self.pending.pop(client, None)
+
+
+def too_many_checks(realm: str) -> web.Response:
+    """The answer to a request refused before its credentials were checked: come back in a second."""
+    return web.Response(status=429, text="Too many authentication attempts in progress\n",
+                        headers={"Retry-After": "1", "WWW-Authenticate": f'Basic realm="{realm}"'})
 
 
 def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
@@ -250,11 +302,9 @@ def middleware(config: WebConfig) -> Middleware:
                 denied.force_close()
                 return decorate(denied)
         if config.basic_auth_enabled:
-            header = request.headers.get("Authorization")
-            ok = config.check_basic_auth_cached(header)
-            if not ok:
-                loop = asyncio.get_running_loop()
-                ok = await loop.run_in_executor(config._bcrypt_pool, config.check_basic_auth, header)
+            ok = await config.verify_basic_auth(request.headers.get("Authorization"), request.remote or "")
+            if ok is None:
+                return decorate(too_many_checks(REALM))
             if not ok:
                 return decorate(web.Response(status=401, text="Unauthorized\n",
                                              headers={"WWW-Authenticate": f'Basic realm="{REALM}"'}))

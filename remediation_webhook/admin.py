@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gpu_health_common.serving import read_body
+
 from . import journal as j
 from .actions.base import Outcome
 from .app import SERVICES, Services, judge_all
@@ -52,7 +54,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
-        data = json.loads(await request.read())
+        data = json.loads(await read_body(request, request.app[SERVICES].config.admin.limits))
     except ValueError as exc:
         raise web.HTTPBadRequest(text="body is not valid JSON\n") from exc
     if not isinstance(data, dict):
@@ -172,7 +174,7 @@ async def evaluate(request: web.Request) -> web.Response:
     """Plan a pasted payload exactly as the receiver would, reading live state; writes and journals nothing."""
     s = request.app[SERVICES]
     try:
-        notification = parse_notification(json.loads(await request.read()))
+        notification = parse_notification(json.loads(await read_body(request, s.config.admin.limits)))
     except (ValueError, RecursionError, PayloadError) as exc:
         msg = str(exc) if isinstance(exc, PayloadError) else "body is not valid JSON"
         return web.json_response({"error": msg}, status=400)

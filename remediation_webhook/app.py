@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiohttp import web
+
+from gpu_health_common.serving import Counters, read_body
 
 from .auth import middleware as auth_middleware
 from .config import Config
@@ -35,6 +37,7 @@ class Services:
     journal: Journal
     engine: Engine
     metrics: Metrics
+    http: Counters = field(default_factory=Counters)  # what the listeners' limits turned away
 
 
 SERVICES = web.AppKey("services", Services)
@@ -48,9 +51,12 @@ async def receive(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     t0 = time.perf_counter()
     try:
-        body = await request.read()
+        body = await read_body(request, s.config.web.limits, s.http)
     except web.HTTPRequestEntityTooLarge:
         s.metrics.requests.labels("413").inc()
+        raise
+    except web.HTTPRequestTimeout:
+        s.metrics.requests.labels("408").inc()
         raise
     try:
         notification = parse_notification(json.loads(body))

@@ -8,17 +8,15 @@ already refused everyone else.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from gpu_health_common.webconfig import parse_basic
+from gpu_health_common.webconfig import parse_basic, too_many_checks
 
 from .config import ListenerConfig, split_address
 
@@ -38,7 +36,6 @@ def _subject(peercert: dict[str, object] | None) -> str:
 def middleware(listener: ListenerConfig, *, open_paths: frozenset[str], realm: str) -> Middleware:
     tokens = [t.encode() for t in listener.bearer_tokens]
     web_config = listener.web
-    pool = ThreadPoolExecutor(1, thread_name_prefix=f"{realm}-bcrypt")
 
     def deny(text: str = "Unauthorized\n") -> web.Response:
         challenge = f'Bearer realm="{realm}"' if tokens else f'Basic realm="{realm}"'
@@ -61,8 +58,10 @@ def middleware(listener: ListenerConfig, *, open_paths: frozenset[str], realm: s
                 ok = any(hmac.compare_digest(given, t) for t in tokens)  # every token, so timing says nothing
                 actor = "bearer-token"
             elif web_config is not None and web_config.basic_auth_enabled and scheme.lower() == "basic":
-                ok = web_config.check_basic_auth_cached(header) or await asyncio.get_running_loop().run_in_executor(
-                    pool, web_config.check_basic_auth, header)
+                verified = await web_config.verify_basic_auth(header, request.remote or "")
+                if verified is None:
+                    return too_many_checks(realm)
+                ok = verified
                 creds = parse_basic(header)
                 actor = f"user:{creds[0]}" if creds else "basic"
             elif not tokens and not (web_config and web_config.basic_auth_enabled):

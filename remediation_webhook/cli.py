@@ -9,9 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
-from gpu_health_common import logs
+from gpu_health_common import logs, serving
+from gpu_health_common.serving import quiet_accept_errors, raise_nofile_limit
 
 from . import __version__
 from .admin import create_admin_app
@@ -76,18 +75,19 @@ async def build_services(config: Config, *, kube: KubeApi | None = None) -> Serv
 async def serve(config: Config, web_listen: str = "", admin_listen: str = "") -> None:
     services = await build_services(config)
     await services.engine.start()
+    quiet_accept_errors(asyncio.get_running_loop())
     runners = []
     try:
         for name, app, listener, override in (
                 ("web", create_app(services), config.web, web_listen),
                 ("admin", create_admin_app(services), config.admin, admin_listen)):
             host, port = effective_address(listener, name, override)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            runners.append(runner)
             ssl_context = listener.web.ssl_context() if listener.web else None
-            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-            log.info("listening", extra={"listener": name, "address": f"{host}:{port}", "tls": ssl_context is not None})
+            runners.append(await serving.serve(app, host, port, limits=listener.limits, counters=services.http,
+                                               ssl_context=ssl_context))
+            log.info("listening", extra={"listener": name, "address": f"{host}:{port}", "tls": ssl_context is not None,
+                                         "read_timeout": listener.limits.read_timeout,
+                                         "max_connections": listener.limits.max_connections})
         for warning in config_warnings(config):
             log.warning("configuration", extra={"warning": warning})
         log.info("gpu-health-webhook started", extra={"dry_run": config.policy.dry_run,
@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(argv[1:])
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    raise_nofile_limit()
     try:
         config = load_config(args.config)
         asyncio.run(serve(config, args.web_listen, args.admin_listen))

@@ -20,6 +20,7 @@ from typing import Any
 
 from gpu_health_common import validate
 from gpu_health_common.durations import parse_duration
+from gpu_health_common.serving import Limits
 from gpu_health_common.webconfig import WebConfig, load_web_config
 
 from . import actions as actions_pkg
@@ -98,6 +99,7 @@ class ListenerConfig:
     web: WebConfig | None = None  # exporter-toolkit web config: TLS, client certificates, basic auth users
     bearer_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 1 << 20
+    limits: Limits = field(default_factory=Limits)  # read timeout and connection cap
 
     @property
     def client_cert_required(self) -> bool:
@@ -259,7 +261,8 @@ def _tokens(path: Path, key: str) -> tuple[str, ...]:
 
 
 def _listener(raw: object, key: str, base: Path, default_address: str, body: bool) -> ListenerConfig:
-    allowed = {"listen_address", "config_file", "bearer_token_file"} | ({"max_body_bytes"} if body else set())
+    allowed = {"listen_address", "config_file", "bearer_token_file", "read_timeout", "max_connections"} | (
+        {"max_body_bytes"} if body else set())
     sec = _mapping(raw, key, allowed)
     web = None
     if sec.get("config_file"):
@@ -272,8 +275,14 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
     if sec.get("bearer_token_file"):
         tokens = _tokens(_file(sec["bearer_token_file"], f"{key}.bearer_token_file", base), f"{key}.bearer_token_file")
     max_body = _int(sec.get("max_body_bytes", 1 << 20), f"{key}.max_body_bytes", 1024)
+    read_timeout = _duration(sec.get("read_timeout", "10s"), f"{key}.read_timeout")
+    if read_timeout <= 0:
+        raise ConfigError(f"{key}.read_timeout: must be positive")
+    limits = Limits(read_timeout=read_timeout,
+                    max_connections=_int(sec.get("max_connections", Limits.max_connections),
+                                         f"{key}.max_connections", 1))
     return ListenerConfig(listen_address=_address(sec.get("listen_address", default_address), f"{key}.listen_address"),
-                          web=web, bearer_tokens=tokens, max_body_bytes=max_body)
+                          web=web, bearer_tokens=tokens, max_body_bytes=max_body, limits=limits)
 
 
 def _separate_credentials(web: ListenerConfig, admin: ListenerConfig) -> None:

@@ -139,3 +139,10 @@ def test_sysusers_defines_the_units_users() -> None:
              if x.strip() and not x.startswith("#")]
     users = {fields[1] for fields in lines if fields[0] == "u"}
     assert users == {one(directives(EXPORTER), "User"), one(directives(WEBHOOK), "User")}
+
+
+@pytest.mark.parametrize("unit", [EXPORTER, WEBHOOK], ids=lambda p: p.name)
+def test_units_leave_room_for_many_connections(unit: Path) -> None:
+    """The default soft limit (1024 files) lets idle connections exhaust a service; the process raises its soft limit
+    to the hard one at start, which the unit sets."""
+    assert int(one(directives(unit), "LimitNOFILE")) >= 65536

@@ -1,0 +1,192 @@
+"""Serving HTTP to clients that may be hostile, for both services (aiohttp).
+
+aiohttp by itself waits for ever on a connection that sends half a request, accepts every connection until the
+process runs out of file descriptors, and then logs a traceback per failed accept. So, here, once for both:
+
+- **read timeout** (`read_timeout`): a request's headers must arrive within it of the connection opening (or of
+  the previous response, keep-alive): aiohttp's keep-alive timer, which also runs before the first request,
+  closes a connection that is idle or still sending headers. A body is read under the same deadline
+  (`read_body`, 408 past it). A TLS handshake gets the same time.
+- **connection cap** (`max_connections`): past it a new connection is closed at accept, before anything is read.
+- **file descriptors**: the soft RLIMIT_NOFILE is raised to the hard limit at start (a pod spec has no rlimit
+  field; the systemd units set LimitNOFILE), and "out of system resource" on accept is logged once a minute, with
+  a count, instead of a traceback per attempt.
+
+aiohttp has no separate deadline for the headers of a request on a kept-alive connection after the first: the
+read timeout covers the whole wait, from the previous response to the end of the headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("gpu_health_common.serving")
+
+# The most file descriptors asked for when the hard limit is unlimited (Linux's default fs.nr_open).
+_NOFILE_CEILING = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one listener allows a client. The defaults suit a scrape target or a webhook receiver."""
+
+    read_timeout: float = 10.0
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.read_timeout <= 0:
+            raise ValueError("read_timeout must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+
+@dataclass
+class Counters:
+    """What the limits turned away (for tests and a service's metrics); refusals are logged once a minute."""
+
+    refused_connections: int = 0
+    timed_out_bodies: int = 0
+    _logged_at: float = float("-inf")
+    _logged_refused: int = 0
+
+    def refused(self, cap: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refused_connections += 1
+        now = clock()
+        if now - self._logged_at >= 60.0:
+            log.warning("connection cap reached: new connections are closed at once",
+                        extra={"max_connections": cap, "refused": self.refused_connections - self._logged_refused})
+            self._logged_at, self._logged_refused = now, self.refused_connections
+
+
+class _Refused(asyncio.Protocol):
+    """The protocol of a connection over the cap: closed as soon as it is made, nothing read, nothing written."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+class _Site(web.TCPSite):
+    """TCPSite whose server refuses connections over the cap at accept and bounds the TLS handshake."""
+
+    def __init__(self, runner: web.AppRunner, host: str | None, port: int, *, ssl_context: ssl.SSLContext | None,
+                 limits: Limits, counters: Counters, backlog: int = 128) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog)
+        self._limits = limits
+        self._counters = counters
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) >= self._limits.max_connections:
+            self._counters.refused(self._limits.max_connections)
+            return _Refused()
+        return server()
+
+    async def start(self) -> None:
+        # TCPSite.start, with our protocol factory and a handshake deadline (it has neither).
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._limits.read_timeout if self._ssl_context else None)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+async def serve(app: web.Application, host: str | None, port: int, *, limits: Limits, counters: Counters,
+                ssl_context: ssl.SSLContext | None = None, backlog: int = 128) -> web.AppRunner:
+    """Start `app` on host:port under `limits`; the caller cleans the returned runner up."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.read_timeout)
+    await runner.setup()
+    site = _Site(runner, host, port, ssl_context=ssl_context, limits=limits, counters=counters, backlog=backlog)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def run_forever(app: web.Application, host: str | None, port: int, *, limits: Limits, counters: Counters,
+                      ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (the exporter's main loop)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    runner = await serve(app, host, port, limits=limits, counters=counters, ssl_context=ssl_context)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port the runner's site listens on (port 0 asked for any free one)."""
+    site = runner.sites[0]
+    assert isinstance(site, web.TCPSite)
+    return site.port
+
+
+async def read_body(request: web.Request, limits: Limits, counters: Counters | None = None) -> bytes:
+    """The request's body, read within the read timeout (a client that sends it a byte at a time gets 408)."""
+    try:
+        async with asyncio.timeout(limits.read_timeout):
+            return await request.read()
+    except TimeoutError:
+        if counters is not None:
+            counters.timed_out_bodies += 1
+        raise web.HTTPRequestTimeout(text=f"request body not received within {limits.read_timeout:g}s\n",
+                                     headers={"Connection": "close"}) from None
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
+            return soft, soft
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("open-file limit", extra={"soft_before": soft, "soft": now, "hard": hard})
+    return soft, now
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, *, every: float = 60.0,
+                        clock: Callable[[], float] = time.monotonic) -> None:
+    """Log "out of system resource" on accept (EMFILE: too many open files) at most once per `every` seconds, with
+    how many times it happened meanwhile; everything else goes to the loop's previous handler."""
+    previous = loop.get_exception_handler()
+    state = {"last": float("-inf"), "count": 0}
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "out of system resource" not in str(context.get("message", "")):
+            if previous is not None:
+                previous(lp, context)
+            else:
+                lp.default_exception_handler(context)
+            return
+        state["count"] += 1
+        now = clock()
+        if now - state["last"] >= every:
+            log.error("cannot accept connections: out of file descriptors (or memory); raise LimitNOFILE, lower the "
+                      "connection cap, or find the client holding connections open",
+                      extra={"error": str(context.get("exception")), "times": state["count"]})
+            state["last"], state["count"] = now, 0
+
+    loop.set_exception_handler(handler)
