@@ -361,35 +361,78 @@ def test_gke_webhook_config_differs_from_the_base_only_in_the_pool_selector(tmp_
     assert gke == base
 
 
-@needs_kustomize
-def test_webhook_rbac_is_exactly_what_it_uses() -> None:
-    objs = render("base")
-    rbac = [o for o in objs if o["apiVersion"].startswith("rbac.authorization.k8s.io")]
+def _rules(objs: list[dict[str, Any]], kind: str, name: str) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in one(objs, kind, name)["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}
 
-    def rules(kind: str, name: str) -> set[tuple[str, str, str]]:
-        return {(g, r, v) for rule in one(objs, kind, name)["rules"] for g in rule["apiGroups"]
-                for r in rule["resources"] for v in rule["verbs"]}
 
-    assert rules("ClusterRole", "gpu-health-webhook") == {
-        ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "patch"),
-        ("", "pods", "list"), ("", "pods/eviction", "create")}
-    events = one(objs, "Role", "gpu-health-webhook-events")
-    assert events["metadata"]["namespace"] == "default"
-    assert rules("Role", "gpu-health-webhook-events") == {("", "events", "create")}
-    executor = one(objs, "Role", "gpu-health-webhook-executor")
-    assert executor["metadata"]["namespace"] == "gpu-health-executor"
-    # only what remediation_webhook/executor.py calls: create_namespaced_job, read_namespaced_job
-    assert rules("Role", "gpu-health-webhook-executor") == {("batch", "jobs", "create"), ("batch", "jobs", "get")}
+def _check_rbac(rbac: list[dict[str, Any]]) -> None:
     for obj in rbac:
         text = yaml.safe_dump(obj)
         assert "'*'" not in text and "secrets" not in text and "escalate" not in text and "bind" not in text
         if obj["kind"].endswith("Binding"):
             assert obj["subjects"] == [{"kind": "ServiceAccount", "name": "gpu-health-webhook",
                                         "namespace": "gpu-health"}]
+
+
+@needs_kustomize
+def test_webhook_rbac_is_exactly_what_it_uses() -> None:
+    objs = render("base")
+    rbac = [o for o in objs if o["apiVersion"].startswith("rbac.authorization.k8s.io")]
+    assert _rules(objs, "ClusterRole", "gpu-health-webhook") == {
+        ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "patch"),
+        ("", "pods", "list"), ("", "pods/eviction", "create")}
+    events = one(objs, "Role", "gpu-health-webhook-events")
+    assert events["metadata"]["namespace"] == "default"
+    assert _rules(objs, "Role", "gpu-health-webhook-events") == {("", "events", "create")}
+    _check_rbac(rbac)
     kinds = {(o["kind"], o["metadata"]["name"]) for o in rbac}
-    assert ("ClusterRoleBinding", "gpu-health-webhook") in kinds
-    assert {("RoleBinding", "gpu-health-webhook-events"), ("RoleBinding", "gpu-health-webhook-executor")} <= kinds
-    assert sum(1 for k, _ in kinds if k == "ClusterRole") == 1
+    assert kinds == {("ClusterRole", "gpu-health-webhook"), ("ClusterRoleBinding", "gpu-health-webhook"),
+                     ("Role", "gpu-health-webhook-events"), ("RoleBinding", "gpu-health-webhook-events")}
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_base_cannot_start_a_privileged_pod_the_executor_component_can(overlay: str) -> None:
+    # Creating Jobs in a namespace that admits privileged pods is root on every node: only with the component.
+    plain = render(overlay)
+    assert not [o for o in plain if o["metadata"].get("namespace") == "gpu-health-executor"
+                or o["metadata"]["name"] == "gpu-health-executor"]
+    assert not [r for o in plain if o["kind"] in ("Role", "ClusterRole") for r in o["rules"]
+                if "batch" in r["apiGroups"] or "jobs" in r["resources"]]
+
+    objs = render(overlay, ("components/executor",))
+    for version in K8S_VERSIONS:
+        for obj in objs:
+            if obj["kind"] not in CRDS:
+                kubernetes_validate.validate(obj, version, strict=True)
+    ns = one(objs, "Namespace", "gpu-health-executor")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    sa = one(objs, "ServiceAccount", "gpu-health-executor")
+    assert sa["metadata"]["namespace"] == "gpu-health-executor" and sa["automountServiceAccountToken"] is False
+    role = one(objs, "Role", "gpu-health-webhook-executor")
+    assert role["metadata"]["namespace"] == "gpu-health-executor"
+    # only what remediation_webhook/executor.py calls: create a Job, read it back
+    assert _rules(objs, "Role", "gpu-health-webhook-executor") == {("batch", "jobs", "create"),
+                                                                   ("batch", "jobs", "get")}
+    binding = one(objs, "RoleBinding", "gpu-health-webhook-executor")
+    assert binding["metadata"]["namespace"] == "gpu-health-executor"
+    assert binding["roleRef"]["name"] == "gpu-health-webhook-executor"
+    _check_rbac([o for o in objs if o["apiVersion"].startswith("rbac.authorization.k8s.io")])
+    # The ServiceAccount's RoleBinding grants nothing to the Job pods: they have no API rights.
+    assert not [o for o in objs if o["kind"].endswith("Binding")
+                and any(s["name"] == "gpu-health-executor" for s in o["subjects"])]
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "gpu-health"
+               for o in objs if o["metadata"].get("namespace") == "gpu-health-executor")
+
+
+def test_executor_defaults_name_the_components_objects() -> None:
+    from remediation_webhook.executor import executor_settings
+
+    docs = yaml.safe_load_all((K8S / "components" / "executor" / "executor.yaml").read_text(encoding="utf-8"))
+    sa = next(o for o in docs if o["kind"] == "ServiceAccount")
+    settings = executor_settings({"namespace": sa["metadata"]["namespace"], "image": "example.com/x@sha256:" + "0" * 64})
+    assert settings is not None and settings.service_account == sa["metadata"]["name"]
 
 
 @needs_kustomize
