@@ -11,6 +11,8 @@ process runs out of file descriptors, and then logs a traceback per failed accep
 - **file descriptors**: the soft RLIMIT_NOFILE is raised to the hard limit at start (a pod spec has no rlimit
   field; the systemd units set LimitNOFILE), and "out of system resource" on accept is logged once a minute, with
   a count, instead of a traceback per attempt.
+- **bytes in flight** (`ByteBudget`, the webhook's `max_bytes_in_flight`): the request bodies being read or
+  handled at once are bounded; past it a request waits, then gets 503 with Retry-After.
 
 aiohttp has no separate deadline for the headers of a request on a kept-alive connection after the first: the
 read timeout covers the whole wait, from the previous response to the end of the headers.
@@ -19,11 +21,12 @@ read timeout covers the whole wait, from the previous response to the end of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +153,41 @@ async def read_body(request: web.Request, limits: Limits, counters: Counters | N
             counters.timed_out_bodies += 1
         raise web.HTTPRequestTimeout(text=f"request body not received within {limits.read_timeout:g}s\n",
                                      headers={"Connection": "close"}) from None
+
+
+class Overloaded(Exception):
+    """The byte budget stayed full for the whole wait: answer 503 with Retry-After."""
+
+
+class ByteBudget:
+    """Request bytes in flight across all concurrent requests, bounded: what a flood of large bodies can make the
+    process hold (the body, and what parsing it builds) stops at a figure the operator chose. A request that does
+    not fit waits for others to finish, up to `wait` seconds, then is refused (Overloaded)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+        self._freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int, wait: float) -> AsyncIterator[None]:
+        n = max(1, min(n, self.limit))  # one larger than the budget runs alone
+        try:
+            async with asyncio.timeout(wait), self._freed:
+                await self._freed.wait_for(lambda: self.used + n <= self.limit)
+                self.used += n
+        except TimeoutError:
+            self.refused += 1
+            raise Overloaded(f"{self.used} of {self.limit} request bytes in flight") from None
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= n
+                self._freed.notify_all()
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 Accept path: parse strictly, judge every alert by its own status with the (pure) policy, journal the
 occurrences and planned remediations in one group-committed transaction, answer 200, wake the engine.
-400 for a malformed body, 401 without valid credentials, 413 over the body limit, 503 only when the
-journal cannot commit. Policy refusals are 200 and journaled: Alertmanager must not retry them.
+400 for a malformed body, 401 without valid credentials, 408 for a body not sent within the read timeout, 413 over
+the body limit, 503 when the journal cannot commit or when web.max_bytes_in_flight stayed full for the read timeout
+(with Retry-After). Policy refusals are 200 and journaled: Alertmanager must not retry them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from gpu_health_common.serving import Counters, read_body
+from gpu_health_common.serving import ByteBudget, Counters, Overloaded, read_body
 
 from .auth import middleware as auth_middleware
 from .config import Config
@@ -41,6 +42,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+BUDGET = web.AppKey("budget", ByteBudget)
 
 
 def judge_all(notification: Notification, config: Config, now: datetime) -> list[Judgement]:
@@ -49,6 +51,25 @@ def judge_all(notification: Notification, config: Config, now: datetime) -> list
 
 async def receive(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
+    listener = s.config.web
+    # Charged before a byte of the body is read, released after the journal answered: a flood of large
+    # notifications waits here (its bodies in the kernel's socket buffers) instead of in our memory.
+    size = request.content_length if request.content_length is not None else listener.max_body_bytes
+    if size > listener.max_body_bytes:
+        s.metrics.requests.labels("413").inc()
+        raise web.HTTPRequestEntityTooLarge(max_size=listener.max_body_bytes, actual_size=size)
+    try:
+        async with request.app[BUDGET].hold(size, listener.limits.read_timeout):
+            return await _receive(request, s)
+    except Overloaded as exc:
+        log.warning("too many request bytes in flight; answering 503 so Alertmanager retries",
+                    extra={"error": str(exc)})
+        s.metrics.requests.labels("503").inc()
+        return web.json_response({"error": "overloaded: too many notifications in flight, retry later"},
+                                 status=503, headers={"Retry-After": "5"})
+
+
+async def _receive(request: web.Request, s: Services) -> web.Response:
     t0 = time.perf_counter()
     try:
         body = await read_body(request, s.config.web.limits, s.http)
@@ -131,6 +152,7 @@ def create_app(services: Services) -> web.Application:
         middlewares=[auth_middleware(listener, open_paths=frozenset({"/healthz", "/readyz"}),
                                      realm="gpu-health-webhook")])
     app[SERVICES] = services
+    app[BUDGET] = ByteBudget(listener.max_bytes_in_flight)
     app.router.add_post("/v1/alerts", receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

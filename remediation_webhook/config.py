@@ -99,6 +99,8 @@ class ListenerConfig:
     web: WebConfig | None = None  # exporter-toolkit web config: TLS, client certificates, basic auth users
     bearer_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 1 << 20
+    # Request bytes being read or handled at once, across all requests; past it a request waits, then 503.
+    max_bytes_in_flight: int = 8 << 20
     limits: Limits = field(default_factory=Limits)  # read timeout and connection cap
 
     @property
@@ -219,6 +221,19 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long the journal keeps finished work: what decisions still read is kept whatever its age
+    (journal/retention.py)."""
+
+    age: float = 90 * 86400.0
+    interval: float = 3600.0  # how often the pruning runs
+
+
+# Retention may not drop what a decision still reads: a week and a day at least (the shipped rules count a week).
+RETENTION_MIN = 8 * 86400.0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     tick: float = 5.0
     pool_refresh: float = 60.0
@@ -241,6 +256,7 @@ class Config:
     actions: Mapping[str, Action]
     policy_hash: str
     effective: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -262,7 +278,7 @@ def _tokens(path: Path, key: str) -> tuple[str, ...]:
 
 def _listener(raw: object, key: str, base: Path, default_address: str, body: bool) -> ListenerConfig:
     allowed = {"listen_address", "config_file", "bearer_token_file", "read_timeout", "max_connections"} | (
-        {"max_body_bytes"} if body else set())
+        {"max_body_bytes", "max_bytes_in_flight"} if body else set())
     sec = _mapping(raw, key, allowed)
     web = None
     if sec.get("config_file"):
@@ -275,6 +291,10 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
     if sec.get("bearer_token_file"):
         tokens = _tokens(_file(sec["bearer_token_file"], f"{key}.bearer_token_file", base), f"{key}.bearer_token_file")
     max_body = _int(sec.get("max_body_bytes", 1 << 20), f"{key}.max_body_bytes", 1024)
+    in_flight = _int(sec.get("max_bytes_in_flight", 8 << 20), f"{key}.max_bytes_in_flight", 1024)
+    if in_flight < max_body:
+        raise ConfigError(f"{key}.max_bytes_in_flight: {in_flight} is less than {key}.max_body_bytes ({max_body}): "
+                          f"a notification of the largest size allowed could never be received")
     read_timeout = _duration(sec.get("read_timeout", "10s"), f"{key}.read_timeout")
     if read_timeout <= 0:
         raise ConfigError(f"{key}.read_timeout: must be positive")
@@ -282,7 +302,8 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
                     max_connections=_int(sec.get("max_connections", Limits.max_connections),
                                          f"{key}.max_connections", 1))
     return ListenerConfig(listen_address=_address(sec.get("listen_address", default_address), f"{key}.listen_address"),
-                          web=web, bearer_tokens=tokens, max_body_bytes=max_body, limits=limits)
+                          web=web, bearer_tokens=tokens, max_body_bytes=max_body, max_bytes_in_flight=in_flight,
+                          limits=limits)
 
 
 def _separate_credentials(web: ListenerConfig, admin: ListenerConfig) -> None:
@@ -552,7 +573,7 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     web = _listener(top.get("web"), "web", base, "127.0.0.1:9096", body=True)
     admin = _listener(top.get("admin"), "admin", base, "127.0.0.1:9097", body=False)
     _separate_credentials(web, admin)
-    journal = _mapping(top.get("journal"), "journal", {"path"})
+    journal = _mapping(top.get("journal"), "journal", {"path", "retention", "prune_interval"})
     journal_path = str(base / _str(journal.get("path", "gpu-health-webhook.db"), "journal.path"))
     kinds = inventory_pkg.discover()
     inv = _mapping(top.get("inventory"), "inventory")
@@ -577,6 +598,7 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     actions = _actions(top.get("actions"), ActionDeps(kubernetes, executor, build_providers(top.get("providers"), kubernetes)))
     policy = _policy(top.get("policy"), actions)
     safety = _safety(top.get("safety"))
+    retention = _retention(journal, policy, safety)
     eng = _mapping(top.get("engine"), "engine", {"tick", "pool_refresh", "verify_retries"})
     engine = EngineConfig(tick=_duration(eng.get("tick", "5s"), "engine.tick"),
                           pool_refresh=_duration(eng.get("pool_refresh", "60s"), "engine.pool_refresh"),
@@ -597,7 +619,23 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
     return Config(path=path, web=web, admin=admin, journal_path=journal_path, alertmanager=alertmanager,
                   inventory_kind=kind, inventory_raw=MappingProxyType(dict(inv)), kubernetes=kubernetes,
                   policy=policy, safety=safety, engine=engine, actions=MappingProxyType(actions),
-                  policy_hash=policy_hash, effective=effective)
+                  policy_hash=policy_hash, effective=effective, retention=retention)
+
+
+def _retention(journal: Mapping[str, Any], policy: PolicyConfig, safety: SafetyConfig) -> RetentionConfig:
+    out = RetentionConfig(age=_duration(journal.get("retention", "90d"), "journal.retention"),
+                          interval=_duration(journal.get("prune_interval", "1h"), "journal.prune_interval"))
+    needs = {"8 days": RETENTION_MIN, "safety.cooldown": safety.cooldown,
+             "safety.attempts_window": safety.attempts_window, "policy.max_alert_age": policy.max_alert_age,
+             "policy.resolved_hold": policy.resolved_hold, "safety.breaker.window": safety.breaker.window,
+             **{f"safety.rate_limits.{k}.per": v.per for k, v in safety.rate_limits.items()}}
+    for what, seconds in needs.items():
+        if out.age < seconds:
+            raise ConfigError(f"journal.retention: {out.age:g}s is shorter than {what} ({seconds:g}s): the journal "
+                              f"would forget what that decision reads")
+    if out.interval <= 0:
+        raise ConfigError("journal.prune_interval: must be positive")
+    return out
 
 
 # The shipped remediation alerts keep firing 10 minutes after their fault stands no more (keep_firing_for); a settle
@@ -643,6 +681,7 @@ def effective_policy(config: Config) -> dict[str, Any]:
             "undo": {"enabled": s.undo_enabled, "healthy_delay_seconds": s.healthy_delay},
         },
         "actions": sorted(n for n, a in config.actions.items() if not a.internal),
+        "journal": {"retention_seconds": config.retention.age, "prune_interval_seconds": config.retention.interval},
         "inventory": config.inventory_kind,
         "alertmanager": [redact_url(u) for u in config.alertmanager.urls] if config.alertmanager else None,
     }

@@ -72,6 +72,12 @@ class Metrics:
                                  "Unix time at which the engine last finished a scheduling pass.", registry=r)
         self.journal_errors = Counter("gpu_remediation_journal_errors",
                                       "Journal transactions that failed in SQLite (503s, retried steps).", registry=r)
+        self.journal_bytes = Gauge("gpu_remediation_journal_size_bytes",
+                                   "Bytes the journal takes on disk (database and write-ahead log).", registry=r)
+        self.journal_pruned = Counter("gpu_remediation_journal_pruned_rows",
+                                      "Journal rows deleted by retention (journal.retention).", registry=r)
+        self.journal_last_prune = Gauge("gpu_remediation_journal_last_prune_timestamp_seconds",
+                                        "Unix time at which the last retention pass finished.", registry=r)
         self.step_seconds = Histogram("gpu_remediation_step_duration_seconds", "Duration of remediation steps.",
                                       ["action", "result"], buckets=_STEP, registry=r)
         # Deliveries.

@@ -43,11 +43,14 @@ from ..journal import (
     finish_step,
     get_meta,
     hold_remediation,
+    know_node,
     load,
     mark_forged,
     occurrence,
+    OVERFLOW_NODE,
     open_step,
     override,
+    resolved_nodes,
     runnable,
     save_identity,
     source_occurrence,
@@ -59,7 +62,7 @@ from ..metrics import Metrics
 from ..models import Target, printable
 from ..policy import metric_target, target_refusal
 from ..safety import Verdict, gate_check, gates_for, verify
-from . import fleet, gauges, reconcile, replan, settle, undo
+from . import fleet, gauges, reconcile, replan, retention, settle, undo
 
 log = logging.getLogger("remediation_webhook.engine")
 
@@ -85,8 +88,11 @@ class Engine:
         self._paused = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._gauges_at = float("-inf")
         self.settling: set[str] = set()  # remediations whose settle check is in progress
+        # Nodes the inventory resolved: only they get series of their own (others share the overflow series).
+        self.known: set[str] = set()
         # When the last notification was journaled: kept in the journal by the gauge refresh (at most a second
         # late), so a restart does not reset it and accepting one costs no extra write.
         self.last_notification = 0.0
@@ -98,6 +104,7 @@ class Engine:
 
         counts, last = await self.journal.run(restore_metrics)
         self.metrics.restore(counts, last)
+        self.known = set(await self.journal.run(resolved_nodes))
         self._paused = await self.journal.run(get_meta, "pause") is not None
         if await self.journal.run(get_meta, "last_notification") is None:
             # Never notified yet: a new webhook has GPURemediationNoNotifications' grace from its start on, not an
@@ -106,9 +113,10 @@ class Engine:
         await self._refresh_pool(force=True)
         await self.refresh_gauges()
         self._loop_task = asyncio.create_task(self._loop(), name="engine")
+        self._prune_task = asyncio.create_task(retention.run_forever(self), name="journal-retention")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        tasks = [t for t in (self._loop_task, self._prune_task, *self._tasks.values()) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -215,6 +223,8 @@ class Engine:
     def metric_event(self, rem: Remediation, action: str, result: str) -> MetricEvent | None:
         if action not in self.actions or self.actions[action].internal:
             return None
+        if rem.node not in self.known:
+            return OVERFLOW_NODE, "", "", action, result
         return (*metric_target(action, Target(rem.node, rem.gpu, rem.uuid)), action, result)
 
     def note(self, event: MetricEvent | None, at: float | None = None) -> None:
@@ -303,6 +313,9 @@ class Engine:
         except InventoryUnavailable as exc:
             await self.park(rem, "BLOCKED", f"inventory unavailable: {exc}")
             return False
+        if rem.node not in self.known:  # a real node from now on: its actions get series of their own
+            await self.journal.run(know_node, rem.node)
+            self.known.add(rem.node)
         refusal = target_refusal(node, self.config.policy.targets)
         if refusal:
             await self.park(rem, "REFUSED", refusal)

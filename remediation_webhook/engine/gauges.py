@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import SafetyConfig
 from ..journal import get_meta, set_meta, state_counts, state_since, successful_counts
 from ..safety import budgets
+from . import retention
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -54,3 +55,4 @@ async def refresh(engine: Engine) -> None:
     if snap.last_notification:
         engine.notified(snap.last_notification)
     m.sync_journal_errors(engine.journal.errors)
+    m.journal_bytes.set(retention.size(engine.journal.path))

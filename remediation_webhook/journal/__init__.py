@@ -8,7 +8,16 @@ admin API).
 """
 
 from .accept import AcceptIn, AcceptOut, AlertIn, accept, hold_remediation, replan, skip_cutoff, storm_skip_reason
-from .history import Fix, count_since_replace, last_fix, restore_metrics, successful_counts, unconfirmed
+from .history import (
+    Fix,
+    count_since_replace,
+    last_fix,
+    resolved_nodes,
+    restore_metrics,
+    successful_counts,
+    unconfirmed,
+)
+from .retention import prune_batch, reclaim
 from .ops import (
     approve,
     breaker_status,
@@ -23,7 +32,18 @@ from .ops import (
     state_counts,
     state_since,
 )
-from .rows import MetricEvent, Remediation, audit, get_meta, load, occurrence, set_meta, source_occurrence
+from .rows import (
+    OVERFLOW_NODE,
+    MetricEvent,
+    Remediation,
+    audit,
+    get_meta,
+    know_node,
+    load,
+    occurrence,
+    set_meta,
+    source_occurrence,
+)
 from .schema import ACTIVE, TERMINAL, VERSION
 from .steps import (
     Gates,
@@ -51,11 +71,11 @@ from .steps import (
 from .writer import Journal
 
 __all__ = [
-    "ACTIVE", "TERMINAL", "VERSION", "AcceptIn", "AcceptOut", "AlertIn", "Fix", "Gates", "Journal", "MetricEvent",
+    "ACTIVE", "OVERFLOW_NODE", "TERMINAL", "VERSION", "AcceptIn", "AcceptOut", "AlertIn", "Fix", "Gates", "Journal", "MetricEvent",
     "Remediation", "accept", "active_on", "approve", "audit", "begin_step", "breaker_status", "cancel", "clear_mark",
     "climb", "complete", "cordon_holders", "drop_escalation", "count_since_replace", "detail", "finish_step", "get_meta",
-    "hold_remediation", "last_fix", "list_remediations", "load", "mark_forged", "occurrence", "marks", "open_step", "orphans",
-    "override", "ping", "rate_used", "release_slot", "replan", "reset_breaker", "restore_metrics", "runnable",
+    "hold_remediation", "know_node", "last_fix", "list_remediations", "load", "mark_forged", "occurrence", "marks", "open_step",
+    "override", "ping", "prune_batch", "rate_used", "reclaim", "release_slot", "replan", "reset_breaker", "resolved_nodes", "restore_metrics", "runnable",
     "save_identity", "set_meta", "set_pause", "settle_due", "settled", "skip_cutoff", "slots", "source_occurrence",
     "state_counts", "state_since", "storm_skip_reason", "successful_counts", "transition", "twins",
     "unconfirmed",

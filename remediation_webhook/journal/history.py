@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..policy import GPU_SCOPED, RANK, Evidence
-from .rows import MetricEvent
+from .rows import OVERFLOW_NODE, MetricEvent
 
 WINDOWS = (("7d", 7 * 86400.0), ("30d", 30 * 86400.0))
 
@@ -121,13 +121,23 @@ def successful_counts(conn: sqlite3.Connection, now: float) -> dict[tuple[str, s
     return out
 
 
+def resolved_nodes(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT node FROM known_node")]
+
+
 def restore_metrics(conn: sqlite3.Connection) -> tuple[list[tuple[MetricEvent, int]],
                                                        list[tuple[tuple[str, str, str, str, str], float]]]:
     """Counters by (node, gpu, uuid, action, result), and the last time of each (node, gpu, uuid, action) for
-    result success and failure."""
-    counts = [((r[0], r[1], r[2], r[3], r[4]), int(r[5])) for r in conn.execute(
-        "SELECT node, gpu, uuid, action, result, COUNT(*) FROM action_result GROUP BY node, gpu, uuid, action, result")]
-    last = [((r[0], r[1], r[2], r[3], r[4]), float(r[5])) for r in conn.execute(
-        "SELECT node, gpu, uuid, action, result, MAX(ts) FROM action_result WHERE result IN ('success','failure') "
-        "GROUP BY node, gpu, uuid, action, result")]
+    result success and failure: the totals folded by retention plus the rows it kept; nodes never resolved in the
+    overflow series."""
+    rows = conn.execute(
+        "WITH known(node) AS (SELECT node FROM known_node), ev(node, gpu, uuid, action, result, n, last_ts) AS ("
+        "  SELECT node, gpu, uuid, action, result, 1, ts FROM action_result "
+        "  UNION ALL SELECT node, gpu, uuid, action, result, count, last_ts FROM action_total) "
+        "SELECT CASE WHEN node IN (SELECT node FROM known) THEN node ELSE ? END AS n_, "
+        "CASE WHEN node IN (SELECT node FROM known) THEN gpu ELSE '' END, "
+        "CASE WHEN node IN (SELECT node FROM known) THEN uuid ELSE '' END, action, result, SUM(n), MAX(last_ts) "
+        "FROM ev GROUP BY 1, 2, 3, action, result", (OVERFLOW_NODE,)).fetchall()
+    counts = [((r[0], r[1], r[2], r[3], r[4]), int(r[5])) for r in rows]
+    last = [((r[0], r[1], r[2], r[3], r[4]), float(r[6])) for r in rows if r[4] in ("success", "failure")]
     return counts, last

@@ -87,12 +87,34 @@ def audit(conn: sqlite3.Connection, now: float, actor: str, event: str, remediat
                  (now, actor, event, remediation_id, node, json.dumps(detail, default=str)))
 
 
+# The node label of a series about a node name the inventory never resolved (a made-up or mistyped name): one
+# series for all of them, so a notification naming thousands of unknown nodes cannot make thousands of series.
+# Not a valid node name, so it cannot stand for a real one.
+OVERFLOW_NODE = "_unresolved"
+
+
+def known_node(conn: sqlite3.Connection, node: str) -> bool:
+    """Did the inventory ever resolve this node for a remediation?"""
+    return conn.execute("SELECT 1 FROM known_node WHERE node=?", (node,)).fetchone() is not None
+
+
+def know_node(conn: sqlite3.Connection, node: str) -> None:
+    """The inventory resolved this node: its actions get series of their own from now on."""
+    conn.execute("INSERT OR IGNORE INTO known_node(node) VALUES (?)", (node,))
+
+
+def metric_labels(conn: sqlite3.Connection, event: MetricEvent) -> MetricEvent:
+    """The event as its metric series names it: an unresolved node's goes to the overflow series."""
+    return event if known_node(conn, event[0]) else (OVERFLOW_NODE, "", "", *event[3:])
+
+
 def record_result(conn: sqlite3.Connection, now: float, event: MetricEvent, remediation_id: str | None,
                   out: list[MetricEvent] | None = None) -> None:
+    """Journal a finished (or refused) action; `out` gets it as its metric series names it."""
     conn.execute("INSERT INTO action_result(ts, node, gpu, uuid, action, result, remediation_id) VALUES (?,?,?,?,?,?,?)",
                  (now, *event, remediation_id))
     if out is not None:
-        out.append(event)
+        out.append(metric_labels(conn, event))
 
 
 def record_history(conn: sqlite3.Connection, rid: str, event: MetricEvent, started_at: float, finished_at: float) -> None:

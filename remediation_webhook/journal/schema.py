@@ -4,8 +4,9 @@ Tables: occurrence (one row per alert occurrence: fingerprint + startsAt + label
 column), remediation (at most one active per node, enforced by a partial unique index), step (an intent row
 written before each side effect, completed after it), action_result (every finished action: the source of the
 persistent counters), history (every successful or dry-run action with the node identity it was done to: the
-source of "already remediated", escalation evidence and the history gauges), node_mark (nodes we hold: the
-fleet cap), audit (append-only), meta (pause switch, breaker, last notification).
+source of "already remediated", escalation evidence and the history gauges), action_total (finished actions
+folded by retention), known_node (nodes the inventory resolved: the only ones with metric series of their own),
+node_mark (nodes we hold: the fleet cap), audit (append-only), meta (pause switch, breaker, last notification).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS occurrence(
 CREATE INDEX IF NOT EXISTS occurrence_first_seen ON occurrence(first_seen);
 CREATE INDEX IF NOT EXISTS occurrence_node_seen ON occurrence(node, first_seen);
 CREATE INDEX IF NOT EXISTS occurrence_fingerprint ON occurrence(fingerprint);
+CREATE INDEX IF NOT EXISTS occurrence_remediation ON occurrence(remediation_id) WHERE remediation_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS remediation(
   id TEXT PRIMARY KEY, node TEXT NOT NULL, gpu TEXT NOT NULL, uuid TEXT NOT NULL,
   alertname TEXT NOT NULL, rule TEXT NOT NULL, ladder_json TEXT NOT NULL, target INTEGER NOT NULL,
@@ -66,12 +68,17 @@ CREATE INDEX IF NOT EXISTS step_action_started ON step(action, started_at);
 CREATE TABLE IF NOT EXISTS action_result(
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, node TEXT NOT NULL, gpu TEXT NOT NULL,
   uuid TEXT NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL, remediation_id TEXT);
+CREATE TABLE IF NOT EXISTS action_total(
+  node TEXT NOT NULL, gpu TEXT NOT NULL, uuid TEXT NOT NULL, action TEXT NOT NULL, result TEXT NOT NULL,
+  count INTEGER NOT NULL, last_ts REAL NOT NULL, PRIMARY KEY (node, gpu, uuid, action, result));
 CREATE TABLE IF NOT EXISTS history(
   id INTEGER PRIMARY KEY AUTOINCREMENT, remediation_id TEXT NOT NULL, node TEXT NOT NULL,
   node_uid TEXT NOT NULL DEFAULT '', gpu TEXT NOT NULL, uuid TEXT NOT NULL, action TEXT NOT NULL,
   dry_run INTEGER NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS history_node ON history(node, action, finished_at);
 CREATE INDEX IF NOT EXISTS history_live ON history(dry_run, finished_at);
+CREATE TABLE IF NOT EXISTS known_node(node TEXT PRIMARY KEY);
+INSERT OR IGNORE INTO known_node SELECT DISTINCT node FROM remediation WHERE node_uid IS NOT NULL;
 CREATE TABLE IF NOT EXISTS node_mark(node TEXT PRIMARY KEY, remediation_id TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit(
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL, event TEXT NOT NULL,
@@ -86,6 +93,12 @@ def create_or_migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > VERSION:
         raise sqlite3.DatabaseError(f"journal schema version {version} is newer than this webhook's ({VERSION})")
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        # INCREMENTAL, so retention can give pruned pages back to the file system. A file with pages already (WAL
+        # mode writes one) needs a VACUUM to take it: a rebuild, seconds for a large journal, once.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            conn.execute("VACUUM")
     conn.execute("BEGIN IMMEDIATE")
     try:
         old = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='occurrence'").fetchone()

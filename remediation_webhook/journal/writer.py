@@ -16,12 +16,22 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ..errors import JournalError
 from .schema import create_or_migrate
 
 T = TypeVar("T")
+
+
+class _Item(NamedTuple):
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    fut: Future[Any]
+    bare: bool = False
+
+
+_STOP = _Item(lambda conn: None, (), Future())  # close(): the writer ends after the work queued before it
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -44,7 +54,7 @@ class Journal:
 
     def __init__(self, path: str, *, max_batch: int = 512) -> None:
         self.path = path
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._main, name="journal-writer", daemon=True)
@@ -80,35 +90,47 @@ class Journal:
             conn.close()
 
     def _serve(self, conn: sqlite3.Connection) -> None:
+        carried: _Item | None = None
         while True:
-            item = self._queue.get()
-            if item is None:
+            item = carried if carried is not None else self._queue.get()
+            carried = None
+            if item is _STOP:
                 return
+            if item.bare:
+                self._run_bare(conn, item)
+                continue
             batch = [item]
-            stop = False
             while len(batch) < self._max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    stop = True
+                if nxt is _STOP or nxt.bare:  # handled after this group, in queue order
+                    carried = nxt
                     break
                 batch.append(nxt)
             self._run_batch(conn, batch)
-            if stop:
-                return
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]]) -> None:
+    def _run_bare(self, conn: sqlite3.Connection, item: _Item) -> None:
+        """Maintenance that SQLite refuses inside a transaction (a WAL checkpoint), alone, in autocommit."""
+        if not item.fut.set_running_or_notify_cancel():
+            return
+        try:
+            item.fut.set_result(item.fn(conn, *item.args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.errors += isinstance(exc, sqlite3.Error)
+            item.fut.set_exception(JournalError(f"journal: {exc}") if isinstance(exc, sqlite3.Error) else exc)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self.errors += 1
-            for _, _, fut in batch:
+            for _, _, fut, _ in batch:
                 fut.set_exception(JournalError(f"journal: {exc}"))
             return
-        for fn, args, fut in batch:
+        for fn, args, fut, _ in batch:
             if not fut.set_running_or_notify_cancel():
                 continue
             conn.execute("SAVEPOINT item")
@@ -142,17 +164,21 @@ class Journal:
             else:
                 fut.set_result(value)
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], *args: Any, bare: bool = False, **kwargs: Any) -> Future[T]:
         fut: Future[T] = Future()
         if self._closed:
             fut.set_exception(JournalError("journal is closed"))
             return fut
-        self._queue.put((functools.partial(fn, **kwargs) if kwargs else fn, args, fut))
+        self._queue.put(_Item(functools.partial(fn, **kwargs) if kwargs else fn, args, fut, bare))
         return fut
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(conn, *args, **kwargs) in the next group transaction; returns after the commit."""
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    async def run_bare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) alone, outside any transaction (checkpoints, incremental vacuum)."""
+        return await asyncio.wrap_future(self.submit(fn, *args, bare=True))
 
     def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.submit(fn, *args, **kwargs).result()
@@ -160,5 +186,5 @@ class Journal:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
+            self._queue.put(_STOP)
             self._thread.join(timeout=30)

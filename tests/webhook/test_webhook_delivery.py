@@ -257,8 +257,11 @@ async def test_default_deny_and_unknown_remediation(harness, kube):
     assert out["refused"] == 2 and out["accepted"] == 0
     await h.settle()
     assert kube.calls(mutating=True) == []
-    assert h.metric("gpu_remediation_actions_total", node="n1", gpu="", uuid="", action="reboot",
+    # refused before the inventory was asked: a node name never resolved counts in the overflow series
+    assert h.metric("gpu_remediation_actions_total", node="_unresolved", gpu="", uuid="", action="reboot",
                     result="blocked") == 1
+    assert h.metric("gpu_remediation_actions_total", node="n1", gpu="", uuid="", action="reboot",
+                    result="blocked") is None
 
 
 async def test_stale_and_future_alerts(harness, kube):
