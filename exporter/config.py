@@ -80,6 +80,10 @@ def build_parser(available: Mapping[str, type[Collector]]) -> argparse.ArgumentP
                         "response, and an idle kept-alive connection is closed after it. (default 10s)")
     p.add_argument("--web.max-connections", dest="max_connections", type=int, default=Limits.max_connections,
                    help=f"Open connections beyond this are closed at accept. (default {Limits.max_connections})")
+    p.add_argument("--web.max-connections-per-client", dest="max_per_client", type=int,
+                   default=Limits.max_connections_per_client,
+                   help="Open connections from one source address beyond this are closed at accept. "
+                        f"(default {Limits.max_connections_per_client})")
     p.add_argument("--node-name", dest="node", default=None,
                    help="Value of the node label on every series: the node's name as the remediator knows it. "
                         "(default: $NODE_NAME, else the hostname)")
@@ -161,6 +165,8 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         raise ConfigError("--web.read-timeout: must be above zero")
     if ns.max_connections < 1:
         raise ConfigError(f"--web.max-connections: must be at least 1, got {ns.max_connections}")
+    if ns.max_per_client < 1:
+        raise ConfigError(f"--web.max-connections-per-client: must be at least 1, got {ns.max_per_client}")
     node = ns.node or env.get("NODE_NAME") or socket.gethostname()
     if not node.strip():
         raise ConfigError("--node-name: must not be empty")
@@ -168,7 +174,8 @@ def parse(argv: Sequence[str], available: Mapping[str, type[Collector]], env: Ma
         listen=ListenAddress.parse(ns.listen, "--web.listen-address"),
         telemetry_path=ns.telemetry_path,
         web_config_file=ns.web_config,
-        web_limits=Limits(read_timeout=read_timeout, max_connections=ns.max_connections),
+        web_limits=Limits(read_timeout=read_timeout, max_connections=ns.max_connections,
+                          max_connections_per_client=ns.max_per_client),
         node=node,
         backend=ns.backend,
         sim_config=ns.sim_config,

@@ -87,7 +87,8 @@ async def serve(config: Config, web_listen: str = "", admin_listen: str = "") ->
                                                ssl_context=ssl_context))
             log.info("listening", extra={"listener": name, "address": f"{host}:{port}", "tls": ssl_context is not None,
                                          "read_timeout": listener.limits.read_timeout,
-                                         "max_connections": listener.limits.max_connections})
+                                         "max_connections": listener.limits.max_connections,
+                                         "max_connections_per_client": listener.limits.max_connections_per_client})
         for warning in config_warnings(config):
             log.warning("configuration", extra={"warning": warning})
         log.info("gpu-health-webhook started", extra={"dry_run": config.policy.dry_run,

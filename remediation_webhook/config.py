@@ -277,7 +277,8 @@ def _tokens(path: Path, key: str) -> tuple[str, ...]:
 
 
 def _listener(raw: object, key: str, base: Path, default_address: str, body: bool) -> ListenerConfig:
-    allowed = {"listen_address", "config_file", "bearer_token_file", "read_timeout", "max_connections"} | (
+    allowed = {"listen_address", "config_file", "bearer_token_file", "read_timeout", "max_connections",
+               "max_connections_per_client"} | (
         {"max_body_bytes", "max_bytes_in_flight"} if body else set())
     sec = _mapping(raw, key, allowed)
     web = None
@@ -300,7 +301,10 @@ def _listener(raw: object, key: str, base: Path, default_address: str, body: boo
         raise ConfigError(f"{key}.read_timeout: must be positive")
     limits = Limits(read_timeout=read_timeout,
                     max_connections=_int(sec.get("max_connections", Limits.max_connections),
-                                         f"{key}.max_connections", 1))
+                                         f"{key}.max_connections", 1),
+                    max_connections_per_client=_int(sec.get("max_connections_per_client",
+                                                            Limits.max_connections_per_client),
+                                                    f"{key}.max_connections_per_client", 1))
     return ListenerConfig(listen_address=_address(sec.get("listen_address", default_address), f"{key}.listen_address"),
                           web=web, bearer_tokens=tokens, max_body_bytes=max_body, max_bytes_in_flight=in_flight,
                           limits=limits)

@@ -1,11 +1,12 @@
 """Both services against slow and flooding clients, as real processes on loopback (gpu_health_common/serving.py,
 gpu_health_common/webconfig.py): idle and half-sent requests are closed at the read timeout, connections over the
-cap are closed at accept, a body sent a byte at a time gets 408, running out of file descriptors is one log line a
+cap (or one client's share of it) are closed at accept, a client that stops reading its response is dropped, a body sent a byte at a time gets 408, running out of file descriptors is one log line a
 minute and the service recovers, the open-file limit is raised at start, and a flood of wrong passwords from one
 client neither delays nor locks out the right password from another."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import os
@@ -106,10 +107,11 @@ def exporter(tmp: Path, *extra: str, **kw: object) -> Service:
                     *extra], port, tmp, **kw)  # type: ignore[arg-type]
 
 
-def webhook(tmp: Path, *, read_timeout: str = "10s", max_connections: int = 1024, **kw: object) -> Service:
+def webhook(tmp: Path, *, read_timeout: str = "10s", max_connections: int = 1024,
+            max_connections_per_client: int = 256, **kw: object) -> Service:
     port, admin = _port(), _port()
     cfg = {"web": {"listen_address": f"127.0.0.1:{port}", "read_timeout": read_timeout,
-                   "max_connections": max_connections},
+                   "max_connections": max_connections, "max_connections_per_client": max_connections_per_client},
            "admin": {"listen_address": f"127.0.0.1:{admin}"}, "journal": {"path": str(tmp / "journal.db")},
            "inventory": {"kind": "kubernetes"}, "kubernetes": {"host": "http://127.0.0.1:9"}}
     (tmp / "webhook.yaml").write_text(yaml.safe_dump(cfg))
@@ -251,3 +253,70 @@ def test_a_flood_of_wrong_passwords_does_not_lock_out_the_right_one(tmp_path: Pa
         svc.stop()
     assert status == 200 and took < 1.0, took
     assert set(answers) <= {401, 429} and answers.count(429) > 150
+
+
+@pytest.mark.parametrize("which", sorted(SERVICES))
+def test_one_client_cannot_take_every_connection(tmp_path: Path, which: str) -> None:
+    """Past the per-client cap, 127.0.0.1's new connections are closed at accept; 127.0.0.2 is still served."""
+    if which == "exporter":
+        svc = exporter(tmp_path, "--web.max-connections-per-client", "10")
+    else:
+        svc = webhook(tmp_path, max_connections_per_client=10)
+    try:
+        held = svc.sockets(10)
+        time.sleep(0.3)
+        over = svc.sockets(5)
+        assert all(_closed_by_server(s, 1) for s in over)
+        assert svc.get("/healthz", source="127.0.0.2")[0] == 200
+        for s in held[:3]:
+            s.close()
+        time.sleep(0.3)
+        assert svc.get("/healthz")[0] == 200  # room again for 127.0.0.1
+        for s in held[3:] + over:
+            s.close()
+    finally:
+        log = svc.stop()
+    assert "per-client connection cap" in log and "client=127.0.0.1" in log
+
+
+async def test_a_client_that_stops_reading_its_response_is_disconnected() -> None:
+    """A response larger than the kernel's socket buffers (up to 4 MiB each way here) to a client that reads
+    none of it: the rest waits in the process; past a read timeout without progress the connection is dropped."""
+    from aiohttp import web
+
+    from gpu_health_common.serving import Counters, Limits, bound_port, serve
+
+    size = 24 << 20
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(body=b"x" * size)
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    counters = Counters()
+    runner = await serve(app, "127.0.0.1", 0, limits=Limits(read_timeout=0.5), counters=counters)
+    stuck = socket.socket()
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await asyncio.to_thread(stuck.connect, ("127.0.0.1", bound_port(runner)))
+        stuck.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(50):  # two checks, half a second apart, after the buffer filled
+            await asyncio.sleep(0.1)
+            if counters.stalled_writes:
+                break
+        assert counters.stalled_writes == 1
+
+        def drain() -> int:
+            got = 0
+            stuck.settimeout(5)
+            try:
+                while chunk := stuck.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            return got
+
+        assert await asyncio.to_thread(drain) < size  # dropped: a live connection would deliver it all
+    finally:
+        stuck.close()
+        await runner.cleanup()
