@@ -9,18 +9,24 @@
 # On Kubernetes: deploy/kubernetes (it runs the image as uid 0 without capabilities to read the host's journal).
 #
 # Base: Debian 13 (trixie) slim. Its journalctl (systemd 257) reads the journal files of current hosts (compact
-# and keyed-hash formats); the exporter runs it to read the host's journal (--xid.source=journal). Pin the digest
-# too (`python:3.13.13-slim-trixie@sha256:...`) where your build policy wants it, and let Renovate/Dependabot bump it.
+# and keyed-hash formats); the exporter runs it to read the host's journal (--xid.source=journal).
+#
+# Supply chain: third-party Python code comes only from exporter.lock, pinned with hashes and installed in pip's
+# hash-checking mode, as wheels (no build runs someone else's setup.py); the project itself is installed without
+# dependencies and without build isolation (which would fetch setuptools unchecked). Regenerate the lock with
+# `python tools/lock_requirements.py`; pin the base images by digest at release time with
+# `python tools/pin_base_images.py` (docs/install/containers.md).
 
 FROM python:3.13.13-slim-trixie AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY deploy/docker/exporter.lock pyproject.toml README.md ./
 COPY gpu_health_common ./gpu_health_common
 COPY exporter ./exporter
 COPY remediation_webhook ./remediation_webhook
 RUN python -m venv /opt/gpu-health \
- && /opt/gpu-health/bin/pip install --no-compile . \
+ && /opt/gpu-health/bin/pip install --no-compile --require-hashes --only-binary=:all: -r exporter.lock \
+ && /opt/gpu-health/bin/pip install --no-compile --no-deps --no-build-isolation . \
  && /opt/gpu-health/bin/pip uninstall --yes pip setuptools
 
 FROM python:3.13.13-slim-trixie
