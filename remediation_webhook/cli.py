@@ -72,8 +72,9 @@ async def build_services(config: Config, *, kube: KubeApi | None = None) -> Serv
     return Services(config=config, journal=journal, engine=engine, metrics=metrics)
 
 
-async def serve(config: Config, web_listen: str = "", admin_listen: str = "") -> None:
-    services = await build_services(config)
+async def serve(config: Config, web_listen: str = "", admin_listen: str = "", *, kube: KubeApi | None = None) -> None:
+    """Both listeners until cancelled (`kube` replaces the Kubernetes client: benchmarks serve a stand-in)."""
+    services = await build_services(config, kube=kube)
     await services.engine.start()
     quiet_accept_errors(asyncio.get_running_loop())
     runners = []

@@ -6,6 +6,7 @@ client neither delays nor locks out the right password from another."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import http.client
@@ -320,3 +321,22 @@ async def test_a_client_that_stops_reading_its_response_is_disconnected() -> Non
     finally:
         stuck.close()
         await runner.cleanup()
+
+
+def test_hostile_load_benchmark_runs_short() -> None:
+    """benchmarks/hostile_load.py, small: both services keep answering the legitimate client during the idle
+    connections and the flood, and the 1 MiB deliveries are all answered (200, or 503 past the budget)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hostile_load.py"), "--idle", "100",
+                             "--seconds", "3", "--flood-threads", "2", "--big", "12"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("hostile_legit_p99_ms=") and float(lines[-1].split("=")[1]) > 0
+    for name in ("exporter", "webhook"):
+        legit = next(x for x in lines if x.startswith(f"{name}: legit"))
+        assert ", 0 errors;" in legit, legit
+        held = next(x for x in lines if x.startswith(f"{name}: idle"))
+        assert int(held.split()[2]) >= 95, held  # the idle connections were in place meanwhile
+    big = next(x for x in lines if "concurrent deliveries" in x)
+    answers = ast.literal_eval(big.split("answers ")[1].split("}")[0] + "}")
+    assert sum(answers.values()) == 12 and set(answers) <= {200, 503}, big
