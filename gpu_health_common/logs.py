@@ -47,3 +47,23 @@ def setup(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would print a line per scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class OnChange:
+    """A condition that may last (a journal that cannot commit, a pass that keeps failing), logged when it begins
+    and when it ends instead of on every retry."""
+
+    def __init__(self, logger: logging.Logger, failing: str, recovered: str) -> None:
+        self._log = logger
+        self._failing, self._recovered = failing, recovered
+        self.active = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.active:
+            self._log.error(self._failing, extra={"error": str(exc)})
+        self.active = True
+
+    def ok(self) -> None:
+        if self.active:
+            self._log.warning(self._recovered)
+        self.active = False

@@ -626,6 +626,9 @@ def build_config(raw: object, *, base: Path = Path("."), path: str = "<config>")
                   policy_hash=policy_hash, effective=effective, retention=retention)
 
 
+PRUNE_INTERVAL_MAX = 12 * 3600.0
+
+
 def _retention(journal: Mapping[str, Any], policy: PolicyConfig, safety: SafetyConfig) -> RetentionConfig:
     out = RetentionConfig(age=_duration(journal.get("retention", "90d"), "journal.retention"),
                           interval=_duration(journal.get("prune_interval", "1h"), "journal.prune_interval"))
@@ -637,8 +640,10 @@ def _retention(journal: Mapping[str, Any], policy: PolicyConfig, safety: SafetyC
         if out.age < seconds:
             raise ConfigError(f"journal.retention: {out.age:g}s is shorter than {what} ({seconds:g}s): the journal "
                               f"would forget what that decision reads")
-    if out.interval <= 0:
-        raise ConfigError("journal.prune_interval: must be positive")
+    if not 0 < out.interval <= PRUNE_INTERVAL_MAX:
+        # GPURemediationJournalNotPruned fires when no pass completed for a day.
+        raise ConfigError(f"journal.prune_interval: must be above zero and at most {PRUNE_INTERVAL_MAX / 3600:g}h "
+                          f"(GPURemediationJournalNotPruned fires after a day without a pass)")
     return out
 
 

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from gpu_health_common.logs import OnChange
+
 from ..actions.base import Action, ActionContext, Outcome, StepResult, held_by
 from ..alertmanager import AlertChecker, AlertState
 from ..config import Config
@@ -154,20 +156,17 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def _loop(self) -> None:
-        journal_down = False  # said once when it goes, once when it comes back: not a traceback per tick
+        journal = OnChange(log, "journal unavailable; the engine waits for it",
+                           "journal available again; the engine runs")  # not a traceback per tick
         while True:
             try:
                 await self.schedule()
                 self.metrics.engine_tick.set(self.clock())
-                if journal_down:
-                    log.warning("journal available again; the engine runs")
-                journal_down = False
+                journal.ok()
             except asyncio.CancelledError:
                 raise
             except JournalError as exc:
-                if not journal_down:
-                    log.error("journal unavailable; the engine waits for it", extra={"error": str(exc)})
-                journal_down = True
+                journal.failed(exc)
             except Exception:
                 log.exception("engine tick failed")
             try:

@@ -10,6 +10,8 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING
 
+from gpu_health_common.logs import OnChange
+
 from ..errors import JournalError
 from ..journal import prune_batch, reclaim
 from ..policy import MAX_HISTORY_WINDOW
@@ -59,19 +61,17 @@ def size(path: str) -> int:
 
 
 async def run_forever(engine: Engine) -> None:
-    failing = False  # said once when it fails, once when it works again
+    state = OnChange(log, "journal retention failed; retried next interval", "journal retention runs again")
     while True:
         try:
             rows = await prune(engine)
             if rows:
                 log.info("journal pruned", extra={"rows": rows, "bytes": size(engine.journal.path)})
-            if failing:
-                log.warning("journal retention runs again")
-            failing = False
+            state.ok()
         except asyncio.CancelledError:
             raise
         except JournalError as exc:
-            if not failing:
-                log.error("journal retention failed; retried next interval", extra={"error": str(exc)})
-            failing = True
+            state.failed(exc)
+        except Exception:  # a bug must not end retention for good: GPURemediationJournalNotPruned would say so
+            log.exception("journal retention pass failed; retried next interval")
         await asyncio.sleep(engine.config.retention.interval)

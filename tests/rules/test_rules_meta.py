@@ -37,7 +37,7 @@ FLEET_LEVEL = {
     "GPURemediationWebhookDown", "GPURemediationWebhookAbsent", "GPURemediationWatchdog",
     "GPURemediationNoNotifications", "GPURemediationBreakerOpen", "GPURemediationPausedTooLong",
     "GPURemediationBudgetExhausted", "GPURemediationStuck", "GPURemediationNeedsHuman", "GPURemediationJournalErrors",
-    "GPURemediationEngineStalled", "GPURemediationAlertConflict",
+    "GPURemediationEngineStalled", "GPURemediationAlertConflict", "GPURemediationJournalNotPruned",
 }
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 

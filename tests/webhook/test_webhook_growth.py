@@ -153,10 +153,34 @@ async def test_escalation_history_is_kept_for_90_days_whatever_the_retention(har
     assert [n for (n,) in h.sql("SELECT node FROM history ORDER BY finished_at")] == ["n1", "n4"]
 
 
+async def test_a_pass_that_raises_does_not_end_retention(harness, kube, monkeypatch, caplog):
+    h = await harness(journal={"prune_interval": "1s"}, start=False)
+    real, calls = retention.prune, []
+
+    async def flaky(engine):
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one pass")
+        return await real(engine)
+
+    monkeypatch.setattr(retention, "prune", flaky)
+    task = asyncio.create_task(retention.run_forever(h.engine))
+    try:
+        for _ in range(50):
+            if h.metric("gpu_remediation_journal_last_prune_timestamp_seconds"):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+    assert len(calls) >= 2 and h.metric("gpu_remediation_journal_last_prune_timestamp_seconds") > 0
+    assert "journal retention pass failed" in caplog.text
+
+
 @pytest.mark.parametrize(("journal", "key"), [
     ({"retention": "7d"}, "8 days"),
     ({"retention": "9d"}, "safety.attempts_window"),
     ({"retention": "9d", "prune_interval": "0s"}, "journal.prune_interval"),
+    ({"retention": "9d", "prune_interval": "13h"}, "GPURemediationJournalNotPruned"),
 ])
 def test_retention_shorter_than_a_decision_reads_is_refused(tmp_path: Path, journal: dict, key: str):
     cfg = base_config(tmp_path, "http://127.0.0.1:9", journal=journal,
