@@ -389,7 +389,7 @@ class Poller:
             if slow:
                 state.slow_done = True
             state.lost = False
-            state.last_success = self.wall()
+            state.last_success = self._data_time(dev.uuid)
         except GpuLost as exc:
             if not state.lost:
                 log.error("GPU lost", extra={"gpu": dev.index, "uuid": dev.uuid, "error": str(exc)})
@@ -406,6 +406,14 @@ class Poller:
         finally:
             state.duration = time.monotonic() - started
             state.overran = False
+
+    def _data_time(self, uuid: str) -> float:
+        """When the values just read were measured: now on NVML; on DCGM, its newest sample, which may be
+        minutes old while it serves cached values through an outage (then the GPU turns stale)."""
+        now = self.wall()
+        measured = getattr(self.nvml, "last_update", None)
+        when = measured(uuid) if measured is not None else None
+        return min(now, when) if when is not None else now
 
     @staticmethod
     def _forget(state: GpuState) -> None:

@@ -116,7 +116,7 @@ def make_node(engine: Any) -> Iterator[Callable[..., Node]]:
         address: str = "",
     ) -> Node:
         clock, wall = Clock(SIM_START), Clock(WALL)
-        engine.reset({**(scenario or {}), "sim": sim or {}}, clock=clock)
+        engine.reset({**(scenario or {}), "sim": sim or {}}, clock=clock, wall=wall)
         conn: DcgmConnection | None = None
         if backend == "dcgm":
             conn = DcgmConnection(load_bindings(str(FAKE)), address=address, timeout=timeout, wall=wall,

@@ -84,7 +84,11 @@ def test_stalled_host_engine_does_not_stall_collection(make_node, engine, h):
     assert _readings(during) == _readings(before)
     assert h.value(during, "gpu_dcgm_connected") == 0
     assert h.value(during, "gpu_dcgm_call_timeouts_total") >= 1
-    assert {s.value for s in h.samples(during, "gpu_collection_stale")} == {0}
+    # Values 30 s old (two update intervals are 10 s) are served, and said to be stale, as an NVML GPU whose
+    # call is stuck; their time stops moving.
+    assert {s.value for s in h.samples(during, "gpu_collection_stale")} == {1}
+    assert {s.value for s in h.samples(during, "gpu_collection_last_success_timestamp_seconds")} == \
+        {s.value for s in h.samples(before, "gpu_collection_last_success_timestamp_seconds")}
     assert {s.value for s in h.samples(during, "gpu_lost")} == {0}
     # No pile-up: while one call hangs, nothing else is queued behind it.
     assert engine.stalled_calls == 1
@@ -100,6 +104,31 @@ def test_stalled_host_engine_does_not_stall_collection(make_node, engine, h):
     after = node.cycle(advance=30)
     assert h.value(after, "gpu_dcgm_connected") == 1
     assert h.value(after, "gpu_dcgm_last_update_timestamp_seconds", gpu="0") == node.wall()
+    assert {s.value for s in h.samples(after, "gpu_collection_stale")} == {0}
+
+
+def test_a_host_engine_that_stops_sampling_makes_its_gpus_stale(make_node, engine, h):
+    """It answers every call, with the same old samples: the data's time is its newest sample's."""
+    node = make_node({"gpus": 2}, interval=5.0)
+    node.cycle()
+    fresh = node.cycle(advance=5)
+    assert {s.value for s in h.samples(fresh, "gpu_collection_stale")} == {0}
+    sampled = node.wall()
+    assert {s.value for s in h.samples(fresh, "gpu_collection_last_success_timestamp_seconds")} == {sampled}
+
+    engine.stop_sampling()
+    within = node.cycle(advance=5)  # one interval old: not yet stale
+    assert {s.value for s in h.samples(within, "gpu_collection_stale")} == {0}
+    late = node.cycle(advance=10)  # three intervals
+    assert {s.value for s in h.samples(late, "gpu_collection_stale")} == {1}
+    assert {s.value for s in h.samples(late, "gpu_collection_last_success_timestamp_seconds")} == {sampled}
+    assert h.value(late, "gpu_dcgm_last_update_timestamp_seconds", gpu="0") == sampled
+    assert h.value(late, "gpu_dcgm_connected") == 1  # the connection is fine; the data is not
+
+    engine.resume_sampling()
+    again = node.cycle(advance=5)
+    assert {s.value for s in h.samples(again, "gpu_collection_stale")} == {0}
+    assert {s.value for s in h.samples(again, "gpu_collection_last_success_timestamp_seconds")} == {node.wall()}
 
 
 def test_reconnect_backs_off_exponentially_up_to_30s(engine, h):

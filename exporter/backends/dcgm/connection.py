@@ -205,10 +205,13 @@ class _Session:
 
     # --- reads ---------------------------------------------------------------------------
 
-    def latest(self, gpu_id: int, field_ids: tuple[int, ...]) -> dict[int, tuple[str, Any]]:
+    def latest(self, gpu_id: int, field_ids: tuple[int, ...]) -> tuple[dict[int, tuple[str, Any]], float | None]:
+        """The fields' latest values, and the wall time of the newest sample among them (None if no sample
+        carries one): a host engine whose sampling stalled keeps answering with old samples."""
         agent, fe = self.b.dcgm_agent, self.b.dcgm_fields
         values = agent.dcgmEntityGetLatestValues(self.handle, fe.DCGM_FE_GPU, gpu_id, list(field_ids))
-        return {int(fv.fieldId): decode(self.b, fv) for fv in values}
+        newest = max((int(fv.ts) for fv in values if int(fv.status) == self.b.dcgm_structs.DCGM_ST_OK), default=0)
+        return {int(fv.fieldId): decode(self.b, fv) for fv in values}, (newest / 1e6 if newest > 0 else None)
 
     def link_states(self) -> dict[int, tuple[int, ...]]:
         status = self.b.dcgm_agent.dcgmGetNvLinkLinkStatus(self.handle)

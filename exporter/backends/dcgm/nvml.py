@@ -17,7 +17,10 @@ Errors, the way NVML raises them (pynvml.NVMLError(code)):
   * the host engine unreachable or past its deadline -> DcgmUnavailable (NVMLError Unknown, never
     GpuIsLost). Until then, and for at most `max_staleness` seconds, the last values DCGM gave are
     served instead, so the series keep coming through a reconnect; gpu_dcgm_connected and
-    gpu_dcgm_last_update_timestamp_seconds say they are not fresh.
+    gpu_dcgm_last_update_timestamp_seconds say they are not fresh, and so does gpu_collection_stale
+    once they are older than two update intervals (as for an NVML GPU whose call is stuck). The
+    values' time is their newest DCGM sample's, so a host engine that answers but stopped sampling
+    goes stale the same way.
 
 Gaps against NVML: memory in MiB granularity; DCGM has no pending MIG mode (current is returned
 for both); NVLink error counters for links 0-17 only, no DL_ECC_DATA counter; the fabric
@@ -109,7 +112,8 @@ class DcgmNvml:
     # --- freshness, for the dcgm collector ----------------------------------------------------
 
     def last_update(self, uuid: str) -> float | None:
-        """Wall time of the DCGM values now served for this GPU, None if none yet."""
+        """Wall time of the DCGM values now served for this GPU (their newest sample), None if none yet. The
+        poller takes it as the GPU's last success, so values older than two intervals make it stale."""
         gpu = self.dcgm_connection.gpu_by_uuid(uuid)
         if gpu is None:
             return None
@@ -151,14 +155,16 @@ class DcgmNvml:
             return self._stale(snap, now, None)
         conn = self.dcgm_connection
         try:
-            values = conn.run("dcgmEntityGetLatestValues", lambda s: s.latest(gpu.gpu_id, F.WATCHED))
+            values, sampled = conn.run("dcgmEntityGetLatestValues", lambda s: s.latest(gpu.gpu_id, F.WATCHED))
         except DcgmUnavailable as exc:
             with self._lock:
                 self._retry_at[gpu.gpu_id] = now + self._ttl
             if snap is None:
                 raise
             return self._stale(snap, now, exc)
-        fresh = _Snapshot(values, now, conn.wall())
+        # The data's time is its newest sample's, not the fetch's: a stalled sampler serves old values.
+        wall = conn.wall()
+        fresh = _Snapshot(values, now, min(wall, sampled) if sampled is not None else wall)
         with self._lock:
             self._snapshots[gpu.gpu_id] = fresh
             self._retry_at.pop(gpu.gpu_id, None)

@@ -251,7 +251,8 @@ def _fill(fv, kind, value, status, field_id):
     fv.fieldId = field_id
     fv.fieldType = ord(kind)
     fv.status = status
-    fv.ts = 0
+    # When the host engine sampled it, in microseconds since the epoch (0 for a value it never sampled).
+    fv.ts = int(_E.sample_time() * 1e6) if status == dcgm_structs.DCGM_ST_OK else 0
     if kind == "d":
         fv.value.dbl = value
     elif kind == "s":

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,9 +127,12 @@ class FakeHostEngine:
 
     # --- test controls -------------------------------------------------------------------
 
-    def reset(self, scenario: dict[str, Any] | None = None, *, clock: Any = None) -> None:
-        """Start over: a new fleet from `scenario`, no sessions, connected, not stalled."""
+    def reset(self, scenario: dict[str, Any] | None = None, *, clock: Any = None, wall: Any = None) -> None:
+        """Start over: a new fleet from `scenario`, no sessions, connected, not stalled. `wall` stamps samples
+        (dcgmFieldValue ts, microseconds since the epoch; time.time by default)."""
         scenario = dict(scenario or {})
+        self.wall = wall or time.time
+        self.sampling_stopped_at: float | None = None
         fixed = scenario.get("clock", None)
         if clock is None and fixed is not None:
             clock = lambda: float(fixed)  # noqa: E731
@@ -195,6 +199,19 @@ class FakeHostEngine:
         """The host engine is back (a new process: old handles stay invalid)."""
         with self._lock:
             self.up = True
+
+    def stop_sampling(self) -> None:
+        """The host engine answers but samples no more: every field keeps its last value and timestamp."""
+        with self._lock:
+            self.sampling_stopped_at = self.wall()
+            self._frozen: dict[tuple[int, int], Any] = {}
+
+    def resume_sampling(self) -> None:
+        with self._lock:
+            self.sampling_stopped_at = None
+
+    def sample_time(self) -> float:
+        return self.sampling_stopped_at if self.sampling_stopped_at is not None else self.wall()
 
     def stall(self) -> None:
         """Every call from now on blocks until unstall(): a hung host engine."""
@@ -311,7 +328,13 @@ class FakeHostEngine:
                 override = self.overrides.get((entity_id, field_id), None)
             if isinstance(override, _Blank):
                 raise override
-            value = override if override is not None else self._compute(entity_id, field_id)
+            if self.sampling_stopped_at is not None:
+                key = (entity_id, field_id)
+                if key not in self._frozen:
+                    self._frozen[key] = override if override is not None else self._compute(entity_id, field_id)
+                value = self._frozen[key]
+            else:
+                value = override if override is not None else self._compute(entity_id, field_id)
         except _Blank as blank:
             return kind, BLANK_KINDS[blank.kind][blanks[kind]], blank.status
         if kind == "d":
