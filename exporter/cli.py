@@ -126,24 +126,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=config.collect_timeout,
         middlewares=middlewares,
     )
-    log.info(
-        "listening",
-        extra={
-            "address": f"{config.listen.host or '0.0.0.0'}:{config.listen.port}",
-            "tls": ssl_context is not None,
-            "backend": config.backend,
-            "node": config.node,
-            "collectors": ",".join(config.collectors),
-        },
-    )
+
+    def listening(port: int) -> None:
+        log.info(
+            "listening",
+            extra={
+                "address": f"{config.listen.host or '0.0.0.0'}:{port}",
+                "tls": ssl_context is not None,
+                "backend": config.backend,
+                "node": config.node,
+                "collectors": ",".join(config.collectors),
+            },
+        )
+
     try:
         from gpu_health_common.serving import Counters, raise_nofile_limit, run_forever
 
         raise_nofile_limit()
         asyncio.run(run_forever(app, config.listen.host or None, config.listen.port, limits=config.web_limits,
-                                counters=Counters(), ssl_context=ssl_context))
+                                counters=Counters(), ssl_context=ssl_context, on_listening=listening))
     except OSError as exc:
-        log.error("cannot listen", extra={"error": str(exc)})
+        log.error("cannot listen", extra={"address": f"{config.listen.host or '0.0.0.0'}:{config.listen.port}",
+                                          "error": str(exc)})
         return 1
     finally:
         poller.stop()

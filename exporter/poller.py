@@ -466,7 +466,7 @@ class Poller:
         # Slow-tier text is reused until one of its readings changes: most cycles re-render only fast data.
         version = getattr(collector, "version", None)
         key: object = (
-            fleet if collector.tier is Tier.NODE else None,
+            fleet if collector.tier is Tier.NODE else fleet.nvml_up,
             tuple((s.device.index, s.device.uuid, s.generation.get(collector.name, 0)) for s in states),
             # A node collector whose data changes between cycles (XID events) says so with version().
             version() if version is not None else None,
@@ -474,7 +474,8 @@ class Poller:
         cached = self._rendered.get(collector.name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        ok = not any(collector.name in s.failed for s in states)
+        # A GPU collector does not run while NVML is down (or released for a reset): that is no success.
+        ok = (collector.tier is Tier.NODE or fleet.nvml_up) and not any(collector.name in s.failed for s in states)
         # get() once per GPU: a worker finishing late may replace a reading while we render.
         got = [(s.key, s.readings.get(collector.name, _MISSING)) for s in states]
         readings = [(key, r) for key, r in got if r is not _MISSING]
@@ -520,11 +521,12 @@ class Poller:
             int(self._released),
         )
         yield node_gauge("gpu_devices_visible", "GPUs NVML enumerates now.", fleet.visible)
-        yield node_gauge(
-            "gpu_devices_expected",
-            "GPUs this node should have: --expected-gpus, else the most seen since boot.",
-            fleet.expected,
-        )
+        if fleet.expected is not None:  # unknown (no flag, no GPU seen this boot): absent, not a false 0
+            yield node_gauge(
+                "gpu_devices_expected",
+                "GPUs this node should have: --expected-gpus, else the most seen since boot.",
+                fleet.expected,
+            )
         build = GaugeMetricFamily(
             "gpu_exporter_build_info", "Exporter version and driver, always 1.", labels=["node", "version", "driver_version"]
         )

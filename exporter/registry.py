@@ -84,7 +84,7 @@ class FleetView:
 
     nvml_up: bool
     visible: int
-    expected: int
+    expected: int | None  # None: unknown (no --expected-gpus, no GPU seen this boot)
     driver_version: str
 
 

@@ -82,7 +82,8 @@ def _status_page(snap: Snapshot, telemetry_path: str) -> str:
             )
         )
     summary = "NVML not available" if fleet is None or not fleet.nvml_up else (
-        f"{fleet.visible} of {fleet.expected} expected GPUs visible, driver {html.escape(fleet.driver_version)}"
+        f"{fleet.visible} of {'an unknown number of' if fleet.expected is None else fleet.expected} expected GPUs "
+        f"visible, driver {html.escape(fleet.driver_version)}"
     )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>gpu-health-exporter</title>

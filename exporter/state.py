@@ -38,29 +38,30 @@ class ExpectedGpus:
         self._max = self._load()
 
     @property
-    def value(self) -> int:
+    def value(self) -> int | None:
+        """None when unknown: no --expected-gpus and NVML has not answered this boot (down since the boot, say);
+        a false 0 would read as a node that should have no GPU."""
         return self._fixed if self._fixed is not None else self._max
 
     def observe(self, visible: int) -> None:
         with self._lock:
-            if visible <= self._max:
+            if self._max is not None and visible <= self._max:
                 return
             self._max = visible
             self._save()
 
-    def _load(self) -> int:
+    def _load(self) -> int | None:
         if self._path is None:
-            return 0
+            return None
         try:
             data = json.loads(self._path.read_text(encoding="utf-8"))
+            saved = data.get("max_visible") if data.get("boot_id") == self._boot_id else None
+            return int(saved) if saved is not None else None
         except FileNotFoundError:
-            return 0
-        except (OSError, ValueError) as exc:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable state file", extra={"path": str(self._path), "error": str(exc)})
-            return 0
-        if data.get("boot_id") != self._boot_id:
-            return 0
-        return int(data.get("max_visible", 0))
+            return None
 
     def _save(self) -> None:
         if self._path is None:

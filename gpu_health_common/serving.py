@@ -225,13 +225,17 @@ async def serve(app: web.Application, host: str | None, port: int, *, limits: Li
 
 
 async def run_forever(app: web.Application, host: str | None, port: int, *, limits: Limits, counters: Counters,
-                      ssl_context: ssl.SSLContext | None = None) -> None:
-    """Serve until SIGTERM or SIGINT (the exporter's main loop)."""
+                      ssl_context: ssl.SSLContext | None = None,
+                      on_listening: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (the exporter's main loop); `on_listening` gets the bound port once the
+    socket is bound, so "listening" is never said of a port that could not be had."""
     import signal
 
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     runner = await serve(app, host, port, limits=limits, counters=counters, ssl_context=ssl_context)
+    if on_listening is not None:
+        on_listening(bound_port(runner))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -340,3 +340,21 @@ def test_hostile_load_benchmark_runs_short() -> None:
     big = next(x for x in lines if "concurrent deliveries" in x)
     answers = ast.literal_eval(big.split("answers ")[1].split("}")[0] + "}")
     assert sum(answers.values()) == 12 and set(answers) <= {200, 503}, big
+
+
+def test_the_exporter_says_listening_only_once_the_port_is_its_own(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "exporter", "--backend", "sim", "--web.listen-address",
+                                 f"127.0.0.1:{port}", "--state-dir", "", "--xid.source", "none",
+                                 "--xid.nvml-events", "off", "--log.level", "info"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen" in result.stderr and f"127.0.0.1:{port}" in result.stderr
+    assert "msg=listening" not in result.stderr
+    svc = exporter(tmp_path)  # and on a free port it does, with the port it got
+    log = svc.stop()
+    assert f"msg=listening address=127.0.0.1:{svc.port}" in log

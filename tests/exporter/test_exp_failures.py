@@ -367,6 +367,11 @@ class _DriverNotLoadedYet:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
         return self._sim.nvmlInit()
 
+    def nvmlDeviceGetCount(self):
+        if not self.loaded:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        return self._sim.nvmlDeviceGetCount()
+
 
 def test_nvml_unavailable_is_reported_and_retried(make_node, helpers):
     node = make_node({"gpus": 2}, slow_interval=3600)
@@ -378,6 +383,10 @@ def test_nvml_unavailable_is_reported_and_retried(make_node, helpers):
         assert helpers.value(text, "gpu_devices_visible") == 0
         assert not helpers.select(text, "gpu_lost")
         assert not helpers.select(text, "gpu_info")
+        # The GPU collectors did not run: no success. Nothing seen this boot: the expected count is unknown.
+        success = {s.labels["collector"]: s.value for s in helpers.select(text, "gpu_exporter_collector_success")}
+        assert success and set(success.values()) == {0}, success
+        assert not helpers.select(text, "gpu_devices_expected")
     # Retried every cycle while down, though the slow tier is not due.
     assert nvml.init_calls == 2
 
@@ -387,3 +396,11 @@ def test_nvml_unavailable_is_reported_and_retried(make_node, helpers):
     assert helpers.value(text, "gpu_devices_visible") == 2
     assert set(helpers.per_gpu(text, "gpu_temperature_celsius")) == {"0", "1"}
     assert set(helpers.per_gpu(text, "gpu_collection_stale").values()) == {0}
+    assert {s.value for s in helpers.select(text, "gpu_exporter_collector_success")} == {1}
+    assert helpers.value(text, "gpu_devices_expected") == 2
+
+    nvml.loaded = False  # the driver is unloaded under the exporter
+    text = node.cycle(advance=5)
+    assert helpers.value(text, "gpu_nvml_up") == 0
+    assert helpers.value(text, "gpu_devices_expected") == 2  # seen this boot: still expected
+    assert {s.value for s in helpers.select(text, "gpu_exporter_collector_success")} == {0}

@@ -14,7 +14,7 @@ from exporter.state import ExpectedGpus, read_boot_id
 
 def test_high_water_mark_is_persisted_per_boot(tmp_path):
     first = ExpectedGpus(None, tmp_path, "boot-a")
-    assert first.value == 0
+    assert first.value is None  # unknown until NVML answers once this boot
     first.observe(8)
     assert first.value == 8
     first.observe(6)  # a GPU fell off: the mark stays
@@ -36,12 +36,12 @@ def test_new_boot_starts_over(tmp_path):
     old = ExpectedGpus(None, tmp_path, "boot-a")
     old.observe(8)
     rebooted = ExpectedGpus(None, tmp_path, "boot-b")
-    assert rebooted.value == 0
+    assert rebooted.value is None
     rebooted.observe(7)
     assert rebooted.value == 7
     assert json.loads((tmp_path / ExpectedGpus.FILE).read_text()) == {"boot_id": "boot-b", "max_visible": 7}
     # The old boot's mark is gone for good.
-    assert ExpectedGpus(None, tmp_path, "boot-a").value == 0
+    assert ExpectedGpus(None, tmp_path, "boot-a").value is None
 
 
 def test_fixed_value_wins(tmp_path):
@@ -54,13 +54,18 @@ def test_fixed_value_wins(tmp_path):
     assert ExpectedGpus(0, tmp_path, "boot-a").value == 0
 
 
+def test_a_node_seen_with_no_gpu_expects_none_not_unknown(tmp_path):
+    ExpectedGpus(None, tmp_path, "boot-a").observe(0)
+    assert ExpectedGpus(None, tmp_path, "boot-a").value == 0
+
+
 def test_without_state_dir_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = ExpectedGpus(None, None, "boot-a")
     expected.observe(8)
     assert expected.value == 8
     assert list(tmp_path.iterdir()) == []
-    assert ExpectedGpus(None, None, "boot-a").value == 0
+    assert ExpectedGpus(None, None, "boot-a").value is None
 
 
 def test_state_dir_is_created(tmp_path):
@@ -73,7 +78,7 @@ def test_state_dir_is_created(tmp_path):
 def test_unreadable_or_partial_state_is_ignored(tmp_path, content):
     (tmp_path / ExpectedGpus.FILE).write_text(content)
     expected = ExpectedGpus(None, tmp_path, "boot-a")
-    assert expected.value == 0
+    assert expected.value is None
     expected.observe(3)
     assert ExpectedGpus(None, tmp_path, "boot-a").value == 3
 
