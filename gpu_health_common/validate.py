@@ -22,8 +22,20 @@ def read_yaml(path: str, what: str, *, error: type[Exception] = ConfigError) -> 
             return yaml.safe_load(fh)
     except OSError as exc:
         raise error(f"{what}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise error(f"{what}: not valid YAML: {exc}") from exc
+
+
+def read_text(path: Path, key: str, *, error: type[Exception] = ConfigError) -> str:
+    """A small text file (a token, a password) as UTF-8; unreadable or not UTF-8 raises ``error`` naming ``key``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{key}: {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{key}: {path}: not UTF-8 text (offset {exc.start})") from exc
 
 
 def mapping(value: object, key: str, *, error: type[Exception] = ConfigError) -> dict[Any, Any]:

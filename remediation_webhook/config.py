@@ -268,7 +268,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def _tokens(path: Path, key: str) -> tuple[str, ...]:
-    tokens = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    tokens = tuple(line.strip() for line in validate.read_text(path, key, error=ConfigError).splitlines()
+                   if line.strip())
     if not tokens:
         raise ConfigError(f"{key}: {str(path)!r} holds no token")
     if any(len(t) < 16 for t in tokens):
@@ -380,7 +381,7 @@ def _alertmanager(raw: object, base: Path) -> AlertmanagerConfig | None:
         ba = _mapping(sec["basic_auth"], f"{key}.basic_auth", {"username", "password_file"})
         user = _str(ba.get("username"), f"{key}.basic_auth.username")
         pw_path = _file(ba.get("password_file"), f"{key}.basic_auth.password_file", base)
-        basic = (user, pw_path.read_text(encoding="utf-8").strip())
+        basic = (user, validate.read_text(pw_path, f"{key}.basic_auth.password_file", error=ConfigError).strip())
         if token:
             raise ConfigError(f"{key}.basic_auth: set either basic_auth or bearer_token_file, not both")
     ca = str(_file(sec["ca_file"], f"{key}.ca_file", base)) if sec.get("ca_file") else ""

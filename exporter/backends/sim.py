@@ -26,6 +26,7 @@ from gpu_health_common.durations import parse_duration
 from gpu_health_common.validate import read_yaml
 
 from ..errors import ConfigError
+from .sim_params import check_params, check_top
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,7 @@ def sim_config_from_dict(raw: Any) -> SimConfig:
     if not isinstance(faults_raw, list):
         raise ConfigError("faults: expected a list")
     faults = tuple(_parse_fault(f, i, gpus) for i, f in enumerate(faults_raw))
+    check_top(raw)
     return SimConfig(
         gpus=gpus,
         model=model,
@@ -201,6 +203,7 @@ def _parse_fault(raw: Any, i: int, gpus: int) -> Fault:
     if not isinstance(gpu, int) or isinstance(gpu, bool) or not 0 <= gpu < max(gpus, 1):
         raise ConfigError(f"{where}.gpu: expected a GPU index below {gpus}, got {gpu!r}")
     params = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
+    check_params(params, where)
     if kind == "temperature_ramp":
         params["over"] = parse_duration(params.get("over", 0), f"{where}.over", error=ConfigError)
         params["to"] = float(params.get("to", 95))

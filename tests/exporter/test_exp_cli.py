@@ -56,6 +56,25 @@ BAD_IN_PROCESS = {
                               ["--expected-gpus", "eight"]),
     "both_enable_and_disable": (lambda d: ["--backend", "sim", "--collector.nvlink", "--no-collector.nvlink"],
                                 ["--no-collector.nvlink", "not allowed with", "--collector.nvlink"]),
+    # Files that are not UTF-8, and values of the wrong type that would otherwise fail on every cycle.
+    "web_config_not_utf8": (lambda d: ["--backend", "sim", "--web.config.file", str(d / "latin1.yml")],
+                            ["latin1.yml", "not UTF-8"]),
+    "sim_config_not_utf8": (lambda d: ["--backend", "sim", "--sim-config", str(d / "latin1.yml")],
+                            ["--sim-config", "latin1.yml", "not UTF-8"]),
+    "sim_ramp_to_hot": (lambda d: ["--backend", "sim", "--sim-config", str(d / "to-hot.yaml")],
+                        ["to-hot.yaml", "faults[0].to", "a number", "'hot'"]),
+    "sim_cuda_version_twelve": (lambda d: ["--backend", "sim", "--sim-config", str(d / "cuda.yaml")],
+                                ["cuda.yaml", "cuda_version", "'twelve'"]),
+    "sim_driver_version_number": (lambda d: ["--backend", "sim", "--sim-config", str(d / "driver.yaml")],
+                                  ["driver.yaml", "driver_version", "a string"]),
+    "sim_count_lots": (lambda d: ["--backend", "sim", "--sim-config", str(d / "count.yaml")],
+                       ["count.yaml", "faults[0].count", "an integer", "'lots'"]),
+    "sim_code_abc": (lambda d: ["--backend", "sim", "--sim-config", str(d / "code.yaml")],
+                     ["code.yaml", "faults[0].code", "an integer", "'abc'"]),
+    "sim_width_wide": (lambda d: ["--backend", "sim", "--sim-config", str(d / "width.yaml")],
+                       ["width.yaml", "faults[0].width", "one of 1, 2, 4, 8, 16, 32", "'wide'"]),
+    "sim_remove_yes_please": (lambda d: ["--backend", "sim", "--sim-config", str(d / "remove.yaml")],
+                              ["remove.yaml", "faults[0].remove", "true or false"]),
 }
 
 
@@ -67,6 +86,14 @@ def config_dir(tmp_path_factory) -> Path:
     (d / "bad-top.yaml").write_text("gpu_count: 2\n")
     (d / "bad-gpu.yaml").write_text("gpus: 2\nfaults:\n  - kind: throttle\n    gpu: 2\n")
     (d / "web.yml").write_text("tls_server_config:\n  cert_fiel: x.pem\n")
+    (d / "latin1.yml").write_bytes("basic_auth_users:\n  r\u00e9mi: x\n".encode("latin-1"))
+    (d / "to-hot.yaml").write_text("gpus: 1\nfaults:\n  - {kind: temperature_ramp, to: hot}\n")
+    (d / "cuda.yaml").write_text("gpus: 1\ncuda_version: twelve\n")
+    (d / "driver.yaml").write_text("gpus: 1\ndriver_version: 550.9\n")
+    (d / "count.yaml").write_text("gpus: 1\nfaults:\n  - {kind: ecc_corrected, count: lots}\n")
+    (d / "code.yaml").write_text("gpus: 1\nfaults:\n  - {kind: nvml_error, call: nvmlDeviceGetPowerUsage, code: abc}\n")
+    (d / "width.yaml").write_text("gpus: 1\nfaults:\n  - {kind: pcie_downgrade, width: wide}\n")
+    (d / "remove.yaml").write_text("gpus: 1\nfaults:\n  - {kind: gpu_lost, remove: yes please}\n")
     return d
 
 

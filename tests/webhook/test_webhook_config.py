@@ -134,6 +134,19 @@ def test_token_file_must_hold_a_real_token(tmp_path):
         build_config(raw, base=tmp_path)
 
 
+def test_files_that_are_not_utf8_are_refused_naming_them(tmp_path):
+    (tmp_path / "t").write_bytes("a-token-of-sixteen-or-more-\u00e9\n".encode("latin-1"))
+    raw = base_config(tmp_path, "http://127.0.0.1:1", web={"bearer_token_file": "t"})
+    with pytest.raises(ConfigError, match="web.bearer_token_file: .*not UTF-8"):
+        build_config(raw, base=tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_bytes("# r\u00e9sum\u00e9\njournal: {path: j.db}\n".encode("latin-1"))
+    proc = subprocess.run([sys.executable, "-m", "remediation_webhook", "check-config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1 and "not UTF-8" in proc.stderr and "config.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(("address", "expected"), [("0.0.0.0:9911", ("127.0.0.1", 9911)),
                                                     (":9911", ("127.0.0.1", 9911)),
                                                     ("127.0.0.1:9911", ("127.0.0.1", 9911)),
