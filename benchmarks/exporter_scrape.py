@@ -13,7 +13,10 @@ What it does, in one run, on loopback only:
   default 5s/30s proportion, sped up) and lets it idle: process CPU over the window divided by the cycles
   run is the "CPU per collection cycle".
 * It writes the 8-GPU exposition to a textfile directory, serves it with node_exporter
-  (--collector.disable-defaults --collector.textfile) and measures it the same way.
+  (--collector.disable-defaults --collector.textfile) and measures it the same way, and reports both servers'
+  CPU per hour at a 15 s scrape interval, serving and collection apart.
+* It counts the NVML calls per GPU of a fast-tier and a slow-tier cycle on 8 simulated H100s (18 NVLinks
+  each), in-process with call tracing (benchmarks/nvml_calls.py).
 
 Requests carry `Accept-Encoding: gzip`, as Prometheus's do, unless --identity is given; an identity
 (uncompressed) requests/s figure is reported as well for the 8-GPU pair. The last line printed is exactly
@@ -38,6 +41,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nvml_calls
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
@@ -451,8 +456,42 @@ def fmt_check(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+SCRAPE_INTERVAL_S = 15.0  # Prometheus' usual scrape interval, for the CPU-per-hour comparison
+COLLECT_INTERVAL_S = 5.0  # the exporter's default --collect-interval
+
+
+def print_cpu_per_hour(ours: ScrapeFigures, node: ScrapeFigures, cycle: CycleFigures | None,
+                       fast_per_slow: float) -> None:
+    """CPU seconds per hour of each server at one scrape every 15 s: serving, collection and the total.
+
+    Serving = CPU per scrape x 240 scrapes. Collection: the exporter's collection loop, from the 5:1 cycle
+    figure (x 720 cycles of 5 s) where measured, else its idle CPU rate (which includes the idle HTTP
+    server); node_exporter collects the textfile inside each scrape (in its CPU per scrape), so its
+    collection is its idle CPU rate (Go runtime). Whatever writes the textfile is not counted."""
+    scrapes = 3600 / SCRAPE_INTERVAL_S
+    weighted = cycle.weighted_ms(fast_per_slow) if cycle is not None else None
+    ours_collect = (weighted / 1000 * 3600 / COLLECT_INTERVAL_S) if weighted is not None else ours.idle_rate * 3600
+    rows = [
+        (ours.name, ours.cpu_per_scrape_ms / 1000 * scrapes, ours_collect),
+        (node.name, node.cpu_per_scrape_ms / 1000 * scrapes, node.idle_rate * 3600),
+    ]
+    print(f"CPU per hour at a {SCRAPE_INTERVAL_S:g} s scrape interval (CPU seconds per hour; "
+          f"{scrapes:.0f} scrapes, {3600 / COLLECT_INTERVAL_S:.0f} collection cycles of 5 s):")
+    head = f"{'target':<26} {'serving s/h':>12} {'collection s/h':>15} {'total s/h':>10} {'% of a core':>12}"
+    print(head)
+    print("-" * len(head))
+    for name, serving, collection in rows:
+        total = serving + collection
+        print(f"{name:<26} {serving:>12.2f} {collection:>15.2f} {total:>10.2f} {100 * total / 3600:>11.3f}%")
+    print("serving = CPU/scrape x scrapes; collection = the exporter's 5:1 CPU per cycle x cycles (else its idle")
+    print("CPU rate), node_exporter's idle CPU rate (it reads the textfile inside each scrape). The program that")
+    print("writes node_exporter's textfile is not counted.")
+    print()
+
+
 def print_report(
     scrapes: list[ScrapeFigures], cycles: list[CycleFigures], args: argparse.Namespace, headers: dict[str, str],
+    calls: nvml_calls.TierCalls | None = None,
 ) -> float:
     enc = "gzip" if "Accept-Encoding" in headers else "identity"
     print()
@@ -518,6 +557,13 @@ def print_report(
         print("HTTP server's share, and the simulator's own cost in place of NVML's.")
         print()
 
+    cycle8 = next((c for c in cycles if c.gpus == 8), None)
+    if ours8 and node:
+        print_cpu_per_hour(ours8, node, cycle8, fast_per_slow)
+    if calls is not None:
+        print("\n".join(nvml_calls.report(calls, "H100-SXM-80GB, 18 NVLinks")))
+        print()
+
     ratio = ours8.load.rps / node.load.rps if ours8 and node and node.load.rps else float("nan")
     print("targets:")
     if ours8 and node:
@@ -527,6 +573,10 @@ def print_report(
         if f.name.startswith("gpu-health-exporter"):
             label = f"RSS after load, {f.name[len('gpu-health-exporter '):]}"
             print(f"  {label:<37} {f.rss:7.1f}   target <= {TARGET_RSS_MIB:g} MiB  {fmt_check(f.rss <= TARGET_RSS_MIB)}")
+    if calls is not None:
+        ok = calls.slow_total <= nvml_calls.TARGET_SLOW_CALLS
+        print(f"  {'NVML calls per GPU, slow tier, H100':<37} {calls.slow_total:7g}   "
+              f"target <= {nvml_calls.TARGET_SLOW_CALLS}      {fmt_check(ok)}")
     for c in cycles:
         weighted = c.weighted_ms(fast_per_slow)
         figure = c.ms_per_cycle if weighted is None else weighted
@@ -626,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         children.stop_all()
 
-    ratio = print_report(scrapes, cycles, args, headers)
+    print("[8 x H100] NVML calls per GPU per tier ...", file=sys.stderr, flush=True)
+    calls = nvml_calls.measure(8, "H100-SXM-80GB")
+    ratio = print_report(scrapes, cycles, args, headers, calls)
     print(f"ratio_vs_node_exporter={ratio:.2f}")
     return 0
 

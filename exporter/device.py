@@ -51,8 +51,15 @@ _VALUE_DECODERS: Final[dict[int, Callable[[Any], float]]] = {
 }
 
 
-def field_name(field_id: int) -> str:
-    """pynvml's constant name for a field id, for logs and the unsupported series."""
+def field_name(field_id: int | tuple[int, int]) -> str:
+    """pynvml's constant name for a field id, for logs and the unsupported series.
+
+    A scoped field (id, scopeId), such as an NVLink counter of one link, is named with its scope:
+    `NVML_FI_DEV_NVLINK_GET_STATE[5]`, so the series says which link lacks it.
+    """
+    if isinstance(field_id, tuple):
+        fid, scope = field_id
+        return f"{field_name(fid)}[{scope}]"
     return _FIELD_NAMES.get(field_id, f"field_{field_id}")
 
 
@@ -127,31 +134,33 @@ class Device:
             return self._invoke(name, args)
         except pynvml.NVMLError as exc:
             if exc.value in UNSUPPORTED_CODES:
-                self._mark_unsupported(name)
+                self.mark_unsupported(name)
                 return UNSUPPORTED
             if exc.value == pynvml.NVML_ERROR_NO_DATA:
                 return UNSUPPORTED  # no sample yet (a DCGM blank): absent this cycle, not unsupported
             raise
 
-    def fields(self, field_ids: Sequence[int | tuple[int, int]]) -> list[Any]:
+    def fields(self, field_ids: Sequence[int | tuple[int, int]], *, mark: bool = True) -> list[Any]:
         """Batch read with nvmlDeviceGetFieldValues; each entry is a number or UNSUPPORTED.
 
-        Each field carries its own return code: NotSupported or NoData makes that entry UNSUPPORTED,
-        any other failure raises as the equivalent single call would.
+        Each field carries its own return code: NotSupported or NoData makes that entry UNSUPPORTED
+        (and, with `mark`, reported in gpu_nvml_unsupported), any other failure raises as the
+        equivalent single call would. A (field id, scopeId) pair reads a scoped field, e.g. one link.
         """
         values = self.optional("nvmlDeviceGetFieldValues", list(field_ids))
         if values is UNSUPPORTED:
             return [UNSUPPORTED] * len(field_ids)
         out: list[Any] = []
-        for fv in values:
+        for requested, fv in zip(field_ids, values, strict=True):
             ret = fv.nvmlReturn
             if ret == pynvml.NVML_SUCCESS:
                 out.append(_VALUE_DECODERS[fv.valueType](fv.value))
             elif ret in UNSUPPORTED_CODES or ret == pynvml.NVML_ERROR_NO_DATA:
-                self._mark_unsupported(field_name(fv.fieldId))
+                if mark:
+                    self.mark_unsupported(field_name(requested))
                 out.append(UNSUPPORTED)
             else:
-                self._raise(pynvml.NVMLError(ret), f"nvmlDeviceGetFieldValues({field_name(fv.fieldId)})")
+                self._raise(pynvml.NVMLError(ret), f"nvmlDeviceGetFieldValues({field_name(requested)})")
         return out
 
     def cached(self, key: str, load: Callable[[], Any]) -> Any:
@@ -180,7 +189,8 @@ class Device:
             raise GpuLost(self.index, exc.value, f"{what}: {exc}") from exc
         raise exc
 
-    def _mark_unsupported(self, what: str) -> None:
+    def mark_unsupported(self, what: str) -> None:
+        """Report `what` (a call or field name) as not supported on this GPU by the running collector."""
         self._pending.add(what)
         if what not in self._logged:
             self._logged.add(what)

@@ -73,6 +73,19 @@ CASES = {
         },
         ["--expected-gpus", "8", "--xid.source", "none"],
     ),
+    # NVLink with --collector.nvlink.per-link: every link of every GPU, links past 11 included.
+    "h100x8-nvlink-per-link": (
+        {
+            "seed": 0,
+            "faults": [
+                {"kind": "nvlink_errors", "gpu": 3, "link": 4, "counter": "crc_flit", "count": 17},
+                {"kind": "nvlink_errors", "gpu": 3, "link": 16, "counter": "recovery", "count": 2},
+                {"kind": "nvlink_down", "gpu": 3, "link": 5},
+                {"kind": "nvlink_down", "gpu": 6, "link": 17},
+            ],
+        },
+        ["--expected-gpus", "8", "--collector.disable-defaults", "--collector.nvlink", "--collector.nvlink.per-link"],
+    ),
     # A kernel log with Xid, SXid, Xid 154 and fallen-off-the-bus records, read by the xid collector at start.
     "h100x8-xid": ({"seed": 0}, ["--xid.source", "file:{golden}/kern.log"]),
 }

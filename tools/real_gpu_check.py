@@ -17,6 +17,7 @@ Exits 1 if a family is missing without an explanation.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -29,6 +30,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+_NVLINK_STATE = ("NVML_FI_DEV_NVLINK_LINK_COUNT", "NVML_FI_DEV_NVLINK_GET_STATE", "nvmlDeviceGetFieldValues",
+                 "nvmlDeviceGetNvLinkState")
+_NVLINK_ERRORS = ("NVML_FI_DEV_NVLINK_LINK_COUNT", "NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY",
+                  "NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY", "NVML_FI_DEV_NVLINK_ERROR_DL_CRC",
+                  "nvmlDeviceGetFieldValues", "nvmlDeviceGetNvLinkErrorCounter")
 
 # Each per-GPU family and the NVML calls (or fields) whose NotSupported explains its absence.
 FAMILY_CALLS: dict[str, tuple[str, ...]] = {
@@ -54,8 +61,13 @@ FAMILY_CALLS: dict[str, tuple[str, ...]] = {
     "gpu_remapped_rows": ("nvmlDeviceGetRemappedRows",),
     "gpu_row_remap_pending": ("nvmlDeviceGetRemappedRows",),
     "gpu_row_remap_failure": ("nvmlDeviceGetRemappedRows",),
-    "gpu_nvlink_up": ("nvmlDeviceGetNvLinkState",),
-    "gpu_nvlink_errors_total": ("nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkErrorCounter"),
+    # Scoped fields name their link (NVML_FI_DEV_NVLINK_GET_STATE[5]); the check compares without it. A backend
+    # without scoped fields is read link by link (the nvmlDeviceGetNvLink* calls).
+    "gpu_nvlink_links_up": _NVLINK_STATE,
+    "gpu_nvlink_links_down": _NVLINK_STATE,
+    "gpu_nvlink_errors_total": _NVLINK_ERRORS,
+    "gpu_nvlink_link_up": _NVLINK_STATE,
+    "gpu_nvlink_link_errors_total": _NVLINK_ERRORS,
     "gpu_pcie_replays_total": ("nvmlDeviceGetPcieReplayCounter",),
     "gpu_pcie_link_generation": ("nvmlDeviceGetCurrPcieLinkGeneration",),
     "gpu_pcie_link_max_generation": ("nvmlDeviceGetMaxPcieLinkGeneration",),
@@ -113,7 +125,8 @@ def scrape_exporter(backend: str) -> int:
     with tempfile.TemporaryDirectory() as state:
         proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--backend", backend, "--web.listen-address", f"127.0.0.1:{port}",
-             "--state-dir", state, "--xid.source", "none", "--collect-timeout", "2s"],
+             "--state-dir", state, "--xid.source", "none", "--collect-timeout", "2s",
+             "--collector.nvlink.per-link"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
@@ -145,7 +158,7 @@ def scrape_exporter(backend: str) -> int:
             gpus.add(gpu)
             present[s.name].add(gpu)
             if s.name == "gpu_nvml_unsupported":
-                unsupported[gpu].add(s.labels["call"])
+                unsupported[gpu].add(re.sub(r"\[\d+\]$", "", s.labels["call"]))
     failures = 0
     for gpu in sorted(gpus, key=int):
         for family, calls in FAMILY_CALLS.items():

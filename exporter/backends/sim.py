@@ -89,6 +89,13 @@ _NVLINK_COUNTERS = {
     "crc_flit": pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT,
     "crc_data": pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA,
 }
+# Field ids answered per link (scopeId = link), as nvml.h documents them.
+_NVLINK_SCOPED = frozenset({
+    pynvml.NVML_FI_DEV_NVLINK_GET_STATE,
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY,
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY,
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC,
+})
 _FABRIC_STATES = {"not_started": 1, "in_progress": 2, "completed": 3}
 
 # Each fault kind and the keys it takes besides at/until/gpu/kind.
@@ -581,13 +588,23 @@ class SimulatedNvml:
     # --- batched fields ----------------------------------------------------------------
 
     def nvmlDeviceGetFieldValues(self, handle: SimHandle, field_ids: list[Any]) -> Any:
+        """Each value answers on its own, as the driver's do: a value, NotSupported, or a refusal.
+
+        An id the simulator does not model is refused with INVALID_ARGUMENT (what the driver answers
+        for an id it does not know), so a collector asking for an invented or untaught field fails its
+        tests instead of reading as "not supported". Scoped NVLink ids refuse a link past the count.
+        """
         gpu = self._gpu(handle, "nvmlDeviceGetFieldValues")
         values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
         now_us = int(self._clock() * 1e6)
         for slot, fid in zip(values, field_ids, strict=True):
             fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
             slot.fieldId, slot.scopeId, slot.timestamp = fid, scope, now_us
-            value = self._field(gpu, fid)
+            try:
+                value = self._field(gpu, fid, scope)
+            except pynvml.NVMLError as exc:
+                slot.nvmlReturn = exc.value
+                continue
             if value is None:
                 slot.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
                 continue
@@ -596,7 +613,13 @@ class SimulatedNvml:
             slot.value.ullVal = value
         return values
 
-    def _field(self, gpu: _Gpu, fid: int) -> int | None:
+    def _field(self, gpu: _Gpu, fid: int, scope: int = 0) -> int | None:
+        if fid in _NVLINK_SCOPED:
+            if not self.model.nvlinks:
+                return None
+            if not 0 <= scope < self.model.nvlinks:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            return self._nvlink_field(gpu, fid, scope)
         if fid == pynvml.NVML_FI_DEV_MEMORY_TEMP:
             return int(self._temperature(gpu) + 8) if self.model.hbm else None
         if fid == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
@@ -617,4 +640,16 @@ class SimulatedNvml:
             return self._total(gpu, "retired_pages", cause=("double_bit", "double_bit"))
         if fid == pynvml.NVML_FI_DEV_RETIRED_PENDING:
             return int(any(f.params.get("pending", True) for f in self._active(gpu, "retired_pages")))
-        return None
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def _nvlink_field(self, gpu: _Gpu, fid: int, link: int) -> int:
+        if fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE:
+            down = any(f.params.get("link", 0) == link for f in self._active(gpu, "nvlink_down"))
+            return pynvml.NVML_NVLINK_STATE_INACTIVE if down else pynvml.NVML_NVLINK_STATE_ACTIVE
+        # The scoped CRC counter counts every CRC error of the link: flit and data.
+        names = {
+            pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: ("replay",),
+            pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: ("recovery",),
+            pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: ("crc_flit", "crc_data"),
+        }[fid]
+        return sum(self._total(gpu, "nvlink_errors", link=(link, 0), counter=(n, "crc_flit")) for n in names)

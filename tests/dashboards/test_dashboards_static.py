@@ -210,7 +210,8 @@ def test_every_metric_a_query_reads_exists() -> None:
 
 def test_the_known_metrics_are_read_from_the_real_sources() -> None:
     """Guard the guard: the sets above are not empty or stale."""
-    assert {"gpu_xid_errors_total", "gpu_dcgm_health_status", "gpu_nvlink_up"} <= EXPORTER
+    assert {"gpu_xid_errors_total", "gpu_dcgm_health_status", "gpu_nvlink_links_up",
+            "gpu_nvlink_link_up"} <= EXPORTER
     assert "node_gpu_xid:gpu_xid_last_timestamp_seconds:uncleared" in RECORDS
     assert {"gpu_remediation_actions_total", "gpu_remediation_breaker_open",
             "gpu_remediation_step_duration_seconds_bucket"} <= WEBHOOK
@@ -244,7 +245,7 @@ def test_each_dashboard_shows_what_the_issue_asks_of_it() -> None:
         "gpu-health-fleet")
     node = used_metrics("gpu-health-node")
     assert {"gpu_xid_errors_total", "gpu_ecc_errors_total", "gpu_remapped_rows", "gpu_row_remap_pending",
-            "gpu_nvlink_up", "gpu_nvlink_errors_total", "gpu_pcie_replays_total", "gpu_pcie_link_width_lanes",
+            "gpu_nvlink_links_up", "gpu_nvlink_errors_total", "gpu_nvlink_link_up", "gpu_nvlink_link_errors_total", "gpu_pcie_replays_total", "gpu_pcie_link_width_lanes",
             "gpu_clock_event_reason_active"} <= node
     assert any(p["title"] == "XID timeline" and p["type"] == "timeseries" for p in panels("gpu-health-node"))
     remediation = "\n".join(exprs("gpu-health-remediation"))

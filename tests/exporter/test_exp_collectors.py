@@ -54,8 +54,9 @@ FAMILIES: dict[str, dict[str, tuple[tuple[str, ...], int]]] = {
         "gpu_row_remap_failure": ((), 1),
     },
     "nvlink": {
-        "gpu_nvlink_up": (("link",), 18),
-        "gpu_nvlink_errors_total": (("link", "counter"), 18 * 4),
+        "gpu_nvlink_links_up": ((), 1),
+        "gpu_nvlink_links_down": ((), 1),
+        "gpu_nvlink_errors_total": (("counter",), 3),
     },
     "pcie": {
         "gpu_pcie_replays_total": ((), 1),
@@ -314,34 +315,6 @@ def test_row_remap_pending_and_failure(make_node, helpers):
     assert helpers.value(after, "gpu_remapped_rows", gpu="1", cause="uncorrectable") == 1
 
 
-def test_nvlink_18_links_with_4_counters_on_h100(make_node, helpers):
-    faults = [
-        {"kind": "nvlink_errors", "gpu": 1, "at": 10, "link": 5, "counter": "replay", "count": 7},
-        {"kind": "nvlink_errors", "gpu": 1, "at": 10, "link": 2, "count": 4},  # crc_flit by default
-        {"kind": "nvlink_down", "gpu": 3, "at": 10, "link": 11},
-    ]
-    node = make_node({"gpus": 4, "faults": faults}, collectors=["nvlink"])
-    before = node.cycle()
-    assert {s.value for s in helpers.select(before, "gpu_nvlink_up")} == {1}
-    assert {s.value for s in helpers.select(before, "gpu_nvlink_errors_total")} == {0}
-    for i in range(4):
-        links = {s.labels["link"] for s in helpers.select(before, "gpu_nvlink_up", gpu=str(i))}
-        assert links == {str(n) for n in range(18)}
-        for link in links:
-            counters = {s.labels["counter"] for s in helpers.select(before, "gpu_nvlink_errors_total",
-                                                                      gpu=str(i), link=link)}
-            assert counters == {"replay", "recovery", "crc_flit", "crc_data"}
-
-    after = node.cycle(advance=10)
-    nonzero = {
-        (s.labels["gpu"], s.labels["link"], s.labels["counter"]): s.value
-        for s in helpers.select(after, "gpu_nvlink_errors_total") if s.value
-    }
-    assert nonzero == {("1", "5", "replay"): 7, ("1", "2", "crc_flit"): 4}
-    down = {(s.labels["gpu"], s.labels["link"]) for s in helpers.select(after, "gpu_nvlink_up") if s.value == 0}
-    assert down == {("3", "11")}
-
-
 def test_pcie_values_downgrade_and_replays(make_node, helpers):
     faults = [
         {"kind": "pcie_downgrade", "gpu": 0, "at": 10, "width": 8, "generation": 3},
@@ -387,7 +360,7 @@ def test_l4_has_no_nvlink_or_fabric_and_says_so(make_node, helpers):
     for i in range(2):
         unsupported = {s.labels["call"]: s.value for s in helpers.select(text, "gpu_nvml_unsupported", gpu=str(i))}
         assert unsupported.get("nvmlDeviceGetGpuFabricInfoV") == 1
-        assert unsupported.get("nvmlDeviceGetNvLinkState") == 1
+        assert unsupported.get("NVML_FI_DEV_NVLINK_LINK_COUNT") == 1
         # No HBM on an L4: no memory temperature, and the field is reported unsupported.
         assert unsupported.get("NVML_FI_DEV_MEMORY_TEMP") == 1
     assert "gpu_memory_temperature_celsius" not in names

@@ -90,7 +90,7 @@ def test_gpu_lost(make_node, helpers):
     before = node.cycle()
     lost_uuid = node.uuid(5)
     healthy_count = len(collector_samples(helpers, before, gpu="0"))
-    assert len(collector_samples(helpers, before, gpu="5")) == healthy_count > 50
+    assert len(collector_samples(helpers, before, gpu="5")) == healthy_count > 40
 
     after = node.cycle(advance=10)
     assert helpers.per_gpu(after, "gpu_lost") == {str(i): (1 if i == 5 else 0) for i in range(8)}

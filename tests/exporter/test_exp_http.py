@@ -53,7 +53,7 @@ def test_metrics_serves_all_gpus(exporter, helpers, session):
     assert helpers.value(text, "gpu_nvml_up") == 1
     assert set(helpers.per_gpu(text, "gpu_info")) == {str(i) for i in range(8)}
     assert set(helpers.per_gpu(text, "gpu_temperature_celsius")) == {str(i) for i in range(8)}
-    assert len(helpers.select(text, "gpu_nvlink_up")) == 8 * 18
+    assert helpers.per_gpu(text, "gpu_nvlink_links_up") == {str(i): 18 for i in range(8)}
     success = {s.labels["collector"]: s.value for s in helpers.select(text, "gpu_exporter_collector_success")}
     assert set(success) == helpers.default_collectors()
     assert set(success.values()) == {1}
