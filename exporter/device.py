@@ -29,8 +29,14 @@ class _Unsupported:
 
 UNSUPPORTED: Final = _Unsupported()
 
-# A missing function (old driver) is as much "not supported" as NotSupported itself.
-UNSUPPORTED_CODES: Final = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
+# A missing function (old driver, or a name gone from the bindings) is as much "not supported" as
+# NotSupported itself, and so is a struct version the driver does not know (ARGUMENT_VERSION_MISMATCH:
+# a versioned call made with a newer struct than this driver has).
+UNSUPPORTED_CODES: Final = frozenset({
+    pynvml.NVML_ERROR_NOT_SUPPORTED,
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+})
 # These mean the GPU is gone until a reset or reboot; every later call would fail the same way.
 LOST_CODES: Final = frozenset(
     {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED, pynvml.NVML_ERROR_GPU_NOT_FOUND}
@@ -61,6 +67,26 @@ def field_name(field_id: int | tuple[int, int]) -> str:
         fid, scope = field_id
         return f"{field_name(fid)}[{scope}]"
     return _FIELD_NAMES.get(field_id, f"field_{field_id}")
+
+
+def nvml_init(nvml: Nvml) -> None:
+    """nvmlInit that does not fail on a node without GPUs (NVML_INIT_FLAG_NO_GPUS).
+
+    Without the flag NVML refuses to initialise when it finds no GPU, which would read as "NVML down"
+    (gpu_nvml_up 0) instead of "0 GPUs visible". A backend without nvmlInitWithFlags (the simulator
+    before it had one, an old binding) gets the plain nvmlInit.
+    """
+    try:
+        init_with_flags = nvml.nvmlInitWithFlags
+    except AttributeError:
+        nvml.nvmlInit()
+        return
+    try:
+        init_with_flags(pynvml.NVML_INIT_FLAG_NO_GPUS)
+    except pynvml.NVMLError as exc:
+        if exc.value != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+            raise
+        nvml.nvmlInit()
 
 
 def to_str(value: str | bytes) -> str:
@@ -170,10 +196,15 @@ class Device:
         return self.cache[key]
 
     def _invoke(self, name: str, args: Iterable[Any], *, with_handle: bool = True) -> Any:
-        fn = getattr(self.nvml, name)
         started = time.monotonic()
         self.current_call = (name, started)
         try:
+            try:
+                fn = getattr(self.nvml, name)
+            except AttributeError:
+                # A function the installed bindings (or this backend) lack is as unsupported as one the
+                # driver lacks: FunctionNotFound, which optional() reports and call() raises as NVML would.
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND) from None
             return fn(self.handle, *args) if with_handle else fn(*args)
         except pynvml.NVMLError as exc:
             if exc.value in LOST_CODES:

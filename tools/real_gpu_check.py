@@ -75,7 +75,7 @@ FAMILY_CALLS: dict[str, tuple[str, ...]] = {
     "gpu_pcie_link_max_width_lanes": ("nvmlDeviceGetMaxPcieLinkWidth",),
     "gpu_fabric_state": ("nvmlDeviceGetGpuFabricInfoV",),
     "gpu_fabric_status": ("nvmlDeviceGetGpuFabricInfoV",),
-    "gpu_fabric_health": ("nvmlDeviceGetGpuFabricInfoV",),
+    "gpu_fabric_health": ("nvmlDeviceGetGpuFabricInfoV", "nvmlGpuFabricInfo_v3"),
     "gpu_lost": (),
     "gpu_collection_last_success_timestamp_seconds": (),
     "gpu_collection_stale": (),

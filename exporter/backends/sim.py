@@ -340,6 +340,14 @@ class SimulatedNvml:
     # --- system ------------------------------------------------------------------------
 
     def nvmlInit(self) -> None:
+        self.nvmlInitWithFlags(0)
+
+    def nvmlInitWithFlags(self, flags: int) -> None:
+        # NVML refuses to initialise on a node where it finds no GPU unless told not to (nvml.h:
+        # NVML_INIT_FLAG_NO_GPUS "Don't fail nvmlInit() when no GPUs are found"). The code it fails
+        # with is not documented; NOT_FOUND stands for it here.
+        if not self.config.gpus and not flags & pynvml.NVML_INIT_FLAG_NO_GPUS:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         self._initialized = True
 
     def nvmlShutdown(self) -> None:
