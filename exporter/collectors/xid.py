@@ -5,7 +5,8 @@ kmsg if it is readable, else journald. NVML Xid events complement the log (``--x
 
 Node tier: there is no per-GPU NVML read. The PCI id in a line is turned into a GPU with the poller's PCI map
 (a dict lookup, refreshed on the slow tier), never a live NVML call: NVML fails or hangs exactly when Xid 79 or
-119 is printed. A PCI id nobody knows is still counted, with ``gpu`` and ``uuid`` "unknown".
+119 is printed. A PCI id nobody knows is still counted, with ``gpu`` and ``uuid`` "unknown". Every PCI id, the
+map's keys included, is in NVML's spelling (``00000000:18:00.0``, exporter.xid.pci), the one ``gpu_info`` carries.
 
 Counts are per boot and never go down within one: they are saved with the position read to before they are
 shown (see exporter.xid.store). Before the first scrape the source is read to its end (bounded by a deadline).
@@ -30,6 +31,8 @@ from ..state import BOOT_ID_PATH, read_boot_id
 from ..xid.catalog import lookup
 from ..xid.nvml_events import NvmlXidEvents, XidDeduper
 from ..xid.parse import KernelEvent, RecordAssembler
+from ..xid.pci import canonical_pci_id
+from ..xid.sxid_catalog import lookup as lookup_sxid
 from ..xid.sources import Item, Source, make_source, validate_spec
 from ..xid.store import STATE_FILE, XidStore, XidView
 
@@ -75,7 +78,8 @@ class XidCollector:
         self.node = node
         self.store = store
         self.source = source
-        self._pci_map = pci_map
+        self._raw_pci_map = pci_map
+        self._pci_seen: tuple[Mapping[str, GpuKey], dict[str, GpuKey]] | None = None
         self._assembler = RecordAssembler()
         self._cache: dict[str, list[KernelEvent]] = {}
         self._publish_lock = threading.Lock()
@@ -97,7 +101,8 @@ class XidCollector:
         parser.add_argument(
             "--xid.source", dest="xid_source", default="auto", type=_source_flag, metavar="SOURCE",
             help="Where Xid/SXid lines are read: auto (kmsg if readable, else journal), kmsg (/dev/kmsg), journal "
-                 "(journalctl -k), file:PATH (a log file, followed across rotation), or none. (default auto)",
+                 "(journalctl -k), file:PATH (a log file, followed across rotation, from this boot's first line; "
+                 "from its end when it holds none), or none. (default auto)",
         )
         parser.add_argument(
             "--xid.journalctl", dest="xid_journalctl", default="journalctl",
@@ -116,11 +121,13 @@ class XidCollector:
     @classmethod
     def from_options(cls, options: CollectorOptions) -> XidCollector:
         settings = options.settings
-        source = make_source(
-            str(settings.get("xid_source") or "auto"), journalctl=str(settings.get("xid_journalctl") or "journalctl")
-        )
         boot_id_file = str(settings.get("xid_boot_id_file") or BOOT_ID_PATH)
         boot_id = read_boot_id(boot_id_file)
+        source = make_source(
+            str(settings.get("xid_source") or "auto"),
+            journalctl=str(settings.get("xid_journalctl") or "journalctl"),
+            boot_id=boot_id if boot_id not in ("", "unknown") else None,
+        )
         path = Path(options.state_dir) / STATE_FILE if options.state_dir else None
         if boot_id in ("", "unknown") and path is not None:
             # Without a boot id, another boot's counts and kmsg position would be taken for this boot's.
@@ -193,7 +200,7 @@ class XidCollector:
 
         Every Xid/SXid pattern starts at one of those two words, so a line's events do not depend on its prefix
         (timestamps, host): a storm of one message parses once. Only lines giving exactly one Xid/SXid event are
-        cached; on a hit the assembler is flushed, as feeding such a line would have dropped a pending record.
+        cached; on a hit the assembler is told an unrelated line went by, as feeding it would have.
         """
         i, j = text.find("NVRM:"), text.find("SXid")
         if i < 0 or 0 <= j < i:
@@ -203,7 +210,7 @@ class XidCollector:
         key = text[i:].rstrip("\r\n")
         cached = self._cache.get(key)
         if cached is not None:
-            self._assembler.flush()
+            self._assembler.unrelated()
             return cached
         events = self._assembler.feed(text)
         if len(events) == 1 and events[0].kind in ("xid", "sxid"):
@@ -235,6 +242,24 @@ class XidCollector:
             self._changed.set()
         else:
             self._dirty = True
+
+    def _pci_map(self) -> Mapping[str, GpuKey]:
+        """The poller's PCI map with its keys in NVML's spelling, converted once per map the poller publishes.
+
+        The poller replaces its map (copy on write) rather than changing it, so the map object is the cache key.
+        """
+        raw = self._raw_pci_map()
+        seen = self._pci_seen
+        if seen is not None and seen[0] is raw:
+            return seen[1]
+        converted: dict[str, GpuKey] = {}
+        for pci, key in raw.items():
+            try:
+                converted[canonical_pci_id(pci)] = key
+            except ValueError:
+                log.warning("PCI map entry is not a PCI address; ignored", extra={"pci_bus_id": pci})
+        self._pci_seen = (raw, converted)
+        return converted
 
     def _resolve(self, pci: str) -> GpuKey | None:
         return self._pci_map().get(pci)
@@ -318,15 +343,21 @@ class XidCollector:
         yield last
 
         sw_labels = ["node", "nvswitch_pci_bus_id", "sxid"]
-        sxid = CounterMetricFamily("gpu_sxid_errors", "SXid lines in the kernel log this boot, per NVSwitch.",
-                                   labels=sw_labels)
+        sxid = CounterMetricFamily(
+            "gpu_sxid_errors",
+            "SXid incidents in the kernel log this boot, per NVSwitch and SXid (continuation lines of an incident "
+            "are not counted again), with the driver's mnemonic and the Fabric Manager guide's action "
+            "(IGNORE, RESTART_VM, RESET_GPUS_AND_NVSWITCHES, RESTART_BM, ...).",
+            labels=[*sw_labels, "name", "action"],
+        )
         sxid_fatal = CounterMetricFamily(
-            "gpu_sxid_fatal_errors", "SXid lines the driver marked Fatal this boot, per NVSwitch.", labels=sw_labels
+            "gpu_sxid_fatal_errors", "SXid incidents the driver marked Fatal this boot, per NVSwitch.", labels=sw_labels
         )
         sxid_last = GaugeMetricFamily("gpu_sxid_last_timestamp_seconds", "When the last SXid line was logged.",
                                       labels=sw_labels)
         for (pci, code), (count, fatal, ts) in sorted(view.sxid.items()):
-            sxid.add_metric([node, pci, str(code)], count)
+            sw_info = lookup_sxid(code)
+            sxid.add_metric([node, pci, str(code), sw_info.name, sw_info.action], count)
             sxid_fatal.add_metric([node, pci, str(code)], fatal)
             if ts > 0:
                 sxid_last.add_metric([node, pci, str(code)], ts)
@@ -377,6 +408,14 @@ class XidCollector:
         yield info
         yield node_family(GaugeMetricFamily, node, "gpu_xid_source_up",
                           "1 if the kernel-log source is open and being read, else 0.", int(self.source.up))
+        if self.source.boot_found is not None:
+            yield node_family(
+                GaugeMetricFamily, node, "gpu_xid_source_boot_found",
+                "1 if the kernel-log source is read from this boot's first line (kmsg and journald always); 0 if a "
+                "log file holds no start of this boot, so reading began at its end and earlier lines of this boot "
+                "are not counted.",
+                int(self.source.boot_found),
+            )
         yield node_family(CounterMetricFamily, node, "gpu_xid_lines_read",
                           "Kernel-log lines or records read this boot.", view.lines_read)
         yield node_family(

@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["KernelEvent", "RecordAssembler", "parse_line", "unescape_kmsg"]
+from exporter.xid.pci import canonical_pci_id
 
-_PCI = r"[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}"  # domain:bus:device; VMD domains print 5+ digits
+__all__ = ["KernelEvent", "RecordAssembler", "SxidDetail", "parse_line", "parse_sxid_detail", "unescape_kmsg"]
+
+# [domain:]bus:device; VMD domains print 5+ digits, and some NVRM lines print no domain at all ("GPU 18:00.0:")
+_PCI = r"(?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}"
 
 # NVRM: Xid (PCI:0000:cb:00): 13, pid='<unknown>', name=<unknown>, Graphics SM Warp Exception on (GPC 7, ...
 # NVRM: Xid (0000:01:00): 31, Ch 0000000b, engmask 00000120, intr 10000000            (pre-2016 drivers: no "PCI:")
@@ -30,18 +33,33 @@ _XID_RE = re.compile(
 _PID_NAME_RE = re.compile(r"pid=(?:'?<unknown>'?|\d+)(?:,\s*|$)(?:name=(?:'?<unknown>'?|.*?)(?:,\s*|$))?")
 # nvidia-nvswitch3: SXid (PCI:0000:04:00.0): 22013, Non-fatal, Link 44 Minion Link DLREQ interrupt
 _SXID_RE = re.compile(rf"SXid\s*\((?:PCI:)?(?P<pci>{_PCI}(?:\.[0-7])?)\):\s*(?P<code>\d+)(?:,\s*(?P<rest>.*))?")
-# NVRM: GPU 0000:44:00.0: GPU has fallen off the bus.                                  (runtime, next to Xid 79)
+# Continuation lines the driver prints after (or, for a data record logged first, before) an SXid's own line, with
+# the same code (src/common/nvswitch/kernel/error_nvswitch.c): part of that incident, not incidents themselves.
+# ... SXid (PCI:0000:04:00.0): 22013, Severity 0 Engine instance 44 Sub-engine instance 00
+# ... SXid (PCI:0000:04:00.0): 22013, Data {0x0000002b, 0x0000002b, ...}
+_SXID_DETAIL_RE = re.compile(
+    r"Severity\s+(?P<severity>\d+)\s+Engine instance\s+(?P<engine>\d+)\s+Sub-engine instance\s+(?P<sub>\d+)"
+    r"|Data\s*\{(?P<data>[^}]*)\}?"
+)
+# Fatal, Link 28 sourcetrack timeout error (First)   /   Non-fatal, Link 04 RX Short Error Rate   (SXid)
+_SXID_LINK_RE = re.compile(r"\bLink\s+(\d+)\b")
+# NVRM: GPU 0000:44:00.0: GPU has fallen off the bus.   /   NVRM: GPU 18:00.0: GPU has fallen off the bus.
+# (runtime, next to Xid 79; NV_DEV_PRINTF, whose domain some drivers and log tools leave out)
 _FOB_RUNTIME_RE = re.compile(rf"NVRM:\s+GPU\s+(?:PCI:)?(?P<pci>{_PCI}(?:\.[0-7])?):\s+GPU has fallen off the bus")
-# NVRM: The NVIDIA GPU 0000:b3:00.0\nNVRM: (PCI ID: 10de:26b5) installed in this system has\nNVRM: fallen off ...
-# (probe time, one printk with embedded newlines; rsyslog writes them as "#012", raw /dev/kmsg as "\x0a")
-_FOB_START_RE = re.compile(rf"NVRM:\s+The NVIDIA GPU\s+(?P<pci>{_PCI}(?:\.[0-7])?)")
+# The probe-time record, one printk of three lines (src/nvidia/arch/nvalloc/unix/src/osapi.c):
+#   NVRM: The NVIDIA GPU 0000:b3:00.0
+#   NVRM: (PCI ID: 10de:26b5) installed in this system has
+#   NVRM: fallen off the bus and is not responding to commands.
+# Whole in one text (kmsg "\x0a", rsyslog "#012", dmesg's indented lines joined), or split into lines that a log
+# pipeline may deliver in another order; the first line may carry the PCI ID too, and the address may lack a domain.
 _FOB_PROBE_RE = re.compile(rf"NVRM:\s+The NVIDIA GPU\s+(?P<pci>{_PCI}(?:\.[0-7])?)\b.*?fallen off the bus", re.DOTALL)
-# NVRM: (PCI ID: 10de:26b5) installed in this system has   /   NVRM: fallen off the bus and is not responding ...
-_FOB_CONT_RE = re.compile(r"NVRM:\s+(?:\(PCI ID:|fallen off the bus)")
+_FOB_START_RE = re.compile(rf"NVRM:\s+The NVIDIA GPU\s+(?P<pci>{_PCI}(?:\.[0-7])?)(?![0-9a-fA-F:.])")
+_FOB_MIDDLE_RE = re.compile(r"NVRM:\s+(?:\(PCI ID:\s*[0-9a-fA-F]{4}:[0-9a-fA-F]{4}\)\s+)?installed in this system has\s*$")
+_FOB_END_RE = re.compile(r"NVRM:\s+fallen off the bus and is not responding")
 # SAW_MVB Nonfatal XC0 i0 Link 0 (0x...)   /   NETIR_LINK_EVT  Fatal   XC0 i0 Link 09 (0x...)   (Xid 144-150)
 _NVLINK5_SEVERITY_RE = re.compile(r"\S+\s+(Fatal|Non-?fatal)\b")
-# Non-fatal, Link 44 Minion Link DLREQ interrupt   /   Fatal, Link 28 sourcetrack timeout error (First)   (SXid)
-_SXID_SEVERITY_RE = re.compile(r"(Fatal|Non-?fatal)\b")
+# Non-fatal, Link 44 Minion Link DLREQ interrupt   /   Fatal, Link 28 ...   /   Correctable, Link 03 ...   (SXid)
+_SXID_SEVERITY_RE = re.compile(r"(Fatal|Non-?fatal|Correctable)\b")
 # Ch 00000001 caused by previous Xid 149   (Xid 45, drivers 570.124.04+)
 _CAUSED_BY_RE = re.compile(r"caused by previous Xid (\d+)")
 # GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)   (Xid 154)
@@ -54,8 +72,8 @@ _KMSG_ESCAPES_RE = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 class KernelEvent:
     """One Xid, SXid or fallen-off-the-bus record; only bounded, label-safe fields besides ``message``.
 
-    ``pci_bus_id`` is lower case: ``dddd:bb:dd`` for Xid (the kernel prints no function), and as printed (with
-    ``.f`` when present) for SXid and fallen-off-the-bus. ``message`` is free text for humans; never use it as a label.
+    ``pci_bus_id`` is NVML's spelling for every kind (``00000000:18:00.0``, see exporter.xid.pci), so that it joins
+    ``gpu_info``. ``message`` is free text for humans; never use it as a label.
     """
 
     kind: str  # "xid", "sxid" or "fallen_off_bus"
@@ -67,6 +85,22 @@ class KernelEvent:
     caused_by: int | None = None  # Xid 45 "... caused by previous Xid 149"
     recovery_action: int | None = None  # Xid 154: the new NVML recovery action ("to 0x1 (GPU Reset Required)" -> 1)
     fatal: bool | None = None  # the driver's own Fatal/Nonfatal word (Xid 144-150, SXid) when printed
+    link: int | None = None  # SXid "Link 44": the NVSwitch port
+
+
+@dataclass(frozen=True, slots=True)
+class SxidDetail:
+    """A continuation line of an SXid incident: ``Severity ... Engine instance ...`` or ``Data {...}``.
+
+    Never counted: the driver prints these with the incident's code after (or before) the line that reports it.
+    """
+
+    code: int
+    pci_bus_id: str
+    severity: int | None = None
+    engine_instance: int | None = None
+    sub_engine_instance: int | None = None
+    data: tuple[str, ...] | None = None
 
 
 def unescape_kmsg(text: str) -> str:
@@ -86,7 +120,7 @@ def _probe_event(text: str, match: re.Match[str]) -> KernelEvent:
     """Build the fallen_off_bus event of a probe-time record; drop per-line prefixes so both shapes read the same."""
     parts = text[match.start() :].rstrip().split("\n")
     message = "\n".join(part[part.find("NVRM:") :] if "NVRM:" in part else part.strip() for part in parts)
-    return KernelEvent("fallen_off_bus", None, match.group("pci").lower(), message)
+    return KernelEvent("fallen_off_bus", None, canonical_pci_id(match.group("pci")), message)
 
 
 def _xid_event(match: re.Match[str]) -> KernelEvent:
@@ -108,7 +142,7 @@ def _xid_event(match: re.Match[str]) -> KernelEvent:
     return KernelEvent(
         kind="xid",
         code=code,
-        pci_bus_id=match.group("pci").lower(),
+        pci_bus_id=canonical_pci_id(match.group("pci")),
         message=rest,
         gpu_instance=int(gi) if gi is not None else None,
         compute_instance=int(ci) if ci is not None else None,
@@ -118,61 +152,124 @@ def _xid_event(match: re.Match[str]) -> KernelEvent:
     )
 
 
+def _sxid_match(line: str) -> tuple[re.Match[str], str] | None:
+    if "SXid" in line and (m := _SXID_RE.search(line)):
+        return m, (m.group("rest") or "").rstrip()
+    return None
+
+
+def parse_sxid_detail(line: str) -> SxidDetail | None:
+    """Return the continuation line of an SXid incident in ``line`` (Severity/Engine or Data), or None."""
+    found = _sxid_match(line)
+    if found is None:
+        return None
+    m, rest = found
+    detail = _SXID_DETAIL_RE.match(rest)
+    if detail is None:
+        return None
+    code, pci = int(m.group("code")), canonical_pci_id(m.group("pci"))
+    if detail.group("severity") is not None:
+        return SxidDetail(code, pci, int(detail.group("severity")), int(detail.group("engine")), int(detail.group("sub")))
+    return SxidDetail(code, pci, data=tuple(word.strip() for word in detail.group("data").split(",") if word.strip()))
+
+
 def parse_line(line: str) -> KernelEvent | None:
     """Return the event in one kernel-log line (or one whole record), or None if it holds none.
 
-    A probe-time fallen-off-the-bus record split over several lines is not seen here; feed lines to
+    An SXid continuation line (``Severity ...``, ``Data {...}``) is no event: see ``parse_sxid_detail``. A
+    probe-time fallen-off-the-bus record split over several lines is not seen here; feed lines to
     ``RecordAssembler`` for that.
     """
     if "Xid" in line:
-        if "SXid" in line and (m := _SXID_RE.search(line)):
-            rest = (m.group("rest") or "").rstrip()
+        if found := _sxid_match(line):
+            m, rest = found
+            if _SXID_DETAIL_RE.match(rest):
+                return None
             sev = _SXID_SEVERITY_RE.match(rest)
             fatal = sev.group(1) == "Fatal" if sev else None
-            return KernelEvent("sxid", int(m.group("code")), m.group("pci").lower(), rest, fatal=fatal)
+            link = _SXID_LINK_RE.search(rest) if sev else None
+            return KernelEvent(
+                "sxid", int(m.group("code")), canonical_pci_id(m.group("pci")), rest, fatal=fatal,
+                link=int(link.group(1)) if link else None,
+            )
         if m := _XID_RE.search(line):
             return _xid_event(m)
     if "fallen off the bus" in line:
         if m := _FOB_RUNTIME_RE.search(line):
-            return KernelEvent("fallen_off_bus", None, m.group("pci").lower(), line[m.start() :].strip())
+            return KernelEvent(
+                "fallen_off_bus", None, canonical_pci_id(m.group("pci")), line[m.start() :].strip()
+            )
         if m := _FOB_PROBE_RE.search(line):
             return _probe_event(line, m)
+    return None
+
+
+_PROBE_ORDER = ("start", "middle", "end")
+
+
+def _probe_piece(line: str) -> tuple[str, str | None] | None:
+    """Which line of the probe-time record ``line`` is, with the PCI id for the first: or None."""
+    if "NVRM:" not in line:
+        return None
+    if "The NVIDIA GPU" in line and (m := _FOB_START_RE.search(line)):
+        return "start", m.group("pci")
+    if "installed in this system has" in line and _FOB_MIDDLE_RE.search(line):
+        return "middle", None
+    if "fallen off the bus and" in line and _FOB_END_RE.search(line):
+        return "end", None
     return None
 
 
 class RecordAssembler:
     """Turn a stream of lines into events, joining the probe-time fallen-off-the-bus record when it arrives split.
 
-    dmesg prints that one record as three lines (the last two indented), and syslog/journal exports may prefix each;
-    the first line names the GPU, the last says it fell off the bus, so neither line alone is an event. An
-    unfinished record is dropped when an unrelated line arrives, since without its last line it is not this message.
+    dmesg prints that one record as three lines (the last two indented), syslog/journal exports may prefix each,
+    and a pipeline that sorts by time or merges CPUs' buffers may hand them over in another order. The record is
+    complete once its first line (which names the GPU) and its last (which says it fell off the bus) are both in,
+    whatever the order; the middle line is kept when present. Pieces wait at most ``MAX_GAP`` unrelated lines,
+    which are parsed as usual meanwhile; a piece seen twice starts a new record (the old one lost a line).
     """
 
-    _MAX_LINES = 3
+    MAX_GAP = 4
 
     def __init__(self) -> None:
-        self._pending: list[str] = []
+        self._parts: dict[str, str] = {}
+        self._pci: str | None = None
+        self._gap = 0
 
     def feed(self, line: str) -> list[KernelEvent]:
         """Consume one line (or one whole record); return the events it completes."""
         line = line.rstrip("\r\n")
-        if self._pending:
-            if _FOB_CONT_RE.search(line):
-                self._pending.append(line)
-                text = "\n".join(self._pending)
-                if m := _FOB_PROBE_RE.search(text):
-                    self._pending = []
-                    return [_probe_event(text, m)]
-                if len(self._pending) < self._MAX_LINES:
-                    return []
-            self._pending = []
-        if "The NVIDIA GPU" in line and "fallen off the bus" not in line and _FOB_START_RE.search(line):
-            self._pending = [line]
-            return []
+        if "fallen off the bus" not in line or "The NVIDIA GPU" not in line:
+            piece = _probe_piece(line)
+            if piece is not None:
+                return self._add(piece[0], piece[1], line)
+        self.unrelated()
         event = parse_line(line)
         return [event] if event is not None else []
 
+    def _add(self, kind: str, pci: str | None, line: str) -> list[KernelEvent]:
+        if kind in self._parts:
+            self._parts, self._pci = {}, None
+        self._parts[kind] = line[line.find("NVRM:") :].strip()
+        self._gap = 0
+        if pci is not None:
+            self._pci = pci
+        if self._pci is None or "end" not in self._parts:
+            return []
+        message = "\n".join(self._parts[k] for k in _PROBE_ORDER if k in self._parts)
+        event = KernelEvent("fallen_off_bus", None, canonical_pci_id(self._pci), message)
+        self._parts, self._pci = {}, None
+        return [event]
+
+    def unrelated(self) -> None:
+        """A line that is no piece of the record went by (fed, or skipped by a caller's cache)."""
+        if self._parts:
+            self._gap += 1
+            if self._gap > self.MAX_GAP:
+                self._parts, self._pci, self._gap = {}, None, 0
+
     def flush(self) -> list[KernelEvent]:
         """End of input: an unfinished record is not an event, so drop it; returns a list for symmetry with feed."""
-        self._pending = []
+        self._parts, self._pci, self._gap = {}, None, 0
         return []

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exporter.xid.boots import BootIdentity, BootTracker, is_current_boot
 from exporter.xid.parse import unescape_kmsg
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Source:
     def __init__(self) -> None:
         self.caught_up = threading.Event()
         self.up = False
+        # Whether what is read begins at this boot's start: kmsg and journald hold only this boot by construction;
+        # a log file says so once its boot boundaries are read (see FileSource); None for no source.
+        self.boot_found: bool | None = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._position: Any = None
@@ -103,6 +107,10 @@ class Source:
 
 class NullSource(Source):
     """``--xid.source none``: no log; counts saved earlier in this boot are still served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boot_found = None
 
     def start(self, sink: Sink, position: Any = None) -> None:
         self.caught_up.set()
@@ -259,20 +267,34 @@ class FileSource(Source):
     """A log file followed across rotation (new inode: finish the old file, then read the new one from the start)
     and truncation (size below the offset: read again from the start), polled every ``poll_interval`` seconds.
 
-    The position is ``(inode, offset, head)``, ``head`` being a CRC of the file's first bytes (up to 256, all
-    already read), so that a new file that got the old one's inode number, or a file rewritten in place while the
-    exporter was down, is read from its start rather than from the old offset. On resume with another inode, the
-    rest of the rotated file (found by inode next to it: ``syslog.1`` and the like) is read first.
+    Per boot: a syslog file holds earlier boots too. Started without a saved position, the source reads the file's
+    boot boundaries (exporter.xid.boots) and begins at this boot's first line; when the file holds no start of this
+    boot (rotated away, or the log cannot tell) it begins at the file's end, sets ``boot_found`` False and logs
+    it, rather than count another boot's Xids as this one's. ``boot`` describes the running boot (a test seam).
+
+    The position is ``(inode, offset, head, boot_found)``, ``head`` being a CRC of the file's first bytes (up to
+    256, all already read), so that a new file that got the old one's inode number, or a file rewritten in place
+    while the exporter was down, is read from its start rather than from the old offset. On resume with another
+    inode, the rest of the rotated file (found by inode next to it: ``syslog.1`` and the like) is read first.
     """
 
     kind = "file"
     HEAD = 256
 
-    def __init__(self, path: str | Path, *, poll_interval: float = 0.025, chunk: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        poll_interval: float = 0.025,
+        chunk: int = 64 * 1024,
+        boot: BootIdentity | None = None,
+    ) -> None:
         super().__init__()
         self.path = Path(path)
         self.poll_interval = poll_interval
         self.chunk = chunk
+        self.boot = boot if boot is not None else BootIdentity.here(None)
+        self.boot_found = None
 
     @property
     def identity(self) -> str:
@@ -327,19 +349,52 @@ class FileSource(Source):
             offset += cut + 1
             if head is None or offset < self.HEAD:
                 head = self._head(fd, offset)
-            sink([(text, None) for text in file_lines(complete)], (inode, offset, head))
+            sink([(text, None) for text in file_lines(complete)], (inode, offset, head, int(bool(self.boot_found))))
         if final and partial:
             # A rotated file gets no more lines: its unterminated last line is complete.
             offset += len(partial)
-            sink([(text, None) for text in file_lines(partial)], (inode, offset, self._head(fd, offset)))
+            position = (inode, offset, self._head(fd, offset), int(bool(self.boot_found)))
+            sink([(text, None) for text in file_lines(partial)], position)
         return offset
+
+    def _boot_start(self, fd: int, size: int) -> int:
+        """The offset of this boot's first line in the file, or ``size`` (its end) when it holds none."""
+        tracker = BootTracker()
+        offset = 0
+        partial = b""
+        while offset + len(partial) < size and not self._stop.is_set():
+            data = os.pread(fd, min(self.chunk, size - offset - len(partial)), offset + len(partial))
+            if not data:
+                break
+            partial += data
+            lines = partial.split(b"\n")
+            partial = lines.pop()
+            for raw in lines:
+                tracker.feed(raw.decode("utf-8", "replace"), offset)
+                offset += len(raw) + 1
+        last = tracker.boots[-1]
+        where = {"path": str(self.path), "boots_in_file": len(tracker.boots)}
+        if is_current_boot(last, self.boot):
+            self.boot_found = True
+            log.info("XID log file: this boot starts here", extra={**where, "offset": last.offset,
+                                                                    "line": last.line + 1, "sign": last.reason})
+            return last.offset
+        self.boot_found = False
+        log.warning(
+            "XID log file holds no start of this boot; reading only lines written from now on "
+            "(gpu_xid_source_boot_found 0)",
+            extra={**where, "offset": size},
+        )
+        return size
 
     def _resume(self, fd: int, st: os.stat_result, position: Any, sink: Sink) -> int:
         """The offset to continue ``fd`` at, after reading the rest of a rotated file if there is one."""
-        if not (isinstance(position, tuple) and len(position) in (2, 3)):
-            return 0
+        if not (isinstance(position, tuple) and len(position) in (2, 3, 4)):
+            return self._boot_start(fd, st.st_size)
         saved_ino, saved_offset = int(position[0]), int(position[1])
-        saved_head = position[2] if len(position) == 3 else None
+        saved_head = position[2] if len(position) >= 3 else None
+        # A position saved this boot was inside this boot's lines, unless the file held no start of it then.
+        self.boot_found = bool(position[3]) if len(position) == 4 else True
         if saved_ino == st.st_ino:
             if self._resumable(fd, st.st_size, saved_offset, saved_head):
                 return saved_offset
@@ -390,6 +445,9 @@ class FileSource(Source):
                         fd, st = opened
                         ino, offset = st.st_ino, 0
                         self.up = True
+                        if self.boot_found is None:
+                            # Created after the exporter started: every line in it is this boot's.
+                            self.boot_found = True
         finally:
             self.up = False
             if fd is not None:
@@ -539,8 +597,11 @@ def validate_spec(spec: str) -> str:
     raise ValueError(f"expected auto, kmsg, journal, file:PATH or none, got {spec!r}")
 
 
-def make_source(spec: str, *, journalctl: str = "journalctl") -> Source:
-    """The source ``--xid.source`` names; ``auto`` is kmsg if readable, else journald if journalctl exists."""
+def make_source(spec: str, *, journalctl: str = "journalctl", boot_id: str | None = None) -> Source:
+    """The source ``--xid.source`` names; ``auto`` is kmsg if readable, else journald if journalctl exists.
+
+    ``boot_id`` is this boot's id, which a log file's journal boot ids are matched against.
+    """
     kind, _, arg = validate_spec(spec).partition(":")
     if kind == "auto":
         if kmsg_readable():
@@ -553,5 +614,5 @@ def make_source(spec: str, *, journalctl: str = "journalctl") -> Source:
     if kind == "journal":
         return JournalSource(journalctl)
     if kind == "file":
-        return FileSource(arg)
+        return FileSource(arg, boot=BootIdentity.here(boot_id))
     return NullSource()

@@ -26,6 +26,7 @@ from typing import Any
 
 from exporter.registry import GpuKey
 from exporter.xid.parse import KernelEvent
+from exporter.xid.pci import canonical_pci_id
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,24 @@ FORMAT_VERSION = 1
 FALLEN_OFF_BUS_XID = 79
 
 
-def device_id(pci_bus_id: str) -> str:
-    """``0000:3b:00.0`` -> ``0000:3b:00``: the kernel-style id of the PCI device, as Xid lines print it."""
-    head, dot, func = pci_bus_id.rpartition(".")
-    return head if dot and func.isdigit() else pci_bus_id
+def _pci(saved: Any) -> str:
+    """A PCI id from a state file in NVML's spelling: earlier versions saved the kernel's ``0000:3b:00``.
+
+    Converting on load keeps a count that was scraped under the old spelling going under the new one, instead of
+    starting it again from zero (which Prometheus would read as a reset) for the rest of the boot.
+    """
+    try:
+        return canonical_pci_id(str(saved))
+    except ValueError:
+        return str(saved)
+
+
+def _merge(pairs: Iterable[tuple[Any, Any]], combine: Callable[[Any, Any], Any]) -> dict[Any, Any]:
+    """Build a dict, combining values whose keys became equal once their PCI ids were converted."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        out[key] = combine(out[key], value) if key in out else value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +93,17 @@ class XidView:
             boot_id=str(data["boot_id"]),
             source=str(data.get("source", "")),
             position=_position(data.get("position")),
-            xid={(str(p), int(c)): (int(n), float(ts)) for p, c, n, ts in data.get("xid", [])},
-            sxid={(str(p), int(c)): (int(n), int(f), float(ts)) for p, c, n, f, ts in data.get("sxid", [])},
-            fallen_off_bus={str(p): float(ts) for p, ts in data.get("fallen_off_bus", {}).items()},
-            recovery_action={str(p): int(a) for p, a in data.get("recovery_action", {}).items()},
-            gpus={str(p): GpuKey(int(i), str(u)) for p, (i, u) in data.get("gpus", {}).items()},
+            xid=_merge(
+                (((_pci(p), int(c)), (int(n), float(ts))) for p, c, n, ts in data.get("xid", [])),
+                lambda a, b: (max(a[0], b[0]), max(a[1], b[1])),
+            ),
+            sxid=_merge(
+                (((_pci(p), int(c)), (int(n), int(f), float(ts))) for p, c, n, f, ts in data.get("sxid", [])),
+                lambda a, b: (max(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2])),
+            ),
+            fallen_off_bus=_merge(((_pci(p), float(ts)) for p, ts in data.get("fallen_off_bus", {}).items()), min),
+            recovery_action={_pci(p): int(a) for p, a in data.get("recovery_action", {}).items()},
+            gpus={_pci(p): GpuKey(int(i), str(u)) for p, (i, u) in data.get("gpus", {}).items()},
             nvml_only={(int(g), str(u), int(c)): int(n) for g, u, c, n in data.get("nvml_only", [])},
             lines_read=int(data.get("lines_read", 0)),
             kmsg_records_lost=int(data.get("kmsg_records_lost", 0)),
@@ -206,7 +227,7 @@ class XidStore:
                     entry[1] += n if event.fatal is True else 0
                     entry[2] = max(entry[2], ts)
                 elif event.kind == "fallen_off_bus":
-                    pci = device_id(event.pci_bus_id)
+                    pci = event.pci_bus_id
                     self._fallen.setdefault(pci, ts)
                     self._resolve_locked(pci, resolve)
         return seen

@@ -129,11 +129,13 @@ def test_xid_line_reaches_metrics_and_survives_restarts(tmp_path: Path) -> None:
         uuid0, uuid1 = uuid_of(body, 0), uuid_of(body, 1)
         assert value(body, "gpu_xid_source_info", source="file") == 1
         assert value(body, "gpu_xid_errors_total") is None
+        # An empty file holds no start of this boot: it is read from its end, and the metric says so.
+        assert value(body, "gpu_xid_source_boot_found") == 0
 
         # A line written into the live source moves the counter, with the right GPU and catalog labels.
         t0 = time.monotonic()
         append(e.log, XID79_GPU0)
-        labels = dict(gpu="0", uuid=uuid0, pci_bus_id="0000:18:00", xid="79",
+        labels = dict(gpu="0", uuid=uuid0, pci_bus_id="00000000:18:00.0", xid="79",
                       name="ROBUST_CHANNEL_GPU_HAS_FALLEN_OFF_THE_BUS", action="RESTART_BM")
         poll(lambda: value(e.metrics(), "gpu_xid_errors_total", **labels) == 1)
         # Far sooner than the 5 s collection interval: the XID part is republished on its own.
@@ -164,14 +166,20 @@ def test_xid_line_reaches_metrics_and_survives_restarts(tmp_path: Path) -> None:
         assert value(rolled, "gpu_xid_errors_total", gpu="1", xid="13") == 3
         assert value(rolled, "gpu_xid_errors_total", gpu="2", xid="13") == 1
 
-        # A new boot id starts from zero: only what the log holds now is counted.
+        # A reboot: the file still holds the old boot's lines (an Xid 79 among them), then the new boot's first
+        # line. Counts start from zero, and only the lines from that first line on are this boot's.
         e.stop()
+        append(e.log, XID79_GPU0)
         (tmp_path / "boot_id").write_text("22222222-boot-two\n")
+        append(e.log, "kernel: [    0.000000] Linux version 6.8.0-45-generic (buildd@lcy02) #45-Ubuntu SMP\n")
+        append(e.log, XID13_GPU1)
         e.start()
         fresh = e.metrics()
         assert value(fresh, "gpu_xid_errors_total", xid="79") is None
-        assert value(fresh, "gpu_xid_errors_total", gpu="1", xid="13") is None
-        assert value(fresh, "gpu_xid_errors_total", gpu="2", xid="13") == 1
+        assert value(fresh, "gpu_fallen_off_bus") is None
+        assert value(fresh, "gpu_xid_errors_total", gpu="2", xid="13") is None
+        assert value(fresh, "gpu_xid_errors_total", gpu="1", xid="13") == 1
+        assert value(fresh, "gpu_xid_source_boot_found") == 1
         e.stop()
 
 

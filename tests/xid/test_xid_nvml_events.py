@@ -136,7 +136,7 @@ def test_collector_counts_only_events_the_log_did_not_show(tmp_path: Path) -> No
     log.touch()
     fake = FakeEventNvml(["GPU-aaaa", "GPU-bbbb"])
     store = XidStore(tmp_path / STATE_FILE, "boot-1", f"file:{log}")
-    c = XidCollector("n", store, FileSource(log, poll_interval=0.005), pci_map=lambda: {"0000:18:00": GPU0},
+    c = XidCollector("n", store, FileSource(log, poll_interval=0.005), pci_map=lambda: {"00000000:18:00.0": GPU0},
                      nvml=fake, nvml_events=True)
     assert c._dedup is not None
     c._dedup.window = 0.3
@@ -146,7 +146,7 @@ def test_collector_counts_only_events_the_log_did_not_show(tmp_path: Path) -> No
         assert c._events is not None and c._events.ready.wait(5)
         with open(log, "a") as f:
             f.write("NVRM: Xid (PCI:0000:18:00): 79, pid=1, name=x, GPU has fallen off the bus.\n")
-        wait_until(lambda: c._view.xid.get(("0000:18:00", 79), (0,))[0] == 1)
+        wait_until(lambda: c._view.xid.get(("00000000:18:00.0", 79), (0,))[0] == 1)
         fake.fire(0, 79)  # the same incident as the log line
         fake.fire(1, 119)  # the log never shows this one
         wait_until(lambda: c._view.nvml_only != {}, timeout=5)

@@ -96,9 +96,9 @@ def test_kmsg_fifo_records_continuations_and_escapes(fifo: Path, stop_later) -> 
         assert got.texts[2].count("\n") == 3 and "\\x0a" not in got.texts[2]
         events = [e for text in got.texts for e in RecordAssembler().feed(text)]
         assert [(e.kind, e.code, e.pci_bus_id) for e in events] == [
-            ("xid", 79, "0000:18:00"),
-            ("fallen_off_bus", None, "0000:3b:00.0"),
-            ("xid", 13, "0000:2a:00"),
+            ("xid", 79, "00000000:18:00.0"),
+            ("fallen_off_bus", None, "00000000:3B:00.0"),
+            ("xid", 13, "00000000:2A:00.0"),
         ]
         # Wall time = boot time + the record's microseconds.
         assert got.times[1] - got.times[0] == pytest.approx(1.0)
@@ -203,6 +203,10 @@ def test_kmsg_stop_interrupts_a_blocking_wait(fifo: Path) -> None:
 # --- file ---------------------------------------------------------------------------------------------
 
 
+# The kernel's first line of a boot, at monotonic time 0: where the file source begins (see test_xid_boots.py).
+BOOT_LINE = "[    0.000000] Linux version 6.8.0-45-generic (buildd@lcy02-amd64-075) #45-Ubuntu SMP"
+
+
 def append(path: Path, *lines: str) -> None:
     with open(path, "a") as f:
         f.write("".join(line + "\n" for line in lines))
@@ -210,10 +214,10 @@ def append(path: Path, *lines: str) -> None:
 
 def test_file_follows_appends_rotation_and_truncation(tmp_path: Path, stop_later) -> None:
     log = tmp_path / "kern.log"
-    append(log, "one", "two")
+    append(log, BOOT_LINE, "one", "two")
     got = Collected()
     source = stop_later(got.start(FileSource(log, poll_interval=0.005)))
-    wait_until(lambda: got.texts == ["one", "two"])
+    wait_until(lambda: got.texts == [BOOT_LINE, "one", "two"])
     assert source.caught_up.is_set() and source.up
 
     # A partial line waits for its newline.
@@ -221,7 +225,7 @@ def test_file_follows_appends_rotation_and_truncation(tmp_path: Path, stop_later
         f.write("thr")
         f.flush()
         time.sleep(0.03)
-        assert got.texts == ["one", "two"]
+        assert got.texts == [BOOT_LINE, "one", "two"]
         f.write("ee\n")
     wait_until(lambda: got.texts[-1:] == ["three"])
 
@@ -230,7 +234,7 @@ def test_file_follows_appends_rotation_and_truncation(tmp_path: Path, stop_later
     append(tmp_path / "kern.log.1", "four")
     append(log, "five")
     wait_until(lambda: got.texts[-1:] == ["five"])
-    assert got.texts == ["one", "two", "three", "four", "five"]
+    assert got.texts == [BOOT_LINE, "one", "two", "three", "four", "five"]
     assert got.position[:2] == (os.stat(log).st_ino, 5)
 
     # Truncation (copytruncate): read again from the start.
@@ -242,10 +246,10 @@ def test_file_follows_appends_rotation_and_truncation(tmp_path: Path, stop_later
 
 def test_file_resume_from_offset_and_from_a_rotated_file(tmp_path: Path) -> None:
     log = tmp_path / "kern.log"
-    append(log, "a", "b")
+    append(log, BOOT_LINE, "a", "b")
     got = Collected()
     source = got.start(FileSource(log, poll_interval=0.005))
-    wait_until(lambda: got.texts == ["a", "b"])
+    wait_until(lambda: got.texts == [BOOT_LINE, "a", "b"])
     source.stop()
     saved = got.position
 
@@ -269,18 +273,18 @@ def test_file_resume_from_offset_and_from_a_rotated_file(tmp_path: Path) -> None
 def test_file_rewritten_in_place_while_stopped_is_read_from_its_start(tmp_path: Path) -> None:
     """Same inode, size past the old offset, other content (or a new file that got the old inode number)."""
     log = tmp_path / "kern.log"
-    append(log, "old one", "old two")
+    append(log, BOOT_LINE, "old one", "old two")
     got = Collected()
     source = got.start(FileSource(log, poll_interval=0.005))
-    wait_until(lambda: got.texts == ["old one", "old two"])
+    wait_until(lambda: got.texts == [BOOT_LINE, "old one", "old two"])
     source.stop()
     inode = os.stat(log).st_ino
     with open(log, "r+") as f:
-        f.write("new one\nnew two\nnew three\n")
+        f.write(BOOT_LINE + "\nnew one\nnew two\nnew three\n")
     assert os.stat(log).st_ino == inode
     again = Collected()
     source = again.start(FileSource(log, poll_interval=0.005), position=got.position)
-    wait_until(lambda: again.texts == ["new one", "new two", "new three"])
+    wait_until(lambda: again.texts == [BOOT_LINE, "new one", "new two", "new three"])
     source.stop()
 
 
