@@ -17,7 +17,7 @@ from .errors import BackendUnavailable, ConfigError
 from .poller import Poller, PollerConfig
 from .registry import Collector, CollectorOptions, create, discover
 from .server import create_app
-from .state import ExpectedGpus, read_boot_id
+from .state import BOOT_ID_PATH, ExpectedGpus, WriteErrors, read_boot_id
 
 log = logging.getLogger("gpu_health_exporter")
 
@@ -51,12 +51,18 @@ def build_poller(
     """The collection side, exactly as the exporter runs it; tests and tools build it the same way."""
     # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
     holder: list[Poller] = []
+    errors = WriteErrors()
+    # One boot id for everything kept per boot (XID counts, the expected GPU count): --xid.boot-id-file's.
+    if boot_id is None:
+        boot_id = read_boot_id(str(config.settings.get("xid_boot_id_file") or BOOT_ID_PATH))
     options = CollectorOptions(
         node=config.node,
         state_dir=config.state_dir,
         nvml=nvml,
         pci_map=lambda: holder[0].pci_map() if holder else {},
         settings=config.settings,
+        state_errors=errors,
+        boot_id=boot_id,
     )
     poller = Poller(
         nvml,
@@ -69,7 +75,7 @@ def build_poller(
             version=__version__,
             release_dir=config.state_dir,
         ),
-        ExpectedGpus(config.expected_gpus, config.state_dir, read_boot_id() if boot_id is None else boot_id),
+        ExpectedGpus(config.expected_gpus, config.state_dir, boot_id, errors),
         wall=wall,
         trace=trace,
     )

@@ -26,11 +26,12 @@ import pynvml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .backends import Nvml
-from .device import CallTrace, Device, to_str
+from .device import CallTrace, Device, nvml_init, to_str
 from .errors import GpuLost
 from .registry import Collector, FleetView, GpuKey, RenderContext, Tier, node_family
 from .render import Snapshot, exposition
-from .state import ExpectedGpus
+from .state import ExpectedGpus, WriteErrors
+from .xid.pci import canonical_pci_id
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,24 @@ RELEASE_REQUEST = "release-nvml"
 RELEASE_ACK = "nvml-released"
 # A request older than this is a leftover of an executor that died: collection resumes.
 RELEASE_MAX_AGE = 600.0
+# What the exporter writes to --state-dir (gpu_exporter_state_write_errors_total's `file`), all shown from the start.
+STATE_FILES = ("expected_gpus", "xid", "nvml_release_ack")
 
 
-def _write_ack(path: Path) -> None:
+def _write_ack(path: Path, errors: WriteErrors) -> None:
     try:
         path.write_text(f"{os.getpid()}\n", encoding="ascii")
     except OSError as exc:
+        errors.failed("nvml_release_ack")
         log.warning("cannot acknowledge the NVML release", extra={"path": str(path), "error": str(exc)})
 
 
-def kernel_pci_id(nvml_bus_id: str) -> str:
-    """NVML's "00000000:3B:00.0" as the kernel prints it in Xid lines: "0000:3b:00"."""
-    domain, _, rest = nvml_bus_id.lower().partition(":")
-    return f"{domain[-4:]}:{rest.split('.')[0]}"
+def _pci_id(nvml_bus_id: str) -> str:
+    """NVML's own spelling, normalised (exporter/xid/pci.py); as NVML gave it when it is not a PCI address."""
+    try:
+        return canonical_pci_id(nvml_bus_id)
+    except ValueError:
+        return nvml_bus_id
 
 
 _MISSING = object()
@@ -183,7 +189,7 @@ class Poller:
         self._thread.start()
 
     def pci_map(self) -> dict[str, GpuKey]:
-        """Kernel-style PCI id ("0000:3b:00") to GPU, as last seen on the slow tier."""
+        """PCI id in NVML's spelling ("00000000:3B:00.0", a VMD domain whole) to GPU, as last seen on the slow tier."""
         return self._pci
 
     def stop(self) -> None:
@@ -276,7 +282,7 @@ class Poller:
                 state.worker.stop()
             self._gpus.clear()
             self._released = True
-            _write_ack(ack)
+            _write_ack(ack, self.expected.errors)
             log.warning("released NVML for a GPU reset", extra={"request": str(request)})
         elif not wanted and self._released:
             self._released = False
@@ -324,7 +330,7 @@ class Poller:
     def _system_job(self, slow: bool) -> None:
         try:
             if not self._initialized:
-                self.nvml.nvmlInit()
+                nvml_init(self.nvml)
                 self._initialized = True
             self._visible = int(self.nvml.nvmlDeviceGetCount())
             if slow or not self._driver:
@@ -362,7 +368,7 @@ class Poller:
                     # The GPU that had this index left enumeration; the index now names another GPU.
                     self._forget(state)
                     due = [c for c in self.collectors if c.tier is not Tier.NODE]
-                pci = kernel_pci_id(dev.pci_bus_id)
+                pci = _pci_id(dev.pci_bus_id)
                 if self._pci.get(pci) != state.key:
                     # Copy-on-write: readers on other threads only ever see a complete map.
                     self._pci = {**self._pci, pci: state.key}
@@ -535,6 +541,14 @@ class Poller:
         yield node_gauge(
             "gpu_exporter_last_collection_timestamp_seconds", "When the collection loop last published.", now_wall
         )
+        write_errors = CounterMetricFamily(
+            "gpu_exporter_state_write_errors",
+            "Failed writes to --state-dir, by what was written; what they kept may be lost at the next restart.",
+            labels=["node", "file"],
+        )
+        for what, count in sorted({**dict.fromkeys(STATE_FILES, 0), **self.expected.errors.counts()}.items()):
+            write_errors.add_metric([node, what], count)
+        yield write_errors
 
         labels = ["node", "gpu", "uuid"]
         lost = GaugeMetricFamily("gpu_lost", "1 if NVML reports the GPU lost or needing a reset, else 0.", labels=labels)
@@ -579,7 +593,7 @@ class Poller:
         return {
             "gpu": s.device.index,
             "uuid": s.device.uuid,
-            "pci_bus_id": s.device.pci_bus_id,
+            "pci_bus_id": _pci_id(s.device.pci_bus_id),
             "model": getattr(identity, "model", ""),
             "lost": s.lost,
             "stale": self._is_stale(s, now_wall),

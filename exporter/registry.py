@@ -52,6 +52,8 @@ class CollectorOptions:
     # Latest PCI bus id -> GpuKey map, refreshed on the slow tier; a call, never an NVML query.
     pci_map: Callable[[], Mapping[str, GpuKey]] = dict
     settings: Mapping[str, Any] = field(default_factory=dict)
+    state_errors: Any = None  # exporter.state.WriteErrors: a collector that writes --state-dir counts failures
+    boot_id: str | None = None  # this boot's id, read once for everything kept per boot (None: read it yourself)
 
 
 @runtime_checkable

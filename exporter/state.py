@@ -25,12 +25,32 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str:
         return "unknown"
 
 
+class WriteErrors:
+    """Failed writes to --state-dir, by what was being written. A failed write is not only a log line: what it
+    would have kept (XID counts, the expected GPU count) can be lost at the next restart, so it is a metric
+    (gpu_exporter_state_write_errors_total)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def failed(self, what: str) -> None:
+        with self._lock:
+            self._counts[what] = self._counts.get(what, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class ExpectedGpus:
     """The expected GPU count: fixed by flag, or the high-water mark of this boot."""
 
     FILE = "expected-gpus.json"
 
-    def __init__(self, fixed: int | None, state_dir: Path | None, boot_id: str) -> None:
+    def __init__(self, fixed: int | None, state_dir: Path | None, boot_id: str,
+                 errors: WriteErrors | None = None) -> None:
+        self.errors = errors or WriteErrors()
         self._fixed = fixed
         self._path = state_dir / self.FILE if state_dir else None
         self._boot_id = boot_id
@@ -72,4 +92,5 @@ class ExpectedGpus:
             tmp.write_text(json.dumps({"boot_id": self._boot_id, "max_visible": self._max}), encoding="utf-8")
             os.replace(tmp, self._path)
         except OSError as exc:
+            self.errors.failed("expected_gpus")
             log.warning("cannot persist expected GPU count", extra={"path": str(self._path), "error": str(exc)})

@@ -115,14 +115,16 @@ class XidCollector:
         )
         parser.add_argument(
             "--xid.boot-id-file", dest="xid_boot_id_file", default=BOOT_ID_PATH,
-            help=f"File holding this boot's id; XID counts are kept per boot id. (default {BOOT_ID_PATH})",
+            help="File holding this boot's id; XID counts, the log position and the expected GPU count are kept "
+                 f"per boot id. (default {BOOT_ID_PATH})",
         )
 
     @classmethod
     def from_options(cls, options: CollectorOptions) -> XidCollector:
         settings = options.settings
         boot_id_file = str(settings.get("xid_boot_id_file") or BOOT_ID_PATH)
-        boot_id = read_boot_id(boot_id_file)
+        # The node's boot id, read once by the exporter (the expected GPU count is kept per the same boot).
+        boot_id = options.boot_id if options.boot_id is not None else read_boot_id(boot_id_file)
         source = make_source(
             str(settings.get("xid_source") or "auto"),
             journalctl=str(settings.get("xid_journalctl") or "journalctl"),
@@ -137,7 +139,7 @@ class XidCollector:
         events = mode == "on" or (mode == "auto" and hasattr(options.nvml, "nvmlEventSetCreate"))
         collector = cls(
             options.node,
-            XidStore(path, boot_id, source.identity),
+            XidStore(path, boot_id, source.identity, errors=options.state_errors),
             source,
             pci_map=options.pci_map,
             nvml=options.nvml,

@@ -125,13 +125,14 @@ class XidStore:
     ignored: counts start from zero.
     """
 
-    def __init__(self, path: Path | None, boot_id: str, source: str) -> None:
+    def __init__(self, path: Path | None, boot_id: str, source: str, *, errors: Any = None) -> None:
         self.path = path
         self.boot_id = boot_id
         self.source = source
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._save_failing = False
+        self._errors = errors  # exporter.state.WriteErrors: gpu_exporter_state_write_errors_total{file="xid"}
         self._xid: dict[tuple[str, int], list[Any]] = {}  # -> [count, last ts]
         self._sxid: dict[tuple[str, int], list[Any]] = {}  # -> [count, fatal count, last ts]
         self._fallen: dict[str, float] = {}
@@ -294,7 +295,10 @@ class XidStore:
                 tmp.write_text(json.dumps(view.to_json(), separators=(",", ":")), encoding="utf-8")
                 os.replace(tmp, self.path)
             except OSError as exc:
-                # Counts are still shown (a dip after a restart is then possible); said once, not per event.
+                # Counts are still shown (a dip after a restart is then possible); said once, not per event,
+                # and counted, so that the loss is visible without reading logs.
+                if self._errors is not None:
+                    self._errors.failed("xid")
                 if not self._save_failing:
                     log.warning("cannot persist XID state", extra={"path": str(self.path), "error": str(exc)})
                 self._save_failing = True

@@ -37,6 +37,7 @@ CORE_FAMILIES = frozenset({
     "gpu_devices_expected",
     "gpu_exporter_build_info",
     "gpu_exporter_last_collection_timestamp_seconds",
+    "gpu_exporter_state_write_errors_total",
     "gpu_exporter_nvml_released",
     "gpu_lost",
     "gpu_collection_last_success_timestamp_seconds",

@@ -408,3 +408,13 @@ def test_fabric_calls_nvml_with_a_pointer(make_node, helpers):
     text = node.cycle()
     assert helpers.value(text, "gpu_exporter_collector_success", collector="fabric") == 1
     assert helpers.per_gpu(text, "gpu_fabric_state") == {"0": 3, "1": 3}
+
+
+def test_the_pci_map_and_status_use_gpu_infos_spelling(make_node, helpers):
+    """One PCI id everywhere: the map the XID collector joins on, the status page, and gpu_info agree."""
+    node = make_node({"gpus": 2})
+    text = node.cycle()
+    info = {s.labels["pci_bus_id"]: s.labels["gpu"] for s in helpers.select(text, "gpu_info")}
+    assert info and all(len(k.split(":")[0]) == 8 and k.endswith(".0") for k in info)
+    assert {pci: str(key.index) for pci, key in node.poller.pci_map().items()} == info
+    assert {g["pci_bus_id"] for g in node.poller.snapshot.gpus} == set(info)

@@ -361,11 +361,14 @@ class _DriverNotLoadedYet:
     def __getattr__(self, name):
         return getattr(self._sim, name)
 
-    def nvmlInit(self):
+    def nvmlInitWithFlags(self, flags):
         self.init_calls += 1
         if not self.loaded:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-        return self._sim.nvmlInit()
+        return self._sim.nvmlInitWithFlags(flags)
+
+    def nvmlInit(self):
+        return self.nvmlInitWithFlags(0)
 
     def nvmlDeviceGetCount(self):
         if not self.loaded:
@@ -404,3 +407,12 @@ def test_nvml_unavailable_is_reported_and_retried(make_node, helpers):
     assert helpers.value(text, "gpu_nvml_up") == 0
     assert helpers.value(text, "gpu_devices_expected") == 2  # seen this boot: still expected
     assert {s.value for s in helpers.select(text, "gpu_exporter_collector_success")} == {0}
+
+
+def test_a_node_without_gpus_is_nvml_up_with_none_visible(make_node, helpers):
+    """NVML initialises with NVML_INIT_FLAG_NO_GPUS: no GPU is 0 visible, not NVML down."""
+    node = make_node({"gpus": 0})
+    text = node.cycle()
+    assert helpers.value(text, "gpu_nvml_up") == 1
+    assert helpers.value(text, "gpu_devices_visible") == 0
+    assert helpers.value(text, "gpu_devices_expected") == 0

@@ -91,6 +91,19 @@ def test_unwritable_state_dir_keeps_counting(tmp_path, caplog):
         expected.observe(5)
     assert expected.value == 5
     assert any("cannot persist" in r.getMessage() for r in caplog.records)
+    assert expected.errors.counts() == {"expected_gpus": 1}
+
+
+def test_a_failed_state_write_is_a_metric(tmp_path, make_node, helpers):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    node = make_node({"gpus": 2}, expected=ExpectedGpus(None, blocker / "state", "boot-a"))
+    text = node.cycle()
+    assert helpers.value(text, "gpu_exporter_state_write_errors_total", file="expected_gpus") == 1
+    assert helpers.value(text, "gpu_devices_expected") == 2  # still counted, in memory
+
+    fine = make_node({"gpus": 2}, expected=ExpectedGpus(None, tmp_path / "state", "boot-a"))
+    assert helpers.value(fine.cycle(), "gpu_exporter_state_write_errors_total", file="expected_gpus") == 0
 
 
 def test_read_boot_id(tmp_path):
@@ -139,3 +152,33 @@ def test_exporter_process_reads_the_count_of_this_boot(tmp_path, helpers):
         assert json.loads((state / ExpectedGpus.FILE).read_text())["max_visible"] == 5
     finally:
         assert proc.stop() == 0, proc.stderr()
+
+
+def test_one_boot_id_for_everything_kept_per_boot(tmp_path, helpers):
+    """--xid.boot-id-file is the one source: the expected GPU count and the XID counts are kept under the same id."""
+    boot = tmp_path / "boot_id"
+    boot.write_text("11111111-2222-3333-4444-555555555555\n")
+    log = tmp_path / "kern.log"
+    log.write_text("")
+    proc = helpers.start_exporter(tmp_path, "--xid.boot-id-file", str(boot), "--xid.source", f"file:{log}",
+                                  "--xid.nvml-events", "off", sim={"gpus": 2})
+    try:
+        proc.wait_ready()
+        requests.get(proc.url + "/metrics", timeout=5)
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+    state = tmp_path / "state"
+    assert json.loads((state / ExpectedGpus.FILE).read_text())["boot_id"] == "11111111-2222-3333-4444-555555555555"
+    assert json.loads((state / "xid-state.json").read_text())["boot_id"] == "11111111-2222-3333-4444-555555555555"
+
+
+def test_a_failed_xid_state_write_is_counted(tmp_path):
+    from exporter.state import WriteErrors
+    from exporter.xid.store import XidStore
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    errors = WriteErrors()
+    store = XidStore(blocker / "xid-state.json", "boot-a", "none", errors=errors)
+    assert store.save(store.view()) is False
+    assert errors.counts() == {"xid": 1}
