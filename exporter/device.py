@@ -13,6 +13,7 @@ import pynvml
 
 from .backends import Nvml
 from .errors import GpuLost
+from .pci import nvml_pci_id
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ class Device:
         """Get the handle and the identity every series carries."""
         self.handle = self._invoke("nvmlDeviceGetHandleByIndex", (self.index,), with_handle=False)
         self.uuid = to_str(self._invoke("nvmlDeviceGetUUID", ()))
-        self.pci_bus_id = to_str(self._invoke("nvmlDeviceGetPciInfo_v3", ()).busId)
+        # One spelling everywhere (gpu_info, the Xid map, the status page): exporter/pci.py.
+        self.pci_bus_id = nvml_pci_id(to_str(self._invoke("nvmlDeviceGetPciInfo_v3", ()).busId))
 
     def system(self, name: str, *args: Any) -> Any:
         """A pynvml call without a device handle (driver version), tracked like any other for hangs."""

@@ -31,7 +31,6 @@ from .errors import GpuLost
 from .registry import Collector, FleetView, GpuKey, RenderContext, Tier, node_family
 from .render import Snapshot, exposition
 from .state import ExpectedGpus, WriteErrors
-from .xid.pci import canonical_pci_id
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,6 @@ def _write_ack(path: Path, errors: WriteErrors) -> None:
     except OSError as exc:
         errors.failed("nvml_release_ack")
         log.warning("cannot acknowledge the NVML release", extra={"path": str(path), "error": str(exc)})
-
-
-def _pci_id(nvml_bus_id: str) -> str:
-    """NVML's own spelling, normalised (exporter/xid/pci.py); as NVML gave it when it is not a PCI address."""
-    try:
-        return canonical_pci_id(nvml_bus_id)
-    except ValueError:
-        return nvml_bus_id
 
 
 _MISSING = object()
@@ -368,7 +359,7 @@ class Poller:
                     # The GPU that had this index left enumeration; the index now names another GPU.
                     self._forget(state)
                     due = [c for c in self.collectors if c.tier is not Tier.NODE]
-                pci = _pci_id(dev.pci_bus_id)
+                pci = dev.pci_bus_id
                 if self._pci.get(pci) != state.key:
                     # Copy-on-write: readers on other threads only ever see a complete map.
                     self._pci = {**self._pci, pci: state.key}
@@ -593,7 +584,7 @@ class Poller:
         return {
             "gpu": s.device.index,
             "uuid": s.device.uuid,
-            "pci_bus_id": _pci_id(s.device.pci_bus_id),
+            "pci_bus_id": s.device.pci_bus_id,
             "model": getattr(identity, "model", ""),
             "lost": s.lost,
             "stale": self._is_stale(s, now_wall),

@@ -6,7 +6,7 @@ kmsg if it is readable, else journald. NVML Xid events complement the log (``--x
 Node tier: there is no per-GPU NVML read. The PCI id in a line is turned into a GPU with the poller's PCI map
 (a dict lookup, refreshed on the slow tier), never a live NVML call: NVML fails or hangs exactly when Xid 79 or
 119 is printed. A PCI id nobody knows is still counted, with ``gpu`` and ``uuid`` "unknown". Every PCI id, the
-map's keys included, is in NVML's spelling (``00000000:18:00.0``, exporter.xid.pci), the one ``gpu_info`` carries.
+map's keys included, is in NVML's spelling (``00000000:18:00.0``, exporter.pci), the one ``gpu_info`` carries.
 
 Counts are per boot and never go down within one: they are saved with the position read to before they are
 shown (see exporter.xid.store). Before the first scrape the source is read to its end (bounded by a deadline).
@@ -31,7 +31,7 @@ from ..state import BOOT_ID_PATH, read_boot_id
 from ..xid.catalog import lookup
 from ..xid.nvml_events import NvmlXidEvents, XidDeduper
 from ..xid.parse import KernelEvent, RecordAssembler
-from ..xid.pci import canonical_pci_id
+from ..pci import canonical_pci_id
 from ..xid.sxid_catalog import lookup as lookup_sxid
 from ..xid.sources import Item, Source, make_source, validate_spec
 from ..xid.store import STATE_FILE, XidStore, XidView

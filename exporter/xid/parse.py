@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from exporter.xid.pci import canonical_pci_id
+from exporter.pci import canonical_pci_id
 
 __all__ = ["KernelEvent", "RecordAssembler", "SxidDetail", "parse_line", "parse_sxid_detail", "unescape_kmsg"]
 
@@ -72,7 +72,7 @@ _KMSG_ESCAPES_RE = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 class KernelEvent:
     """One Xid, SXid or fallen-off-the-bus record; only bounded, label-safe fields besides ``message``.
 
-    ``pci_bus_id`` is NVML's spelling for every kind (``00000000:18:00.0``, see exporter.xid.pci), so that it joins
+    ``pci_bus_id`` is NVML's spelling for every kind (``00000000:18:00.0``, see exporter.pci), so that it joins
     ``gpu_info``. ``message`` is free text for humans; never use it as a label.
     """
 

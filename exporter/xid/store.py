@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.pci import canonical_pci_id
 from exporter.registry import GpuKey
 from exporter.xid.parse import KernelEvent
-from exporter.xid.pci import canonical_pci_id
 
 log = logging.getLogger(__name__)
 

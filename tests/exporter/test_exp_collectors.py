@@ -418,3 +418,20 @@ def test_the_pci_map_and_status_use_gpu_infos_spelling(make_node, helpers):
     assert info and all(len(k.split(":")[0]) == 8 and k.endswith(".0") for k in info)
     assert {pci: str(key.index) for pci, key in node.poller.pci_map().items()} == info
     assert {g["pci_bus_id"] for g in node.poller.snapshot.gpus} == set(info)
+
+
+def test_a_pci_id_spelt_otherwise_by_the_backend_is_nvmls_everywhere(make_node, helpers, monkeypatch):
+    """A backend that prints the legacy, lower-case form (a DCGM build, an old driver) still joins."""
+    node = make_node({"gpus": 1})
+    real = node.sim.nvmlDeviceGetPciInfo_v3
+
+    def legacy(handle):
+        info = real(handle)
+        info.busId = info.busIdLegacy.lower()  # "0000:1b:00.0"
+        return info
+
+    monkeypatch.setattr(node.sim, "nvmlDeviceGetPciInfo_v3", legacy)
+    text = node.cycle()
+    (pci,) = {s.labels["pci_bus_id"] for s in helpers.select(text, "gpu_info")}
+    assert len(pci.split(":")[0]) == 8 and pci == pci.upper()
+    assert set(node.poller.pci_map()) == {pci}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["canonical_pci_id"]
+__all__ = ["canonical_pci_id", "nvml_pci_id"]
 
 # [PCI:][domain:]bus:device[.function]; the domain is 1-8 hex digits (4 from the kernel, 5 on VMD, 8 from NVML)
 _PCI_RE = re.compile(
@@ -34,3 +34,12 @@ def canonical_pci_id(text: str) -> str:
         raise ValueError(f"not a PCI address: {text!r}")
     domain = int(m.group("domain") or "0", 16)
     return f"{domain:08X}:{m.group('bus').upper()}:{m.group('device').upper()}.{m.group('function') or '0'}"
+
+
+def nvml_pci_id(text: str) -> str:
+    """A GPU's id as NVML (or DCGM) gave it, normalised; kept as given when it is not a PCI address, so a GPU is
+    never dropped for an odd id."""
+    try:
+        return canonical_pci_id(text)
+    except ValueError:
+        return text
