@@ -52,7 +52,7 @@ FAMILY_CALLS: dict[str, tuple[str, ...]] = {
     "gpu_memory_total_bytes": ("nvmlDeviceGetMemoryInfo",),
     "gpu_memory_reserved_bytes": ("nvmlDeviceGetMemoryInfo",),
     "gpu_clock_hertz": ("nvmlDeviceGetClockInfo",),
-    "gpu_clock_event_reason_active": ("nvmlDeviceGetCurrentClocksThrottleReasons",),
+    "gpu_clock_event_reason_active": ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
     "gpu_performance_state": ("nvmlDeviceGetPerformanceState",),
     "gpu_ecc_enabled": ("nvmlDeviceGetEccMode",),
     "gpu_ecc_errors_total": ("nvmlDeviceGetEccMode", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "nvmlDeviceGetFieldValues"),
