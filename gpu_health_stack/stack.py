@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,7 +120,8 @@ class Stack:
 
     # --- exporters -----------------------------------------------------------------------
 
-    def add_exporter(self, node: str, sim: dict[str, Any] | None = None, *, expected_gpus: int | None = 8) -> Exporter:
+    def add_exporter(self, node: str, sim: dict[str, Any] | None = None, *, expected_gpus: int | None = 8,
+                     extra_args: Sequence[str] = ()) -> Exporter:
         home = self.dir / "nodes" / node
         home.mkdir(parents=True, exist_ok=True)
         (home / "sim.yaml").write_text(yaml.safe_dump(sim or {"gpus": 8}))
@@ -137,6 +139,7 @@ class Stack:
         ]
         if expected_gpus is not None:
             argv += ["--expected-gpus", str(expected_gpus)]
+        argv += list(extra_args)
         proc = Proc(f"exporter-{node}", argv, self.dir, cwd=ROOT)
         exporter = Exporter(node, port, proc, xid_log)
         self.exporters[node] = exporter

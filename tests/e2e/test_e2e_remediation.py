@@ -61,7 +61,11 @@ NODE_C_SIM = {"gpus": 8, "faults": [
 # and an NVLink link going down once Prometheus has seen it up (GPUNVLinkDown has for: 5m: it stays pending for
 # the length of this run and only feeds the dashboards).
 NODE_B_SIM = {"gpus": 8, "faults": [{"kind": "row_remap_pending", "gpu": 1, "at": "0s"},
-                                    {"kind": "nvlink_down", "gpu": 4, "link": 7, "at": "60s"}]}
+                                    {"kind": "nvlink_down", "gpu": 4, "link": 7, "at": "60s"},
+                                    {"kind": "nvlink_errors", "gpu": 3, "link": 11, "counter": "replay", "rate": 5}]}
+
+
+PER_LINK = ("--collector.nvlink.per-link",)
 
 
 class Run:
@@ -90,7 +94,10 @@ def run(report: Callable[[str], None]) -> Iterator[Run]:
     from gpu_health_stack.fleet import Fleet
 
     before = time.time()
+    # node-b also publishes per-link NVLink series, the others the default per-GPU totals only; both node-b and
+    # node-c have NVLink errors, so the rules and dashboards run on both modes.
     fleet = Fleet.start({"node-a": None, "node-b": NODE_B_SIM, "node-c": NODE_C_SIM, "node-d": None},
+                        exporter_args={"node-b": PER_LINK},
                         webhook_config=policy_config, cloud="moto")
     try:
         r = Run(fleet)
