@@ -1,0 +1,131 @@
+"""The fleet soak's chaos: a seeded random schedule of correlated and component faults (issue 16, build 2).
+
+The schedule is data: a list of Events sorted by time, the same for the same seed, fleet and settings, written into
+the soak's report so a failing run can be replayed. What applies it to the fleet simulator and the stack, and what
+the oracle expects of it, live beside the soak; this module only decides what happens, when, and to whom.
+
+Kinds:
+    rack_power_loss     a rack of `rack_size` consecutive nodes loses power: targets down, back with new boot ids
+    driver_rollout      a bad driver rollout: application Xids (13, 31, 43) on `rollout_share` of the nodes, a few
+                        each, over a few minutes; no remediation is due for them
+    nvswitch_fatal      a fatal SXid on one node's NVSwitch tray
+    fatal_xid           one fatal Xid on a node (`fatal_share` of the fleet, spread over the run)
+    storm               fatal Xids on `storm_share` of the fleet within `storm_window` seconds (the breaker must trip)
+    reboot              a node reboots: a short gap, then a new boot id
+    scrape_gap          some nodes' targets answer nothing for a while (the nodes themselves are fine)
+    restart             a component restarts: the webhook (SIGKILL), an Alertmanager peer, Prometheus, an exporter
+    kube_api            the Kubernetes API answers 500 or slowly for a while
+    human_uncordon      a person uncordons a node the webhook cordoned earlier in the run
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Application Xids: the job's fault, not the GPU's; the policy asks for no action.
+APPLICATION_XIDS = (13, 31, 43)
+# Fatal Xids the shipped policy remediates (rules/xid-policy.yaml): 79 reboot; 48, 95 and 119 reset_gpu.
+FATAL_XIDS = (79, 48, 95, 119)
+# A fatal SXid (exporter/xid/sxid-catalog.csv: DLPL_LTSSM_FAULT_UP, fatal).
+FATAL_SXID = 20034
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float  # seconds from the start of the run
+    kind: str
+    nodes: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "nodes": list(self.nodes)}
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """How much of each; the defaults make a 10-minute soak on 1,000 nodes inject well over 200 faults."""
+
+    rack_size: int = 32
+    racks_down: int = 1
+    rollout_share: float = 0.30
+    fatal_share: float = 0.01
+    storm_share: float = 0.10
+    storm_window: float = 300.0
+    storm_at: float | None = None  # None: a random time in the middle third of the run; a negative value: no storm
+    nvswitch_trays: int = 1
+    reboots: int = 5
+    scrape_gaps: int = 3
+    kube_api_outages: int = 2
+    human_uncordons: int = 2
+    restarts: tuple[str, ...] = ("webhook", "alertmanager", "prometheus", "exporter")
+
+
+def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfig | None = None) -> list[Event]:
+    """The run's events, sorted by time. Faults land in the first 80 % of the run, so their effects can be seen."""
+    if not nodes:
+        raise ValueError("no nodes")
+    if seconds <= 0:
+        raise ValueError("seconds must be positive")
+    c = config or ChaosConfig()
+    rng = random.Random(seed)
+    horizon = seconds * 0.8
+    fleet = list(nodes)
+    events: list[Event] = []
+
+    def when(lo: float = 0.05, hi: float = 1.0) -> float:
+        return round(rng.uniform(lo * horizon, hi * horizon), 3)
+
+    def some(share: float) -> list[str]:
+        return rng.sample(fleet, max(1, round(share * len(fleet))) if share > 0 else 0)
+
+    for _ in range(c.racks_down):
+        first = rng.randrange(0, max(1, len(fleet) - c.rack_size + 1))
+        events.append(Event(when(), "rack_power_loss", tuple(fleet[first:first + c.rack_size]),
+                            {"down_for": round(rng.uniform(60, 180), 3)}))
+
+    start = when(0.05, 0.5)
+    for node in some(c.rollout_share):
+        for _ in range(rng.randint(1, 3)):
+            events.append(Event(round(start + rng.uniform(0, 180), 3), "driver_rollout", (node,),
+                                {"xid": rng.choice(APPLICATION_XIDS)}))
+
+    for node in rng.sample(fleet, min(c.nvswitch_trays, len(fleet))):
+        events.append(Event(when(), "nvswitch_fatal", (node,), {"sxid": FATAL_SXID}))
+
+    fatal = some(c.fatal_share)
+    for node in fatal:
+        events.append(Event(when(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS)}))
+
+    at = c.storm_at if c.storm_at is not None else when(0.33, 0.66)
+    if at >= 0 and c.storm_share > 0:
+        for node in some(c.storm_share):
+            events.append(Event(round(at + rng.uniform(0, c.storm_window), 3), "storm", (node,), {"xid": 79}))
+
+    for node in rng.sample(fleet, min(c.reboots, len(fleet))):
+        events.append(Event(when(), "reboot", (node,), {"down_for": round(rng.uniform(20, 90), 3)}))
+    for _ in range(c.scrape_gaps):
+        events.append(Event(when(), "scrape_gap", tuple(rng.sample(fleet, min(len(fleet), rng.randint(1, 10)))),
+                            {"for": round(rng.uniform(15, 90), 3)}))
+    for component in c.restarts:
+        params: dict[str, Any] = {"signal": "KILL" if component == "webhook" else "TERM"}
+        if component == "alertmanager":
+            params["peer"] = rng.randrange(3)
+        targets: tuple[str, ...] = (rng.choice(fleet),) if component == "exporter" else ()
+        events.append(Event(when(), "restart", targets, {"component": component, **params}))
+    for _ in range(c.kube_api_outages):
+        events.append(Event(when(), "kube_api", (), {"mode": rng.choice(("500", "slow")),
+                                                      "for": round(rng.uniform(10, 60), 3)}))
+    for node in rng.sample(fatal, min(c.human_uncordons, len(fatal))):
+        first = next(e.at for e in events if e.kind == "fatal_xid" and e.nodes == (node,))
+        events.append(Event(round(min(seconds, first + rng.uniform(60, 180)), 3), "human_uncordon", (node,)))
+
+    events.sort(key=lambda e: (e.at, e.kind, e.nodes))
+    return events
+
+
+def faults(events: Sequence[Event]) -> int:
+    """Injected faults, counted per node touched (a rack of 32 is 32 faults), components and people excluded."""
+    return sum(len(e.nodes) for e in events if e.kind not in ("restart", "kube_api", "human_uncordon"))
