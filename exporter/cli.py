@@ -14,7 +14,7 @@ from .backends import Nvml
 from .config import ExporterConfig, parse
 from .device import CallTrace
 from .errors import BackendUnavailable, ConfigError
-from .poller import Poller, PollerConfig
+from .poller import Poller, PollerConfig, Worker
 from .registry import Collector, CollectorOptions, create, discover
 from .server import create_app
 from .state import BOOT_ID_PATH, ExpectedGpus, WriteErrors, read_boot_id
@@ -47,6 +47,7 @@ def build_poller(
     boot_id: str | None = None,
     wall: Callable[[], float] = time.time,
     trace: CallTrace | None = None,
+    worker: Callable[[str, Callable[[], None]], Worker] = Worker,
 ) -> Poller:
     """The collection side, exactly as the exporter runs it; tests and tools build it the same way."""
     # The poller owns the PCI map the XID collector reads; collectors are built before it, so hand over a call.
@@ -78,6 +79,7 @@ def build_poller(
         ExpectedGpus(config.expected_gpus, config.state_dir, boot_id, errors),
         wall=wall,
         trace=trace,
+        worker=worker,
     )
     holder.append(poller)
     return poller

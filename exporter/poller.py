@@ -139,6 +139,7 @@ class Poller:
         *,
         wall: Callable[[], float] = time.time,
         trace: CallTrace | None = None,
+        worker: Callable[[str, Callable[[], None]], Worker] = Worker,
     ) -> None:
         self.nvml = nvml
         self.collectors = list(collectors)
@@ -150,7 +151,9 @@ class Poller:
         self.cycles = 0
         self.last_cycle_monotonic = 0.0
         self._cond = threading.Condition()
-        self._system = Worker("nvml-system", self._notify)
+        # What runs the NVML jobs: a thread each (a fleet simulator runs them on its own thread instead).
+        self._new_worker = worker
+        self._system = worker("nvml-system", self._notify)
         self._gpus: dict[int, GpuState] = {}
         self._nvml_up = False
         self._nvml_error = ""
@@ -343,7 +346,7 @@ class Poller:
         for index in range(self._visible):
             if index not in self._gpus:
                 device = Device(self.nvml, index, trace=self.trace)
-                self._gpus[index] = GpuState(device, Worker(f"nvml-gpu{index}", self._notify))
+                self._gpus[index] = GpuState(device, self._new_worker(f"nvml-gpu{index}", self._notify))
         for index in [i for i in self._gpus if i >= self._visible]:
             # Gone from enumeration (fell off the bus and out of PCI): gpu_devices_visible shows it.
             self._gpus.pop(index).worker.stop()

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,6 +99,10 @@ class Stack:
         self.am_port = free_port()
         self.extra: list[Proc] = []
         self.closers: list[Any] = []  # objects with close(), closed last-in first-out after the processes
+        # More of the exporter job (gpu_health_stack.fleetsim.FleetSim.attach): lists appended to the job's own
+        # (file_sd_configs, relabel_configs), and how many more of its targets start_prometheus waits to see up.
+        self.exporter_job_extra: dict[str, list[Any]] = {}
+        self.exporter_job_targets: Callable[[], int] = lambda: 0
 
     def __enter__(self) -> Stack:
         return self
@@ -193,6 +197,8 @@ class Stack:
             exporter_job.update({k: v for k, v in job.items() if k not in ("file_sd_configs", "static_configs")})
         exporter_job["static_configs"] = [{"targets": [f"127.0.0.1:{e.port}"], "labels": {"node": e.node}}
                                           for e in self.exporters.values()]
+        for key, items in self.exporter_job_extra.items():
+            exporter_job[key] = [*exporter_job.get(key, []), *items]
         config.update({
             "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yaml"))]
             + [str(p) for p in sorted((ROOT / "rules").glob("*.alerts.yaml"))],
@@ -214,7 +220,8 @@ class Stack:
         ], self.dir)
         self.prometheus.wait_http(f"{self.prom_url}/-/ready")
         # Prometheus holds new targets back for about 5 s; wait until every exporter is scraped.
-        wait_until(lambda: self.query('count(up{job="gpu-health-exporter"} == 1)') == [len(self.exporters)]
+        wait_until(lambda: self.query('count(up{job="gpu-health-exporter"} == 1)')
+                   == [len(self.exporters) + self.exporter_job_targets()]
                    or None, 30 + 2 * seconds(t.scrape_interval), "Prometheus to scrape every exporter")
 
     def reload_prometheus(self, extra_scrape_configs: list[dict[str, Any]] | None = None, *,
