@@ -74,7 +74,8 @@ def pct(values: list[float], q: float) -> float:
 
 def start_fleet(args: argparse.Namespace, directory: Path) -> tuple[subprocess.Popen[str], int, str]:
     argv = [sys.executable, "-m", "gpu_health_stack.fleetsim", "--nodes", str(args.nodes), "--dir", str(directory),
-            "--collect-interval", args.interval, "--collect-interval.slow", args.slow_interval]
+            "--collect-interval", args.interval, "--collect-interval.slow", args.slow_interval,
+            *(f"--exporter-flag={flag}" for flag in args.exporter_flag)]
     with open(directory.parent / "fleetsim.log", "w") as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     assert proc.stdout is not None
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--slow-interval", default="60s", help="the nodes' slow collection tier (default 60s)")
     p.add_argument("--window", type=float, default=120.0, help="seconds measured (default 120)")
     p.add_argument("--no-prometheus", dest="prometheus", action="store_false")
+    p.add_argument("--exporter-flag", action="append", default=[], metavar="FLAG",
+                   help="an exporter flag every node gets, e.g. --exporter-flag=--collector.nvlink.per-link")
     args = p.parse_args()
     interval = float(args.interval.rstrip("s"))
     if args.prometheus and missing_binaries():
@@ -162,7 +165,8 @@ def main() -> int:
         cycles = own1["fleetsim_cycles_total"] - own0["fleetsim_cycles_total"]
         cycle_s = own1["fleetsim_cycle_seconds_total"] - own0["fleetsim_cycle_seconds_total"]
         print(f"window: {window:.0f} s, {cycles:.0f} node cycles ({cycles / window * interval:.0f} per interval), "
-              f"{1000 * cycle_s / max(cycles, 1):.2f} ms wall per cycle, schedule lag max "
+              f"{1000 * cycle_s / max(cycles, 1):.2f} ms wall per cycle, schedule lag last "
+              f"{own1['fleetsim_schedule_lag_seconds_last']:.2f} s, max since start (start-up included) "
               f"{own1['fleetsim_schedule_lag_seconds_max']:.2f} s")
         print(f"fleetsim: {cores:.3f} cores, RSS {status(proc.pid, 'VmRSS') / 1024:.0f} MiB, "
               f"{status(proc.pid, 'Threads')} threads", flush=True)

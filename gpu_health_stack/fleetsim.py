@@ -210,6 +210,8 @@ class SimNode:
             self.epoch = next(self.fleet.epochs)
         if poller is not None:
             poller.stop()
+        if self.nvml is not None:
+            self.nvml.release_hangs()  # a powered-off node's hung NVML calls end with it
 
     def cycle(self, epoch: int) -> bool:
         """One collection cycle, unless the node was stopped or restarted since it was scheduled."""
@@ -293,7 +295,8 @@ class FleetSim:
         self._write_targets()
         return node
 
-    def add_nodes(self, count: int, sim: Mapping[str, Any] | None = None, *, prefix: str = "fleet-") -> list[SimNode]:
+    def add_nodes(self, count: int, sim: Mapping[str, Any] | None = None, *, prefix: str = "fleet-",
+                  extra_flags: Iterable[str] = ()) -> list[SimNode]:
         """`count` nodes named prefix0000, prefix0001, ... with the same timeline (each its own GPUs); the targets
         file is written once, at the end."""
         with self._lock:
@@ -303,7 +306,7 @@ class FleetSim:
                 name = f"{prefix}{i:04d}"
                 if name in self.nodes:
                     raise ConfigError(f"node {name!r} exists")
-                made.append(SimNode(self, name, sim, ()))
+                made.append(SimNode(self, name, sim, extra_flags))
                 self.nodes[name] = made[-1]
         for node in made:
             node.start()
@@ -480,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect-interval.slow", dest="slow_interval", default="60s")
     p.add_argument("--collect-timeout", default="1s")
     p.add_argument("--xid-poll", type=float, default=1.0, help="seconds between looks at each kernel log")
+    p.add_argument("--exporter-flag", action="append", default=[], metavar="FLAG",
+                   help="an exporter flag every node gets, such as --collector.nvlink.per-link (repeatable)")
     p.add_argument("--print-scrape-config", action="store_true", help="print the Prometheus job (YAML) and go on")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -499,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fleet.start()
         t0 = time.monotonic()
-        fleet.add_nodes(args.nodes, sim, prefix=args.prefix)
+        fleet.add_nodes(args.nodes, sim, prefix=args.prefix, extra_flags=args.exporter_flag)
         quiet_gc()
         if args.print_scrape_config:
             print(yaml.safe_dump({"scrape_configs": [fleet.scrape_config()]}, sort_keys=False), end="", flush=True)
