@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gpu_health_common import logs, serving
 from gpu_health_common.serving import quiet_accept_errors, raise_nofile_limit
@@ -110,6 +112,18 @@ async def serve(config: Config, web_listen: str = "", admin_listen: str = "", *,
             services.engine.kube.close()
 
 
+TEST_ONLY_NO_ALREADY_REMEDIATED = "GPU_HEALTH_WEBHOOK_TEST_ONLY_NO_ALREADY_REMEDIATED"
+
+
+def apply_test_only_switches(config: Config, env: Mapping[str, str]) -> Config:
+    """Switches that exist only to show a test can fail; no configuration file can set them."""
+    if env.get(TEST_ONLY_NO_ALREADY_REMEDIATED) != "1":
+        return config
+    log.warning("TEST ONLY: the journal's already-remediated check is off; a fixed fault may be acted on again",
+                extra={"variable": TEST_ONLY_NO_ALREADY_REMEDIATED})
+    return dataclasses.replace(config, safety=dataclasses.replace(config.safety, already_remediated_check=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check-config":
@@ -118,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
     raise_nofile_limit()
     try:
-        config = load_config(args.config)
+        config = apply_test_only_switches(load_config(args.config), os.environ)
         asyncio.run(serve(config, args.web_listen, args.admin_listen))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

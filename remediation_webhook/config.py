@@ -212,6 +212,9 @@ class SafetyConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     undo_enabled: bool = False
     healthy_delay: float = 900.0
+    # Test-only (the fleet soak shows its oracle can fail): never set from the config file, only by the
+    # environment variable TEST_ONLY_NO_ALREADY_REMEDIATED in cli.main, which logs a warning when it does.
+    already_remediated_check: bool = True
 
     def fleet_cap(self, pool: int | None) -> int:
         """Nodes we may hold cordoned at once: min(absolute, percentage of the pool rounded up)."""

@@ -122,7 +122,7 @@ def accept(conn: sqlite3.Connection, batch: AcceptIn) -> AcceptOut:
     for a in batch.alerts:
         row = conn.execute("SELECT * FROM occurrence WHERE fingerprint=? AND starts_at=? AND labels_hash=?",
                            a.key).fetchone()
-        fix = _fix(conn, a)
+        fix = _fix(conn, a, safety)
         conflict = False
         if row is not None:
             if not _known(conn, a, row, batch, fix, out):
@@ -168,7 +168,7 @@ def replan(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn) -> tuple[str, 
     out = AcceptOut()
     breaker_open = get_meta(conn, "breaker") is not None
     decision, reason, rid = _decide(conn, a, batch, breaker_open, skip_cutoff(get_meta(conn, "breaker_reset")),
-                                    _fix(conn, a), out)
+                                    _fix(conn, a, batch.safety), out)
     conn.execute("UPDATE occurrence SET decision=?, reason=?, remediation_id=?, firing_decided=1 "
                  "WHERE fingerprint=? AND starts_at=? AND labels_hash=?", (decision, reason, rid, *a.key))
     audit(conn, batch.now, batch.actor, "replanned", rid, a.node, fingerprint=a.fingerprint, startsAt=a.starts_key,
@@ -176,8 +176,10 @@ def replan(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn) -> tuple[str, 
     return decision, reason, rid, out.metric_events
 
 
-def _fix(conn: sqlite3.Connection, a: AlertIn) -> Fix | None:
+def _fix(conn: sqlite3.Connection, a: AlertIn, safety: SafetyConfig) -> Fix | None:
     """The journal's successful fix that makes this event fault old news, if there is one."""
+    if not safety.already_remediated_check:
+        return None
     if a.status != "firing" or a.decision != "plan" or a.fault_ts is None or a.node is None or not a.ladder:
         return None
     fix = last_fix(conn, a.node, a.uuid, a.ladder[a.target_index], a.dry_run)

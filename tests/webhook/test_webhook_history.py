@@ -10,6 +10,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from remediation_webhook.cli import TEST_ONLY_NO_ALREADY_REMEDIATED, apply_test_only_switches
+from remediation_webhook.config import build_config
 from remediation_webhook.executor import job_name
 from tests.providers.fakes.support import UUID, finish_job, gpu_node, job, patch_status
 from tests.webhook.webhook_support import alert, await_for, base_config, notification
@@ -104,6 +106,22 @@ async def test_a_fault_older_than_the_last_fix_is_already_remediated_and_a_newer
     assert out["accepted"] == 1
     await reset_done(h, kube)
     assert [s for (s,) in h.sql("SELECT state FROM remediation ORDER BY created_at")] == ["SUCCEEDED", "SUCCEEDED"]
+
+
+async def test_the_test_only_switch_turns_the_already_remediated_check_off(harness, tmp_path, kube, caplog):
+    """What the fleet soak's oracle-can-fail run relies on: with the switch, the same fixed fault acts again."""
+    gpu_node(kube, "gpu-1")
+    assert apply_test_only_switches(build_config(reset_config(tmp_path, kube), base=tmp_path),
+                               {TEST_ONLY_NO_ALREADY_REMEDIATED: "0"}).safety.already_remediated_check
+    h = await harness(reset_config(tmp_path, kube), env={TEST_ONLY_NO_ALREADY_REMEDIATED: "1"})
+    assert "already-remediated check is off" in caplog.text
+    fault = time.time() - 3600
+    await h.post(notification(occurrence(RESET_GPU, minutes_ago=60, fault_ts=fault)))
+    await reset_done(h, kube)
+    out = await (await h.post(notification(occurrence(RESET_GPU, minutes_ago=2, fault_ts=fault)))).json()
+    assert out["accepted"] == 1 and out["already_remediated"] == 0
+    await reset_done(h, kube)
+    assert [s for (s,) in h.sql("SELECT state FROM remediation")] == ["SUCCEEDED", "SUCCEEDED"]
 
 
 async def test_a_fix_of_another_gpu_or_a_lower_rung_does_not_count(harness, tmp_path, kube):

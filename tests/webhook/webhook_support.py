@@ -25,6 +25,7 @@ from gpu_health_stack.receiver import LoopbackServer
 from remediation_webhook.admin import create_admin_app
 from remediation_webhook.alertmanager import AlertState
 from remediation_webhook.app import Services, create_app
+from remediation_webhook.cli import apply_test_only_switches
 from remediation_webhook.config import build_config
 from remediation_webhook.engine import Engine
 from remediation_webhook.inventory import build_inventory
@@ -295,9 +296,9 @@ async def _harness(tmp_path: Path, kube: KubeFake, am: FakeAlertmanager) -> Asyn
     made: list[tuple[Harness, TestClient, TestClient]] = []
 
     async def make(config: dict[str, Any] | None = None, *, start: bool = True, checker: Any = "fake",
-                   **sections: Any) -> Harness:
+                   env: dict[str, str] | None = None, **sections: Any) -> Harness:
         raw = config if config is not None else base_config(tmp_path, kube.url, **sections)
-        cfg = build_config(raw, base=tmp_path)
+        cfg = apply_test_only_switches(build_config(raw, base=tmp_path), env or {})
         kube_api = KubernetesApi(KubernetesSettings(host=kube.url, request_timeout=5))
         inventory = build_inventory(cfg.inventory_kind, kube_api, cfg.inventory_raw)
         journal = Journal(cfg.journal_path)
