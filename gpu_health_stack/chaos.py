@@ -10,7 +10,8 @@ Kinds:
                         each, over a few minutes; no remediation is due for them
     nvswitch_fatal      a fatal SXid on one node's NVSwitch tray
     fatal_xid           one fatal Xid on a node (`fatal_share` of the fleet, spread over the run)
-    storm               fatal Xids on `storm_share` of the fleet within `storm_window` seconds (the breaker must trip)
+    storm               fatal Xids on `storm_share` of the fleet within `storm_window` seconds (the breaker must trip);
+                        one storm per `storms` entry, which names how the operator resets the breaker after it
     reboot              a node reboots: a short gap, then a new boot id
     scrape_gap          some nodes' targets answer nothing for a while (the nodes themselves are fine)
     restart             a component restarts: the webhook (SIGKILL), an Alertmanager peer, Prometheus, an exporter
@@ -54,13 +55,18 @@ class ChaosConfig:
     fatal_share: float = 0.01
     storm_share: float = 0.10
     storm_window: float = 300.0
-    storm_at: float | None = None  # None: a random time in the middle third of the run; a negative value: no storm
+    # One storm per entry, each ended by the operator's breaker reset of that mode (docs/webhook.md, Safety).
+    storms: tuple[str, ...] = ("skip-backlog", "resume")
+    storm_at: float | None = None  # None: random times (the first storm in the first half); negative: no storm
     nvswitch_trays: int = 1
     reboots: int = 5
     scrape_gaps: int = 3
     kube_api_outages: int = 2
     human_uncordons: int = 2
     restarts: tuple[str, ...] = ("webhook", "alertmanager", "prometheus", "exporter")
+    # Multiplies every duration (how long a rack stays down, a gap lasts, a rollout spreads, a person waits): a
+    # soak at 1 s settings runs its faults 15 times as fast as one at 15 s, in a fifth of the time.
+    time_scale: float = 1.0
 
 
 def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfig | None = None) -> list[Event]:
@@ -81,46 +87,63 @@ def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfi
     def some(share: float) -> list[str]:
         return rng.sample(fleet, max(1, round(share * len(fleet))) if share > 0 else 0)
 
+    k = c.time_scale
+
+    def span(lo: float, hi: float) -> float:
+        return round(rng.uniform(lo, hi) * k, 3)
+
     for _ in range(c.racks_down):
         first = rng.randrange(0, max(1, len(fleet) - c.rack_size + 1))
         events.append(Event(when(), "rack_power_loss", tuple(fleet[first:first + c.rack_size]),
-                            {"down_for": round(rng.uniform(60, 180), 3)}))
+                            {"down_for": span(60, 180)}))
 
     start = when(0.05, 0.5)
     for node in some(c.rollout_share):
         for _ in range(rng.randint(1, 3)):
-            events.append(Event(round(start + rng.uniform(0, 180), 3), "driver_rollout", (node,),
-                                {"xid": rng.choice(APPLICATION_XIDS)}))
+            events.append(Event(round(start + rng.uniform(0, 180) * k, 3), "driver_rollout", (node,),
+                                {"xid": rng.choice(APPLICATION_XIDS), "gpu": rng.randrange(8)}))
 
-    for node in rng.sample(fleet, min(c.nvswitch_trays, len(fleet))):
+    trays = rng.sample(fleet, min(c.nvswitch_trays, len(fleet)))
+    for node in trays:
         events.append(Event(when(), "nvswitch_fatal", (node,), {"sxid": FATAL_SXID}))
 
-    fatal = some(c.fatal_share)
+    fatal = [n for n in some(c.fatal_share) if n not in trays]
     for node in fatal:
-        events.append(Event(when(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS)}))
+        events.append(Event(when(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS), "gpu": rng.randrange(8)}))
 
-    at = c.storm_at if c.storm_at is not None else when(0.33, 0.66)
-    if at >= 0 and c.storm_share > 0:
-        for node in some(c.storm_share):
-            events.append(Event(round(at + rng.uniform(0, c.storm_window), 3), "storm", (node,), {"xid": 79}))
+    # A storm's nodes are none of the others' with a fatal fault, and no node is in two storms: each node's
+    # expected outcome has one cause.
+    spare = [n for n in fleet if n not in set(fatal) | set(trays)]
+    storms = c.storms if c.storm_share > 0 and (c.storm_at is None or c.storm_at >= 0) else ()
+    for i, reset in enumerate(storms):
+        if c.storm_at is not None:
+            at = c.storm_at + i * horizon / max(1, len(storms))
+        else:
+            lo, hi = (0.2 + 0.6 * i / len(storms), 0.2 + 0.6 * (i + 0.5) / len(storms))
+            at = when(lo, hi)
+        members = rng.sample(spare, min(len(spare), max(1, round(c.storm_share * len(fleet)))))
+        spare = [n for n in spare if n not in set(members)]
+        for node in members:
+            events.append(Event(round(at + rng.uniform(0, c.storm_window), 3), "storm", (node,),
+                                {"xid": 79, "gpu": rng.randrange(8), "storm": i, "reset": reset}))
 
     for node in rng.sample(fleet, min(c.reboots, len(fleet))):
-        events.append(Event(when(), "reboot", (node,), {"down_for": round(rng.uniform(20, 90), 3)}))
+        events.append(Event(when(), "reboot", (node,), {"down_for": span(20, 90)}))
     for _ in range(c.scrape_gaps):
         events.append(Event(when(), "scrape_gap", tuple(rng.sample(fleet, min(len(fleet), rng.randint(1, 10)))),
-                            {"for": round(rng.uniform(15, 90), 3)}))
+                            {"for": span(15, 90)}))
     for component in c.restarts:
-        params: dict[str, Any] = {"signal": "KILL" if component == "webhook" else "TERM"}
+        params: dict[str, Any] = {"signal": "KILL" if component == "webhook" else "TERM",
+                                  "down_for": span(2, 10)}
         if component == "alertmanager":
             params["peer"] = rng.randrange(3)
         targets: tuple[str, ...] = (rng.choice(fleet),) if component == "exporter" else ()
         events.append(Event(when(), "restart", targets, {"component": component, **params}))
     for _ in range(c.kube_api_outages):
-        events.append(Event(when(), "kube_api", (), {"mode": rng.choice(("500", "slow")),
-                                                      "for": round(rng.uniform(10, 60), 3)}))
+        events.append(Event(when(), "kube_api", (), {"mode": rng.choice(("500", "slow")), "for": span(10, 60)}))
     for node in rng.sample(fatal, min(c.human_uncordons, len(fatal))):
         first = next(e.at for e in events if e.kind == "fatal_xid" and e.nodes == (node,))
-        events.append(Event(round(min(seconds, first + rng.uniform(60, 180)), 3), "human_uncordon", (node,)))
+        events.append(Event(round(min(seconds, first + rng.uniform(60, 180) * k), 3), "human_uncordon", (node,)))
 
     events.sort(key=lambda e: (e.at, e.kind, e.nodes))
     return events

@@ -163,6 +163,7 @@ class SimNode:
         self.started_at = 0.0  # time.time() of the last start
         self.lock = threading.Lock()  # one of: a cycle, a start, a stop
         self.epoch = 0  # new at every start and stop (fleet-wide): the schedule drops entries of another epoch
+        self.unreachable_until = 0.0  # time.monotonic(): a scrape gap (the node collects on; scrapes get 503)
         self.home.mkdir(parents=True, exist_ok=True)
         self.kern_log.touch()
 
@@ -348,6 +349,13 @@ class FleetSim:
         """stop_node then start_node: an exporter restart, or with `new_boot` a reboot."""
         self.stop_node(name)
         self.start_node(name, new_boot=new_boot, wipe_log=wipe_log, sim=sim)
+
+    def gap_node(self, name: str, seconds: float) -> None:
+        """A scrape gap: the node keeps collecting, but its target answers 503 for `seconds` (a network partition,
+        a congested switch, a scrape that times out), so `up` is 0 while nothing about the node changed."""
+        if not 0 <= seconds <= 86400:
+            raise ConfigError(f"seconds: expected 0 to 86400, got {seconds!r}")
+        self.node(name).unreachable_until = time.monotonic() + seconds
 
     def append_kernel_log(self, name: str, *lines: str) -> None:
         """Append kernel-log lines to the node's log file, which its XID collector follows."""

@@ -10,6 +10,7 @@ Control API (JSON bodies; every call answers the node list or the node's descrip
     POST   /api/nodes/<name>/start   {"new_boot"?, "wipe_log"?, "sim"?}
     POST   /api/nodes/<name>/restart {"new_boot"?, "wipe_log"?, "sim"?}
     POST   /api/nodes/<name>/kernel-log {"lines": [...]}  append to its kernel log
+    POST   /api/nodes/<name>/gap     {"seconds"}      a scrape gap: 503 for that long, collection goes on
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,8 @@ def create_app(fleet: FleetSim) -> web.Application:
         if node is None:
             raise web.HTTPNotFound(text="no such node\n")
         poller = node.poller
+        if node.unreachable_until and time.monotonic() < node.unreachable_until:
+            raise web.HTTPServiceUnavailable(text="scrape gap\n")
         if poller is None:
             # Stopped: what a scrape of a powered-off node's exporter gives Prometheus (up 0), without the wait.
             raise web.HTTPServiceUnavailable(text="node stopped\n")
@@ -117,6 +121,13 @@ def create_app(fleet: FleetSim) -> web.Application:
             raise web.HTTPBadRequest(text="lines: expected a list of strings\n")
         return await call(lambda: fleet.append_kernel_log(request.match_info["name"], *lines))
 
+    async def gap(request: web.Request) -> web.Response:
+        data = await body(request)
+        seconds = data.get("seconds")
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+            raise web.HTTPBadRequest(text="seconds: expected a number\n")
+        return await call(lambda: fleet.gap_node(request.match_info["name"], float(seconds)))
+
     app.router.add_get("/node/{name}/metrics", node_metrics)
     app.router.add_get("/metrics", own_metrics)
     app.router.add_get("/sd", sd)
@@ -126,6 +137,7 @@ def create_app(fleet: FleetSim) -> web.Application:
     app.router.add_post("/api/nodes/{name}/stop", stop)
     app.router.add_post("/api/nodes/{name}/{what:start|restart}", start_or_restart)
     app.router.add_post("/api/nodes/{name}/kernel-log", kernel_log)
+    app.router.add_post("/api/nodes/{name}/gap", gap)
     return app
 
 

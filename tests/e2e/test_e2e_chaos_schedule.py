@@ -33,7 +33,14 @@ def test_ten_minutes_on_a_thousand_nodes_is_the_issues_soak() -> None:
     fatal = [e for e in events if e.kind == "fatal_xid"]
     assert len(fatal) == 10
     storm = [e for e in events if e.kind == "storm"]
-    assert len(storm) == 100 and max(e.at for e in storm) - min(e.at for e in storm) <= 300
+    # Two storms of 100 nodes each, each within its window, ended one by a skip-backlog reset and one by resume;
+    # no storm node has another fatal fault or is in the other storm.
+    by_storm = {i: [e for e in storm if e.params["storm"] == i] for i in (0, 1)}
+    assert [len(by_storm[i]) for i in (0, 1)] == [100, 100] and len({e.nodes for e in storm}) == 200
+    assert [by_storm[i][0].params["reset"] for i in (0, 1)] == ["skip-backlog", "resume"]
+    assert all(max(e.at for e in s) - min(e.at for e in s) <= 300 for s in by_storm.values())
+    assert not {e.nodes for e in storm} & {e.nodes for e in events if e.kind in ("fatal_xid", "nvswitch_fatal")}
+    assert all(0 <= e.params["gpu"] < 8 for e in [*fatal, *storm])
     assert {e.params["component"] for e in events if e.kind == "restart"} == {"webhook", "alertmanager",
                                                                                "prometheus", "exporter"}
     # A person uncordons only a node the webhook had a reason to cordon, after its fault.
@@ -44,6 +51,14 @@ def test_ten_minutes_on_a_thousand_nodes_is_the_issues_soak() -> None:
 def test_the_codes_are_what_the_catalogs_and_policy_say() -> None:
     assert all(xid_lookup(x).name != "UNKNOWN" for x in (*FATAL_XIDS, *APPLICATION_XIDS))
     assert sxid_lookup(FATAL_SXID).fatal == "fatal"
+
+
+def test_time_scale_shortens_every_duration() -> None:
+    fast = schedule(5, NODES[:50], 180, ChaosConfig(time_scale=0.2, rack_size=5))
+    slow = schedule(5, NODES[:50], 180, ChaosConfig(rack_size=5))
+    for kind, key in (("rack_power_loss", "down_for"), ("reboot", "down_for"), ("scrape_gap", "for")):
+        assert max(e.params[key] for e in fast if e.kind == kind) <= 0.2 * 180 + 0.001
+        assert min(e.params[key] for e in slow if e.kind == kind) >= 15
 
 
 def test_a_soak_without_a_storm_and_bad_arguments() -> None:

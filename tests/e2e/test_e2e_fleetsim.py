@@ -137,6 +137,19 @@ def test_a_stopped_node_is_down(run: Run) -> None:
     wait_until(lambda: run.values(f'up{{{JOB}, node="fleet-0007"}}') == {"fleet-0007": 1.0}, 10, "fleet-0007 up")
 
 
+def test_a_scrape_gap_is_down_while_the_node_collects_on(run: Run) -> None:
+    cycles = run.fleet.node("fleet-0008").poller.cycles
+    run.api("/fleet-0008/gap", {"seconds": 4})
+    with pytest.raises(RuntimeError, match="HTTP 503"):
+        run.body("fleet-0008")
+    wait_until(lambda: run.values(f'up{{{JOB}, node="fleet-0008"}}') == {"fleet-0008": 0.0}, 10, "fleet-0008 gap")
+    # Nothing happened to the node itself: it collects on through the gap.
+    wait_until(lambda: run.fleet.node("fleet-0008").poller.cycles > cycles, 3, "a cycle during the gap")
+    wait_until(lambda: run.values(f'up{{{JOB}, node="fleet-0008"}}') == {"fleet-0008": 1.0}, 10, "gap over")
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        run.api("/fleet-0008/gap", {"seconds": "long"})
+
+
 def test_nodes_come_and_go_through_service_discovery(run: Run) -> None:
     run.api("", {"name": "late-0001", "sim": {"gpus": 2}})
     sd = http_json(f"http://127.0.0.1:{run.fleet.port}/sd")
