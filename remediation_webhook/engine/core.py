@@ -456,7 +456,12 @@ class Engine:
                                        [c.as_dict() for c in ctx.kube.calls], self.clock(), event=None, advance=False)
                 await self.park(rem, "BLOCKED", f"kubernetes unavailable: {exc}")
                 return False
-            await self.ambiguous(rem, seq, action.name, f"outcome unknown: {exc}", ctx)
+            # The API failed in the middle of a step that must not run twice (a 500 on the reboot Job's create
+            # may or may not have created it). The intent row stays open: before anything is repeated, the next
+            # drive reads what happened (reconcile.py), once the API answers; only what cannot be read is a
+            # human's.
+            await self.park(rem, "BLOCKED", f"kubernetes unavailable during {action.name}; its outcome is read from "
+                                            f"the cluster before anything is repeated: {exc}")
             return False
         except KubeApiError as exc:
             result = StepResult(Outcome.FAILURE, f"kubernetes refused: {exc}")

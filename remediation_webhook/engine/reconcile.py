@@ -1,6 +1,7 @@
-"""After a restart: an intent row without its completion means the process died in the middle of a step. Read
-the node: a step that took effect is completed without being repeated; an idempotent one is run again; a
-non-idempotent one whose effect cannot be observed goes to a human (NEEDS_HUMAN)."""
+"""An intent row without its completion: the process died in the middle of a step, or the Kubernetes API failed
+in the middle of one that must not run twice. Read the node: a step that took effect is completed without being
+repeated; an idempotent one is run again; a non-idempotent one whose effect cannot be observed goes to a human
+(NEEDS_HUMAN). While the API cannot be read at all, nothing is decided: the remediation waits (BLOCKED)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from ..actions.base import Observation, Outcome, StepResult, held_by
-from ..errors import InventoryError, InventoryUnavailable, KubeApiError
+from ..errors import InventoryError, InventoryUnavailable, KubeApiError, KubeUnavailable
 from ..journal import Remediation, finish_step
 
 if TYPE_CHECKING:
@@ -27,7 +28,11 @@ async def run(engine: Engine, rem: Remediation, step: Any) -> bool:
                               step_started=float(step["started_at"]))
     try:
         seen = await action.observe(ctx)
-    except (KubeApiError, InventoryUnavailable) as exc:
+    except (KubeUnavailable, InventoryUnavailable) as exc:
+        # An outage is no answer: ask again later rather than hand a step to a person that the cluster can tell.
+        await engine.park(rem, "BLOCKED", f"cannot read the cluster to reconcile {action.name} yet: {exc}")
+        return False
+    except KubeApiError as exc:
         if not action.idempotent:
             await engine.ambiguous(rem, seq, action.name, f"cannot read the node after a restart: {exc}", ctx)
             return False

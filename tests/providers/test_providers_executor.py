@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import kmock
 import pytest
 
 from tests.providers.fakes.support import (
@@ -96,6 +97,46 @@ async def test_reset_failure_falls_back_to_reboot_verified_by_boot_id(tmp_path, 
         assert h.metric("gpu_remediation_provider_events_total", provider="engine", action="reset_gpu",
                         kind="fallback") == 1
         assert h.sql("SELECT 1 FROM audit WHERE event='fallback' AND remediation_id=?", rid)
+    finally:
+        await close_harness(h)
+
+
+async def test_a_500_on_the_reboot_jobs_create_is_read_back_not_handed_to_a_human(tmp_path, kube):
+    """Found by the fleet soak: a Kubernetes API outage answered the reboot Job's POST with a 500, and the webhook
+    sent the node to a person ("may or may not have happened"). The Job's name is fixed by the remediation, so the
+    cluster can tell: the webhook waits for the API, reads it, and creates the Job once."""
+    gpu_node(kube, "gpu-4")
+    failed: list[bool] = []
+
+    def outage(request: kmock.Request) -> kmock.Response | None:
+        if failed or not str(request.headers.get("User-Agent", "")).startswith("OpenAPI-Generator"):
+            return None
+        failed.append(True)
+        return kmock.Response(status=500, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                   "reason": "InternalError", "code": 500})
+
+    kube.km["post", kmock.resource("batch", "v1", "jobs")] << outage
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reboot"],
+                                  reboot={"using": "executor", "verify_timeout": "5s", "verify_interval": "20ms"}),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gpu-4", remediation="reboot")))
+        rid = await rid_of(h, "gpu-4")
+        name = job_name("reboot", rid)
+        await await_for(lambda: job(kube, name), what="reboot job")
+        patch_status(kube, "gpu-4", {"nodeInfo": {"bootID": "boot-2"}})
+        await await_for(lambda: h.states().get("gpu-4") == "SUCCEEDED", what="succeeded")
+        assert failed
+        posts = [c for c in kube.calls(mutating=True) if c[0] == "POST" and c[1].endswith("/jobs")]
+        assert len(posts) == 1  # one Job created (kmock's log holds what reached its store, not the 500)
+        reasons = [r for (r,) in h.sql("SELECT detail_json FROM audit WHERE remediation_id=?", rid)]
+        assert not any("may or may not" in r for r in reasons)
+        # The 500 came after kmock's store took the Job (as an etcd timeout after the commit can): the step's
+        # intent stayed open, the remediation waited, and reading the Job and the new boot id completed it.
+        events = [e for (e,) in h.sql("SELECT event FROM audit WHERE remediation_id=? ORDER BY id", rid)]
+        assert "blocked" in events and "needs_human" not in events
+        assert h.sql("SELECT state, detail FROM step WHERE remediation_id=? AND action='reboot'", rid) == [
+            ("SUCCEEDED", "reconciled after a restart: already done")]
     finally:
         await close_harness(h)
 
