@@ -9,7 +9,9 @@ GET  /v1/breaker; POST /v1/breaker:reset {"mode": "resume"|"skip-backlog", "reas
      resume: the backlog runs (each step still verified). skip-backlog: the backlog is cancelled, and a firing
      alert that began at or before the reset (the same storm, delivered late by Alertmanager or still pending in
      Prometheus at the reset) is refused, journaled and audited, and counted as blocked, without a remediation.
-     It is acted on once it resolves and fires again (a new startsAt); an alert that begins after the reset acts.
+     Its fault_timestamp, when it has one, decides (the same fault firing again after a Prometheus restart is still
+     the storm's); without one, it is acted on once it resolves and fires again; an alert that begins after the
+     reset acts.
      The cut-off is GET /v1/breaker's "skip_before" (Unix seconds); it survives restarts, a later skip-backlog
      reset moves it, a resume reset lifts it.
 GET  /v1/slots                                        nodes holding a slot of the fleet cap (our cordon, in flight)

@@ -335,16 +335,21 @@ def skip_cutoff(reset: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float, fault_ts: float | None = None) -> str:
     """Why an alert that began at `starts_ts` belongs to the storm skipped by `skip` ('' if it does not).
 
-    An alert belongs to the skipped storm when it began at or before the skip-backlog reset: a group Alertmanager
-    delivers later, or an alert still pending in Prometheus at the reset. It is acted on once it resolves and fires
-    again (a new startsAt), when its fault_timestamp annotation says a new fault came after the reset (a recurrence
-    of a still-firing alert), or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
+    An alert belongs to the skipped storm when its fault came at or before the skip-backlog reset: a group
+    Alertmanager delivers later, or an alert still pending in Prometheus at the reset. An event alert's fault time is
+    its fault_timestamp annotation, not its startsAt: when Prometheus restarts or Alertmanager resolves it during an
+    outage, the same fault fires again with a new startsAt, and it is still the storm's (the fleet soak found a
+    Prometheus restart turning a skipped storm into remediations). It is acted on when its fault_timestamp says a
+    new fault came after the reset, or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
+    An alert without a fault_timestamp (a condition) is judged by its startsAt: it is acted on once it resolves and
+    fires again.
     """
-    began = max(starts_ts, fault_ts if fault_ts is not None else starts_ts)
+    began = fault_ts if fault_ts is not None else starts_ts
     if skip is None or began > float(skip["skip_before"]):
         return ""
     at = datetime.fromtimestamp(float(skip["skip_before"]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"began before the breaker reset with skip-backlog at {at} by {skip.get('by', '?')}"
+    what = "its fault came" if fault_ts is not None and fault_ts < starts_ts else "began"
+    return f"{what} before the breaker reset with skip-backlog at {at} by {skip.get('by', '?')}"
 
 
 def _refused(conn: sqlite3.Connection, a: AlertIn, now: float, actor: str, reason: str,

@@ -154,6 +154,27 @@ async def test_skip_backlog_refuses_late_alerts_of_the_storm_and_acts_on_new_one
     assert h.states()["after"] == "SUCCEEDED" and kube.cordoned() == ["after"]
 
 
+async def test_skip_backlog_holds_for_the_same_fault_firing_again_with_a_new_starts_at(harness, kube):
+    """Found by the fleet soak: a Prometheus restart (or an outage longer than Alertmanager keeps an alert) makes
+    the storm's alerts fire again with a new startsAt; their fault_timestamp still says the fault came before the
+    reset, so they are still the skipped storm's, and nothing acts."""
+    h = await harness()
+    await _storm(h, kube, "skip-backlog")
+    cut = (await (await h.admin.get("/v1/breaker")).json())["skip_before"]
+    for node in ("refire0", "refire1", "refire2"):
+        kube.add_node(node)
+    refired = [_late(n, cut + 60) for n in ("refire0", "refire1", "refire2")]
+    for a in refired:
+        a["annotations"]["fault_timestamp"] = str(int(cut - 30))
+    out = await (await h.post(notification(*refired))).json()
+    assert out["refused"] == 3 and out["accepted"] == 0 and "breaker_tripped" not in out, out
+    await h.settle()
+    assert not kube.cordoned()
+    at = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert {r for (r,) in h.sql("SELECT reason FROM occurrence WHERE node LIKE 'refire%'")} == {
+        f"its fault came before the breaker reset with skip-backlog at {at} by anonymous"}
+
+
 async def test_skip_backlog_acts_on_a_new_fault_of_an_alert_still_firing(harness, kube):
     """An alert that began before the skip-backlog reset but whose fault_timestamp says the fault came after it
     (a recurrence of a still-firing alert) is a new incident: it acts."""
