@@ -295,6 +295,22 @@ def _resume(conn: sqlite3.Connection, row: sqlite3.Row, batch: AcceptIn, out: Ac
     return True
 
 
+def _refired(conn: sqlite3.Connection, a: AlertIn, rem: Remediation, batch: AcceptIn, breaker_open: bool,
+             out: AcceptOut) -> tuple[str, str, str]:
+    """The alert a HELD remediation waits for fired again with a new startsAt (Prometheus restarted, or
+    Alertmanager resolved it during an outage and Prometheus sent it again): what it waited for has come. It resumes
+    with this occurrence as its source, which the engine verifies with Alertmanager before each step. Merged
+    instead, it waited out resolved_hold and the fault went unremediated (found by the fleet soak)."""
+    state, reason = ("BLOCKED", "breaker open") if breaker_open else ("PLANNED", "")
+    conn.execute("UPDATE remediation SET state=?, reason=?, source_starts_at=?, starts_ts=?, updated_at=?, "
+                 "state_since=?, not_before=0, held_at=0 WHERE id=?",
+                 (state, reason, a.starts_key, a.starts_ts, batch.now, batch.now, rem.id))
+    audit(conn, batch.now, batch.actor, "resumed", rem.id, a.node, fingerprint=a.fingerprint, startsAt=a.starts_key)
+    out.resumed += 1
+    out.remediation_ids.append(rem.id)
+    return "resumed", "the alert its held remediation waited for fired again", rem.id
+
+
 def _live_twin(conn: sqlite3.Connection, a: AlertIn) -> sqlite3.Row | None:
     """A firing occurrence with this fingerprint but other labels that is the alert of an unfinished remediation
     (not merely merged into one: a merged alert is never verified, so it cannot be told real or forged)."""
@@ -397,6 +413,8 @@ def _decide(conn: sqlite3.Connection, a: AlertIn, batch: AcceptIn, breaker_open:
     active = conn.execute(f"SELECT * FROM remediation WHERE node=? AND state IN ({ACTIVE_SQL})", (a.node,)).fetchone()
     if active is not None:
         rem = Remediation.from_row(active)
+        if rem.state == "HELD" and (rem.source_fp, rem.source_labels_hash) == (a.fingerprint, a.labels_hash):
+            return _refired(conn, a, rem, batch, breaker_open, out)
         out.merged += 1
         if rem.rule == a.rule and a.target_index > rem.target and rem.ladder == a.ladder[: len(rem.ladder)] \
                 and len(a.ladder) > len(rem.ladder) and rem.state != "HEALTHY_DELAY":

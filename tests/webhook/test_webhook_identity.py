@@ -165,6 +165,37 @@ async def test_resolved_then_firing_resumes_the_held_plan(harness, kube, dry_run
     assert len(h.sql("SELECT id FROM remediation")) == 1
 
 
+async def test_the_same_alert_firing_again_with_a_new_starts_at_resumes_the_held_plan(harness, kube):
+    """Found by the fleet soak: Prometheus restarted (or Alertmanager resolved the alert during an outage) and the
+    alert fired again with a new startsAt. It was merged into its own HELD plan, which then waited out
+    resolved_hold while the fault went unremediated. It resumes the plan, now verified against the new
+    occurrence."""
+    kube.add_node("n1")
+    h = await harness(policy={**LIVE, "resolved_hold": "1h"}, safety=SAFETY)
+    a = alert("n1", starts_at=datetime.now(UTC) - timedelta(minutes=2))
+    await h.admin.post("/v1/pause")
+    await h.post(notification(a))
+    await h.post(notification({**a, "status": "resolved"}))
+    assert h.states() == {"n1": "HELD"}
+    again = {**a, "startsAt": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+    out = await (await h.post(notification(again))).json()
+    assert out["resumed"] == 1 and out["merged"] == 0 and out["accepted"] == 0, out
+    assert h.states() == {"n1": "PLANNED"}
+    (source,) = h.sql("SELECT source_starts_at FROM remediation")
+    assert source[0] != a["startsAt"]
+    await h.admin.delete("/v1/pause")
+    await h.until_state("n1", "SUCCEEDED")
+    assert kube.cordoned() == ["n1"] and len(h.sql("SELECT id FROM remediation")) == 1
+    # Another alert of the node is still merged into the held plan: only its own alert resumes it.
+    kube.add_node("n2")
+    await h.admin.post("/v1/pause")
+    first, other = alert("n2", fingerprint="cc"), alert("n2", fingerprint="dd", alertname="GPUOther")
+    await h.post(notification(first))
+    await h.post(notification({**first, "status": "resolved"}))
+    out = await (await h.post(notification(other))).json()
+    assert out["merged"] == 1 and out["resumed"] == 0 and h.states()["n2"] == "HELD"
+
+
 async def test_a_remediation_whose_alert_resolves_is_held_at_once_or_before_its_next_rung(harness, kube, am):
     """Waiting for approval: held when the resolved delivery arrives. In the middle of a step (a slow drain): the
     step finishes, and the remediation is held before the next rung."""

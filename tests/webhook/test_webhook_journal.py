@@ -45,13 +45,19 @@ def test_occurrence_key_is_fingerprint_startsat_and_labels_with_the_last_status(
     assert first.accepted == 1
     again = journal.run_sync(accept, _batch(_alert("aa"), _alert("aa", status="resolved"),
                                             _alert("aa", starts="2026-11-29T10:00:00Z")))
-    assert (again.duplicates, again.ignored, again.merged) == (1, 1, 1)
+    # Resolved (its plan held), then the same alert fires again with a new startsAt: the held plan resumes.
+    assert (again.duplicates, again.ignored, again.merged, again.resumed) == (1, 1, 0, 1)
     rows = journal.run_sync(lambda c: c.execute("SELECT status, deliveries FROM occurrence ORDER BY starts_at").fetchall())
     assert [tuple(r) for r in rows] == [("resolved", 3), ("firing", 1)]
-    # The same fingerprint and startsAt with other labels is another occurrence, not a duplicate. Its twins here
-    # are no live alert of a remediation (one resolved, one merged): it merges like any new alert of the node.
+    # The same fingerprint and startsAt with other labels is another occurrence, not a duplicate. Its twin that
+    # fired again is now the live alert of the resumed remediation: a conflict, not planned.
     other = journal.run_sync(accept, _batch(dataclasses.replace(_alert("aa"), labels_hash="other")))
-    assert (other.duplicates, other.conflicts, other.accepted, other.merged) == (0, 0, 0, 1)
+    assert (other.duplicates, other.conflicts, other.accepted, other.merged) == (0, 1, 0, 0)
+    # Twins that are no live alert of a remediation (a resolved one) merge like any new alert of the node.
+    journal.run_sync(accept, _batch(_alert("zz", node="n9"), _alert("yy", node="n9")))
+    journal.run_sync(accept, _batch(_alert("yy", node="n9", status="resolved")))
+    merged = journal.run_sync(accept, _batch(dataclasses.replace(_alert("yy", node="n9"), labels_hash="other")))
+    assert (merged.conflicts, merged.merged) == (0, 1)
     # With a firing alert of an unfinished remediation under that fingerprint, it is a conflict.
     journal.run_sync(accept, _batch(_alert("bb", node="n2")))
     twin = journal.run_sync(accept, _batch(dataclasses.replace(_alert("bb", node="n3"), labels_hash="other")))
