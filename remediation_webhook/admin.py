@@ -13,7 +13,7 @@ GET  /v1/breaker; POST /v1/breaker:reset {"mode": "resume"|"skip-backlog", "reas
      the storm's); without one, it is acted on once it resolves and fires again; an alert that begins after the
      reset acts.
      The cut-off is GET /v1/breaker's "skip_before" (Unix seconds); it survives restarts, a later skip-backlog
-     reset moves it, a resume reset lifts it.
+     reset moves it, a resume reset keeps it.
 GET  /v1/slots                                        nodes holding a slot of the fleet cap (our cordon, in flight)
 POST /v1/slots/{node}:release | /{node}/release        give a node's slot back by hand (the node is left as it is);
      409 while an unfinished, started remediation holds the node (cancel it first)

@@ -342,8 +342,9 @@ def _trip(conn: sqlite3.Connection, now: float, reason: str, actor: str, out: Ac
 
 
 def skip_cutoff(reset: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The last breaker reset if it was a skip-backlog one (its `skip_before` is the storm's cut-off), else None."""
-    if reset is None or reset.get("mode") != "skip-backlog" or reset.get("skip_before") is None:
+    """The last breaker reset if it carries a skip-backlog cut-off (`skip_before`: its own, or an earlier one a
+    resume reset kept), else None."""
+    if reset is None or reset.get("skip_before") is None:
         return None
     return reset
 
@@ -356,7 +357,7 @@ def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float, fault_ts
     its fault_timestamp annotation, not its startsAt: when Prometheus restarts or Alertmanager resolves it during an
     outage, the same fault fires again with a new startsAt, and it is still the storm's (the fleet soak found a
     Prometheus restart turning a skipped storm into remediations). It is acted on when its fault_timestamp says a
-    new fault came after the reset, or after a later `resume` reset; a later skip-backlog reset moves the cut-off.
+    new fault came after the reset; a later skip-backlog reset moves the cut-off, a resume reset keeps it.
     An alert without a fault_timestamp (a condition) is judged by its startsAt: it is acted on once it resolves and
     fires again.
     """
@@ -365,7 +366,7 @@ def storm_skip_reason(skip: Mapping[str, Any] | None, starts_ts: float, fault_ts
         return ""
     at = datetime.fromtimestamp(float(skip["skip_before"]), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     what = "its fault came" if fault_ts is not None and fault_ts < starts_ts else "began"
-    return f"{what} before the breaker reset with skip-backlog at {at} by {skip.get('by', '?')}"
+    return f"{what} before the breaker reset with skip-backlog at {at} by {skip.get('skip_by', skip.get('by', '?'))}"
 
 
 def _refused(conn: sqlite3.Connection, a: AlertIn, now: float, actor: str, reason: str,

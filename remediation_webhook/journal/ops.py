@@ -56,9 +56,12 @@ def set_pause(conn: sqlite3.Connection, paused: bool, actor: str, now: float, re
 def reset_breaker(conn: sqlite3.Connection, mode: str, actor: str, now: float, reason: str,
                   blocked_event: Callable[[Remediation], MetricEvent | None]) -> dict[str, Any]:
     """mode resume: the backlog runs (each step still verified); skip-backlog: it is cancelled, and firing alerts
-    that began at or before now (the same storm, delivered late) are refused until the next reset
-    (`skip_before` in the breaker_reset meta; see storm_skip_reason). A resume reset lifts that cut-off."""
+    whose fault came at or before now (the same storm, delivered late, or firing again after a Prometheus restart)
+    are refused (`skip_before` in the breaker_reset meta; see storm_skip_reason). A later skip-backlog reset moves
+    that cut-off; a resume reset keeps it: resuming one storm's backlog must not un-skip an earlier storm whose
+    alerts fire again (the fleet soak saw a skipped storm's node rebooted after a later resume and a restart)."""
     state = get_meta(conn, "breaker")
+    earlier = skip_cutoff(get_meta(conn, "breaker_reset"))
     skipped: list[str] = []
     if mode == "skip-backlog":
         for row in conn.execute("SELECT * FROM remediation WHERE state IN ('PLANNED','BLOCKED','HELD')").fetchall():
@@ -73,7 +76,9 @@ def reset_breaker(conn: sqlite3.Connection, mode: str, actor: str, now: float, r
     set_meta(conn, "breaker", None)
     reset: dict[str, Any] = {"at": now, "by": actor, "mode": mode, "reason": reason}
     if mode == "skip-backlog":
-        reset["skip_before"] = now
+        reset.update(skip_before=now, skip_by=actor)
+    elif earlier is not None:
+        reset.update(skip_before=earlier["skip_before"], skip_by=earlier.get("skip_by", earlier.get("by")))
     set_meta(conn, "breaker_reset", reset)
     conn.execute("UPDATE remediation SET not_before=0 WHERE state='BLOCKED'")  # look again now
     conn.execute("UPDATE occurrence SET wants='' WHERE first_seen<=? AND status='firing'", (now,))
