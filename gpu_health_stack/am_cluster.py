@@ -53,7 +53,10 @@ class Peer:
 
 class AlertmanagerCluster:
     def __init__(self, directory: Path, config: Mapping[str, Any], *, peers: int = 3,
-                 timings: ClusterTimings | None = None, binary: str = ALERTMANAGER) -> None:
+                 timings: ClusterTimings | None = None, binary: str = ALERTMANAGER,
+                 ports: Sequence[int] | None = None) -> None:
+        """`ports`: the peers' web ports, when their URLs must be known before they start (a receiver that
+        verifies against them); free ones otherwise."""
         if peers < 1:
             raise ValueError("peers must be at least 1")
         if shutil.which(binary) is None:
@@ -63,11 +66,14 @@ class AlertmanagerCluster:
         self.timings = timings or ClusterTimings()
         self.config_path = self.dir / "alertmanager.yml"
         self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-        ports = [(free_port(), free_port()) for _ in range(peers)]
+        if ports is not None and len(ports) != peers:
+            raise ValueError(f"ports: {peers} expected, got {len(ports)}")
+        webs = list(ports) if ports is not None else [free_port() for _ in range(peers)]
+        pairs = [(web, free_port()) for web in webs]
         self.peers: list[Peer] = []
         try:
-            for i, (web, cluster) in enumerate(ports):
-                others = [f"127.0.0.1:{c}" for j, (_, c) in enumerate(ports) if j != i]
+            for i, (web, cluster) in enumerate(pairs):
+                others = [f"127.0.0.1:{c}" for j, (_, c) in enumerate(pairs) if j != i]
                 proc = Proc(f"alertmanager-{i}", self._argv(i, web, cluster, others), self.dir)
                 self.peers.append(Peer(f"alertmanager-{i}", web, cluster, proc))
             for peer in self.peers:

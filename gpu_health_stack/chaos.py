@@ -14,7 +14,8 @@ Kinds:
                         one storm per `storms` entry, which names how the operator resets the breaker after it
     reboot              a node reboots: a short gap, then a new boot id
     scrape_gap          some nodes' targets answer nothing for a while (the nodes themselves are fine)
-    restart             a component restarts: the webhook (SIGKILL), an Alertmanager peer, Prometheus, an exporter
+    restart             a component restarts: the webhook (SIGKILL), an Alertmanager peer, Prometheus, an exporter;
+                        and near the end a cold start (Prometheus on an empty TSDB, with the webhook down meanwhile)
     kube_api            the Kubernetes API answers 500 or slowly for a while
     human_uncordon      a person uncordons a node the webhook cordoned earlier in the run
 """
@@ -54,16 +55,21 @@ class ChaosConfig:
     rollout_share: float = 0.30
     fatal_share: float = 0.01
     storm_share: float = 0.10
-    storm_window: float = 300.0
+    storm_window: float = 120.0  # two storms and their resets fit in ten minutes
     # One storm per entry, each ended by the operator's breaker reset of that mode (docs/webhook.md, Safety).
     storms: tuple[str, ...] = ("skip-backlog", "resume")
-    storm_at: float | None = None  # None: random times (the first storm in the first half); negative: no storm
+    storm_at: float | None = None  # None: random, the first near 15 % of the run, the next 45 % later; <0: none
     nvswitch_trays: int = 1
     reboots: int = 5
     scrape_gaps: int = 3
     kube_api_outages: int = 2
     human_uncordons: int = 2
     restarts: tuple[str, ...] = ("webhook", "alertmanager", "prometheus", "exporter")
+    # Seconds after each storm's window kept free of other fatal faults (the operator's reset comes in them).
+    storm_quiet: float = 0.0
+    # Near the end, Prometheus and the webhook restart together, Prometheus on an empty TSDB (a pod without a
+    # volume): fixed faults whose Xid is still in the log fire again as new alerts, and the journal must know.
+    cold_start: bool = True
     # Multiplies every duration (how long a rack stays down, a gap lasts, a rollout spreads, a person waits): a
     # soak at 1 s settings runs its faults 15 times as fast as one at 15 s, in a fifth of the time.
     time_scale: float = 1.0
@@ -104,29 +110,38 @@ def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfi
                                 {"xid": rng.choice(APPLICATION_XIDS), "gpu": rng.randrange(8)}))
 
     trays = rng.sample(fleet, min(c.nvswitch_trays, len(fleet)))
-    for node in trays:
-        events.append(Event(when(), "nvswitch_fatal", (node,), {"sxid": FATAL_SXID}))
+    # Storm times first: the other fatal faults keep out of the storms and the operator's reset after each.
+    storms = c.storms if c.storm_share > 0 and (c.storm_at is None or c.storm_at >= 0) else ()
+    starts = [c.storm_at + i * horizon / len(storms) if c.storm_at is not None
+              else round(horizon * (0.15 + 0.45 * i) + rng.uniform(0, 0.1 * horizon), 3)
+              for i in range(len(storms))]
+    busy = [(at - 5.0, at + c.storm_window + c.storm_quiet) for at in starts]
+    if c.cold_start:
+        busy.append((horizon * 0.9, horizon))  # the cold start at 97 %: its outage would hold a fault back
+
+    def calm() -> float:
+        for _ in range(100):
+            at = when()
+            if not any(lo <= at <= hi for lo, hi in busy):
+                return at
+        return at
 
     fatal = [n for n in some(c.fatal_share) if n not in trays]
     for node in fatal:
-        events.append(Event(when(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS), "gpu": rng.randrange(8)}))
+        events.append(Event(calm(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS), "gpu": rng.randrange(8)}))
 
     # A storm's nodes are none of the others' with a fatal fault, and no node is in two storms: each node's
     # expected outcome has one cause.
     spare = [n for n in fleet if n not in set(fatal) | set(trays)]
-    storms = c.storms if c.storm_share > 0 and (c.storm_at is None or c.storm_at >= 0) else ()
     for i, reset in enumerate(storms):
-        if c.storm_at is not None:
-            at = c.storm_at + i * horizon / max(1, len(storms))
-        else:
-            lo, hi = (0.2 + 0.6 * i / len(storms), 0.2 + 0.6 * (i + 0.5) / len(storms))
-            at = when(lo, hi)
         members = rng.sample(spare, min(len(spare), max(1, round(c.storm_share * len(fleet)))))
         spare = [n for n in spare if n not in set(members)]
         for node in members:
-            events.append(Event(round(at + rng.uniform(0, c.storm_window), 3), "storm", (node,),
+            events.append(Event(round(starts[i] + rng.uniform(0, c.storm_window), 3), "storm", (node,),
                                 {"xid": 79, "gpu": rng.randrange(8), "storm": i, "reset": reset}))
 
+    for node in trays:
+        events.append(Event(calm(), "nvswitch_fatal", (node,), {"sxid": FATAL_SXID}))
     for node in rng.sample(fleet, min(c.reboots, len(fleet))):
         events.append(Event(when(), "reboot", (node,), {"down_for": span(20, 90)}))
     for _ in range(c.scrape_gaps):
@@ -139,6 +154,9 @@ def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfi
             params["peer"] = rng.randrange(3)
         targets: tuple[str, ...] = (rng.choice(fleet),) if component == "exporter" else ()
         events.append(Event(when(), "restart", targets, {"component": component, **params}))
+    if c.cold_start:
+        events.append(Event(round(horizon * 0.97, 3), "restart", (), {"component": "cold_start", "signal": "KILL",
+                                                                     "down_for": span(5, 10)}))
     for _ in range(c.kube_api_outages):
         events.append(Event(when(), "kube_api", (), {"mode": rng.choice(("500", "slow")), "for": span(10, 60)}))
     for node in rng.sample(fatal, min(c.human_uncordons, len(fatal))):

@@ -103,6 +103,8 @@ class Stack:
         # (file_sd_configs, relabel_configs), and how many more of its targets start_prometheus waits to see up.
         self.exporter_job_extra: dict[str, list[Any]] = {}
         self.exporter_job_targets: Callable[[], int] = lambda: 0
+        # Where Prometheus sends alerts: the stack's one Alertmanager, or every peer of a cluster (am_cluster).
+        self.alertmanager_targets: list[str] | None = None
 
     def __enter__(self) -> Stack:
         return self
@@ -202,7 +204,8 @@ class Stack:
         config.update({
             "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yaml"))]
             + [str(p) for p in sorted((ROOT / "rules").glob("*.alerts.yaml"))],
-            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.am_port}"]}]}]
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": self.alertmanager_targets
+                                                                or [f"127.0.0.1:{self.am_port}"]}]}]
                          if send_alerts else []},
             "scrape_configs": [exporter_job, *(extra_scrape_configs or [])],
         })

@@ -42,7 +42,10 @@ def test_ten_minutes_on_a_thousand_nodes_is_the_issues_soak() -> None:
     assert not {e.nodes for e in storm} & {e.nodes for e in events if e.kind in ("fatal_xid", "nvswitch_fatal")}
     assert all(0 <= e.params["gpu"] < 8 for e in [*fatal, *storm])
     assert {e.params["component"] for e in events if e.kind == "restart"} == {"webhook", "alertmanager",
-                                                                               "prometheus", "exporter"}
+                                                                               "prometheus", "exporter", "cold_start"}
+    # No other fatal fault lands inside a storm's window.
+    for f in fatal:
+        assert not any(min(e.at for e in s) - 5 <= f.at <= min(e.at for e in s) + 120 for s in by_storm.values())
     # A person uncordons only a node the webhook had a reason to cordon, after its fault.
     for e in (e for e in events if e.kind == "human_uncordon"):
         assert any(f.nodes == e.nodes and f.at < e.at for f in fatal)
