@@ -275,8 +275,12 @@ class Engine:
         if rem.state == "HEALTHY_DELAY":
             await undo.run(self, rem)
             return
-        if rem.state == "HELD":  # runnable only when its hold expired
-            await self._expire(rem)
+        if rem.state == "HELD":
+            # Expired only when its hold ran out: a task that was already on its way (the remediation was BLOCKED
+            # on the fleet cap when its alert resolved) finds it HELD too, and must leave it (the fleet soak saw
+            # such a plan cancelled at once instead of after resolved_hold).
+            if rem.not_before <= self.clock():
+                await self._expire(rem)
             return
         step = await self.journal.run(open_step, rid)
         if step is not None and not await reconcile.run(self, rem, step):

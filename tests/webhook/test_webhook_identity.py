@@ -238,6 +238,27 @@ async def test_a_held_plan_whose_alert_never_returns_is_cancelled_and_its_merged
     assert kube.cordoned() == ["n1"]
 
 
+async def test_a_plan_waiting_on_the_fleet_cap_whose_alert_resolves_waits_out_its_hold(harness, kube):
+    """Found by the fleet soak: a plan BLOCKED on the fleet cap was held when its alert resolved, and the engine's
+    task already on its way cancelled it at once instead of after resolved_hold."""
+    for n in ("n1", "n2"):
+        kube.add_node(n)
+    h = await harness(policy={**LIVE, "resolved_hold": "1h"},
+                      safety={**SAFETY, "fleet_cap": {"max_nodes": 1, "max_percent": 100}})
+    await h.post(notification(alert("n1")))
+    await h.until_state("n1", "SUCCEEDED")  # n1 keeps our cordon: the one slot is taken
+    a = alert("n2")
+    await h.post(notification(a))
+    await h.until_state("n2", "BLOCKED")
+    await h.post(notification({**a, "status": "resolved"}))
+    assert h.states()["n2"] == "HELD"
+    # The race, made certain: the task that was on its way when the hold came drives the remediation now.
+    (rid,) = h.sql("SELECT id FROM remediation WHERE node='n2'")[0]
+    await h.engine._drive(rid)
+    await h.settle()
+    assert h.states()["n2"] == "HELD", h.sql("SELECT state, reason FROM remediation WHERE node='n2'")
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf", "253402300799", "-5", "soon"])
 async def test_a_fault_timestamp_that_is_not_a_time_is_refused(harness, kube, value):
     kube.add_node("n1")
