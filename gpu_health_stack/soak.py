@@ -438,7 +438,7 @@ class Soak:
                 stack.prometheus.start()
                 stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
                 # Long enough for the rules to fire again before the webhook's history is scraped.
-                time.sleep(max(down_for, 3 * seconds(self.config.timings.scrape_interval) + 3))
+                time.sleep(max(down_for, 5 * seconds(self.config.timings.scrape_interval) + 5))
                 self.webhook.start()
             elif component == "exporter":
                 node = e.nodes[0]
@@ -644,32 +644,6 @@ class Soak:
                          f"(peer timeout {self.config.am.peer_timeout}): fault-to-cordon of faults in that window "
                          f"{sorted(round(v, 2) for v in during.values()) or 'none'}")
         return lines
-
-
-def _run(config: SoakConfig, queue: Any) -> None:
-    try:
-        queue.put(Soak(config).run())
-    except BaseException as exc:  # noqa: BLE001 - handed to the parent
-        queue.put(exc)
-
-
-def run_in_process(config: SoakConfig, timeout: float = 1800.0) -> Report:
-    """The soak in a process of its own (spawned): two soaks at once do not share one interpreter's lock."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(config, queue), name="soak", daemon=False)
-    proc.start()
-    try:
-        out = queue.get(timeout=timeout)
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.terminate()
-    if isinstance(out, BaseException):
-        raise out
-    return out
 
 
 def _call(entry: tuple[float, str, str, int, bytes]) -> Call:
