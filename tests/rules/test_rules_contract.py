@@ -19,8 +19,9 @@ RULES = ROOT / "rules"
 
 # Series Prometheus itself writes: `up` per target, ALERTS per alert.
 PROMETHEUS_SERIES = {"up", "ALERTS"}
-# Rules that read no metric on purpose: the dead man's switch is vector(1).
-READS_NOTHING = {"GPURemediationWatchdog"}
+# Rules that read no metric on purpose: the dead man's switch is vector(1); so is the count of the thermal history
+# group's evaluations, which GPUClockSlowdown divides by.
+READS_NOTHING = {"GPURemediationWatchdog", "cluster:gpu_clock_event_reason_active_minutes:count"}
 
 def _rules() -> list[tuple[str, str]]:
     out = []
