@@ -142,8 +142,6 @@ def backfill(series: Sequence[Series], *, start: float, end: float, step: float,
     return out
 
 
-
-
 # --- the rules' history ------------------------------------------------------------------------------------------
 
 
@@ -151,15 +149,19 @@ def backfill_rule_history(data_dir: Path, template: str | Callable[[str], str], 
                           days: float = 7.0, step: float = 900.0, end: float | None = None,
                           extra: Mapping[str, str] | None = None, files: Sequence[Path] | None = None,
                           scrape_interval: float = 15.0, evaluation_interval: float = 15.0,
-                          min_reach: float = 3600.0, job: str = JOB, promtool: str = PROMTOOL,
+                          min_reach: float = rule_windows.LONG, job: str = JOB, promtool: str = PROMTOOL,
                           prometheus: str = PROMETHEUS) -> dict[str, Any]:
     """Write `days` of history up to `end` (default: 5 minutes ago) of the series the rules in `files` (default
-    rules/) read an hour or more into the past, for every node of `nodes`, as blocks in `data_dir` (a Prometheus
+    rules/) read `min_reach` (an hour) or more into the past, for every node of `nodes`, as blocks in `data_dir` (a Prometheus
     data directory, before Prometheus starts on it).
 
     One sample every `step` seconds over the window; within the reach of the rules that read a series, as
     densely as Prometheus would hold it (rule_windows.plan_history: a scraped series every `scrape_interval`, a
     recorded one every interval of its group), since that is what a rule's cost depends on.
+
+    Only the series the reading selectors select are written. `min_reach` lower than an hour (300: every window of
+    5 minutes or more) also fills the shorter windows, a [15m] average or a [5m] rate, over themselves only: then
+    the first evaluations of a run read full windows (benchmarks/rule_eval.py).
 
     `template` is a node's exposition (its node label replaced by each node's; every other label, such as a GPU's
     uuid, stays the template's), or a function giving each node's own exposition, so that the backfilled series
@@ -250,10 +252,12 @@ def _node_series(template: str | Callable[[str], str], nodes: Sequence[str], nam
         found = shared if shared is not None else _samples(template(node), wanted)  # type: ignore[operator]
         for name, labels, value in found:
             own = {k: v for k, v in labels.items() if k != "node"} if shared is not None else labels
-            series.append(Series(name, {**target, **own}, lambda _t, v=value: v, *grid(name)))
+            if names[name].selects(full := {**target, **own}):  # only what the rules' selectors read
+                series.append(Series(name, full, lambda _t, v=value: v, *grid(name)))
         for name in names.keys() & SCRAPE_SERIES.keys():
-            series.append(Series(name, target, lambda _t, v=SCRAPE_SERIES[name]: v, *grid(name)))
+            if names[name].selects(target):
+                series.append(Series(name, target, lambda _t, v=SCRAPE_SERIES[name]: v, *grid(name)))
     seen = {s.name for s in series}
-    why = "in no node's exposition (another job's series, or one these nodes do not publish)"
+    why = "no series of it in the nodes' exposition that the rules select (another job's, or not published here)"
     skipped = {name: why for name in sorted(names.keys() - seen)}
     return series, skipped

@@ -36,6 +36,9 @@ _TOKEN = re.compile(r"""
 _LABEL_LISTS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _NAME_MATCHER = re.compile(r"""__name__\s*=\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')""")
+_MATCHER = re.compile(r"""([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|`([^`]*)`)""")
+# Reads this far back are history (written over the whole backfilled window); shorter ones only over themselves.
+LONG = 3600.0
 
 
 def duration(text: str) -> float:
@@ -107,6 +110,32 @@ def selectors(expr: str) -> list[Selector]:
     return out
 
 
+Matcher = tuple[str, str, str]  # label, operator (=, !=, =~, !~), value
+
+
+def matchers(text: str) -> tuple[Matcher, ...]:
+    """The label matchers of a selector's `{...}`, __name__ left out."""
+    out = []
+    for label, op, *quoted in _MATCHER.findall(text):
+        value = next((q for q in quoted if q), "")
+        if label != "__name__":
+            out.append((label, op, re.sub(r"\\(.)", r"\1", value)))
+    return tuple(out)
+
+
+def selects(wanted: tuple[Matcher, ...], labels: dict[str, str]) -> bool:
+    """Whether a series with `labels` matches every matcher (regexes anchored, as in PromQL; a missing label is
+    the empty string)."""
+    for label, op, value in wanted:
+        have = labels.get(label, "")
+        if op in ("=~", "!~"):
+            if (re.fullmatch(value, have) is not None) != (op == "=~"):
+                return False
+        elif (have == value) != (op == "="):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Read:
     name: str
@@ -162,11 +191,22 @@ class Need:
     span: float = 0.0
     fine: float | None = None
     whole: bool = False
+    # The series any of these matcher sets select (None: all of them): what the reading selectors ask for.
+    only: list[tuple[Matcher, ...]] | None = field(default_factory=list, compare=False)
 
-    def add(self, span: float, fine: float | None) -> None:
+    def add(self, span: float, fine: float | None, selector: str | None = None) -> None:
         self.span = max(self.span, span)
         if fine is not None:
             self.fine = fine if self.fine is None else min(self.fine, fine)
+        if selector is not None and self.only is not None:
+            wanted = matchers(selector)
+            if not wanted:
+                self.only = None
+            elif wanted not in self.only:
+                self.only.append(wanted)
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        return self.only is None or any(selects(m, labels) for m in self.only)
 
 
 @dataclass
@@ -215,8 +255,8 @@ def plan_history(files: Sequence[Path], *, min_reach: float = 3600.0, scrape_int
 
     for read in long_window_reads(files, min_reach):
         visit(read.name, ())
-        need(read.name).add(read.reach, every(read.name))
-        need(read.name).whole = True
+        need(read.name).add(read.reach, every(read.name), read.matchers)
+        need(read.name).whole |= read.reach >= LONG
     top = max(level.values(), default=-1)
     plan.levels = [[rule for name in sorted(level) if level[name] == k for _, rule in defined[name]]
                    for k in range(top + 1)]
@@ -225,5 +265,6 @@ def plan_history(files: Sequence[Path], *, min_reach: float = 3600.0, scrape_int
             mine = plan.recorded[str(rule["record"])]
             for s in selectors(str(rule["expr"])):
                 if s.name is not None and s.name != rule["record"]:  # over the span its record is read
-                    need(s.name).add(mine.span + s.reach, max(every(s.name), s.reach / 2) if s.reach > 0 else None)
+                    need(s.name).add(mine.span + s.reach, max(every(s.name), s.reach / 2) if s.reach > 0 else None,
+                                     s.matchers)
     return plan

@@ -15,11 +15,13 @@ from gpu_health_stack.rule_windows import (
     Need,
     duration,
     long_window_reads,
+    matchers,
     plan_history,
     reads,
     rule_files,
     rules,
     selectors,
+    selects,
 )
 
 H, D = 3600.0, 86400.0
@@ -114,3 +116,29 @@ groups:
 """)
     with pytest.raises(ValueError, match="cycle"):
         plan_history(rule_files(tmp_path))
+
+
+def test_matchers_select_as_promql_does() -> None:
+    wanted = matchers('{__name__="x", job=~".*gpu-health-exporter.*", counter!="replay", kind!~"a|b", d="q\\"x"}')
+    assert wanted == (("job", "=~", ".*gpu-health-exporter.*"), ("counter", "!=", "replay"), ("kind", "!~", "a|b"),
+                      ("d", "=", 'q"x'))
+    base = {"job": "monitoring/gpu-health-exporter", "counter": "crc", "d": 'q"x'}
+    assert selects(wanted, base)
+    assert not selects(wanted, {**base, "kind": "a"})  # anchored: "a" is matched whole
+    assert selects(wanted, {**base, "kind": "ab"})
+    assert not selects(wanted, {**base, "job": "node"}) and not selects(wanted, {**base, "counter": "replay"})
+    assert not selects((("x", "=", "1"),), {})  # a missing label is ""
+    assert selects((("x", "!=", "1"),), {})
+
+
+def test_shorter_windows_when_asked_and_only_the_series_the_selectors_read() -> None:
+    assert "gpu_clock_event_reason_active" not in plan_history(rule_files()).raw
+    plan = plan_history(rule_files(), min_reach=300)
+    # GPUClockSlowdown reads 15 minutes of the per-minute thermal record; that record reads [1m] of the raw
+    # reasons: over those 16 minutes, every 30 s, only over themselves.
+    assert plan.recorded["node_gpu_reason:gpu_clock_event_reason_active:avg_over_time1m"] == Need(15 * 60, 60)
+    clocks = plan.raw["gpu_clock_event_reason_active"]
+    assert clocks == Need(16 * 60, 30, whole=False)
+    assert clocks.selects({"reason": "hw_slowdown"}) and not clocks.selects({"reason": "gpu_idle"})
+    assert plan.raw["up"].selects({"job": "gpu-health-exporter"}) and not plan.raw["up"].selects({"job": "node"})
+    assert plan.raw["gpu_nvlink_links_up"].only is None  # read without matchers: every series
