@@ -50,18 +50,17 @@ class Series:
     name: str
     labels: Mapping[str, str]
     value: Callable[[float], float]  # the value at a unix time
-    fine: tuple[float, float] | None = None  # (span, step): over the window's last span seconds, every step
+    fine: tuple[tuple[float, float], ...] = ()  # (span, step): over the window's last span seconds, every step
     since: float | None = None  # no sample before (None: the window's start)
 
 
-def sample_times(start: float, end: float, step: float, fine: tuple[float, float] | None = None,
+def sample_times(start: float, end: float, step: float, fine: Iterable[tuple[float, float]] = (),
                  since: float | None = None) -> list[float]:
-    """Every `step` seconds from `start` (or `since`) to `end` and, with `fine`, every fine step over the last
-    span seconds; all counted back from `end`, so that the two grids share their times."""
+    """Every `step` seconds from `start` (or `since`) to `end` and, for each (span, step) of `fine`, every such
+    step over the last span seconds; all counted back from `end`, so that the grids share their times."""
     start = start if since is None else max(start, since)
     times = {round(end - k * step, 3) for k in range(int((end - start) // step) + 1)}
-    if fine is not None:
-        span, every = fine
+    for span, every in fine:
         times |= {round(end - k * every, 3) for k in range(int(min(span, end - start) // every) + 1)}
     return sorted(times)
 
@@ -97,7 +96,7 @@ def openmetrics(series: Sequence[Series], start: float, end: float, step: float,
     string per time. Times are counted back from `end` (sample_times)."""
     if step <= 0 or end < start:
         raise ValueError("need step > 0 and end >= start")
-    by_grid: dict[tuple[tuple[float, float] | None, float | None], list[tuple[str, Series]]] = {}
+    by_grid: dict[tuple[tuple[tuple[float, float], ...], float | None], list[tuple[str, Series]]] = {}
     for s in series:
         by_grid.setdefault((s.fine, s.since), []).append((series_key(s.name, s.labels), s))
     due = {grid: set(sample_times(start, end, step, *grid)) for grid in by_grid}
@@ -226,8 +225,9 @@ def backfill_rule_history(data_dir: Path, template: str | Callable[[str], str], 
     }
 
 
-def _fine(need: rule_windows.Need, step: float) -> tuple[float, float] | None:
-    return (need.span, need.fine) if need.fine is not None and need.fine < step and need.span > 0 else None
+def _fine(need: rule_windows.Need, step: float) -> tuple[tuple[float, float], ...]:
+    """The grids finer than the coarse step: where the readers need more than one sample every `step`."""
+    return tuple(sorted((span, every) for span, every in need.grids if every < step and span > 0))
 
 
 def _window(need: rule_windows.Need, step: float) -> tuple[float, float]:
@@ -241,7 +241,7 @@ def _node_series(template: str | Callable[[str], str], nodes: Sequence[str], nam
                  extra: Mapping[str, str] | None) -> tuple[list[Series], dict[str, str]]:
     wanted = set(names) - set(SCRAPE_SERIES)
 
-    def grid(name: str) -> tuple[tuple[float, float] | None, float | None]:
+    def grid(name: str) -> tuple[tuple[tuple[float, float], ...], float | None]:
         # What only a recording rule reads is only needed over what that rule's readers reach.
         return _fine(names[name], step), None if names[name].whole else end - names[name].span
 

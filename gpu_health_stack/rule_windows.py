@@ -184,13 +184,16 @@ def long_window_reads(files: Sequence[Path], min_reach: float = 3600.0) -> list[
 
 @dataclass
 class Need:
-    """The history one series name needs: over its last `span` seconds, one sample every `fine` seconds (None: a
-    coarse step will do); `whole`: a rule reads it far into the past itself, so over the whole backfilled window,
-    not only over what a recording rule that reads it needs."""
+    """The history one series name needs: back `span` seconds; `grids`, each (span, step): over its last span
+    seconds one sample every step, for each reader that needs a density (a day every 5 minutes for a record's
+    windows, 10 minutes every scrape for a rule's own look); `fine`, the finest of those steps (None: a coarse
+    step will do); `whole`: a rule reads it far into the past itself, so over the whole backfilled window, not only
+    over what a recording rule that reads it needs."""
 
     span: float = 0.0
     fine: float | None = None
     whole: bool = False
+    grids: list[tuple[float, float]] = field(default_factory=list, compare=False)
     # The series any of these matcher sets select (None: all of them): what the reading selectors ask for.
     only: list[tuple[Matcher, ...]] | None = field(default_factory=list, compare=False)
 
@@ -198,6 +201,9 @@ class Need:
         self.span = max(self.span, span)
         if fine is not None:
             self.fine = fine if self.fine is None else min(self.fine, fine)
+            # A grid as long and as dense as another makes that one redundant.
+            if not any(s >= span and f <= fine for s, f in self.grids):
+                self.grids = [(s, f) for s, f in self.grids if not (span >= s and fine <= f)] + [(span, fine)]
         if selector is not None and self.only is not None:
             wanted = matchers(selector)
             if not wanted:

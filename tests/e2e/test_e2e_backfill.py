@@ -75,8 +75,8 @@ def test_openmetrics_text_is_time_ordered_and_escaped() -> None:
 
 
 def test_sample_times_share_the_fine_grid_near_the_end() -> None:
-    times = sample_times(0, 3600, 900, fine=(600, 300))
-    assert times == [0, 900, 1800, 2700, 3000, 3300, 3600]
+    times = sample_times(0, 3600, 900, fine=[(600, 300), (60, 30)])
+    assert times == [0, 900, 1800, 2700, 3000, 3300, 3540, 3570, 3600]
 
 
 class Prom:

@@ -142,3 +142,6 @@ def test_shorter_windows_when_asked_and_only_the_series_the_selectors_read() -> 
     assert clocks.selects({"reason": "hw_slowdown"}) and not clocks.selects({"reason": "gpu_idle"})
     assert plan.raw["up"].selects({"job": "gpu-health-exporter"}) and not plan.raw["up"].selects({"job": "node"})
     assert plan.raw["gpu_nvlink_links_up"].only is None  # read without matchers: every series
+    # Each reader's density over its own span: the record's day every 5 minutes, the rule's own 10 minutes every
+    # scrape; not a day every scrape (46 million samples at 1,000 nodes).
+    assert sorted(plan.raw["gpu_nvlink_links_up"].grids) == [(600, 15), (D + 600, 300)]
