@@ -277,7 +277,7 @@ class Soak:
         names = c.node_names()
         self.say(f"soak: seed={c.seed} nodes={c.nodes} seconds={c.seconds:g} interval={c.timings.scrape_interval} "
                  f"faults={faults(self.events)} events={len(self.events)}")
-        self.kube = KubeFake()
+        self.kube = KubeFake(keep_requests=32)  # the oracle reads the front's log
         stack.closers.append(self.kube)
         self.front = KubeFront(self.kube.url)
         stack.closers.append(self.front)
