@@ -54,6 +54,7 @@ class ChaosConfig:
     racks_down: int = 1
     rollout_share: float = 0.30
     fatal_share: float = 0.01
+    fatal_xids: tuple[int, ...] = FATAL_XIDS  # the codes a fatal_xid fault draws from
     storm_share: float = 0.10
     storm_window: float = 120.0  # two storms and their resets fit in ten minutes
     # One storm per entry, each ended by the operator's breaker reset of that mode (docs/webhook.md, Safety).
@@ -128,7 +129,7 @@ def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfi
 
     fatal = [n for n in some(c.fatal_share) if n not in trays]
     for node in fatal:
-        events.append(Event(calm(), "fatal_xid", (node,), {"xid": rng.choice(FATAL_XIDS), "gpu": rng.randrange(8)}))
+        events.append(Event(calm(), "fatal_xid", (node,), {"xid": rng.choice(c.fatal_xids), "gpu": rng.randrange(8)}))
 
     # A storm's nodes are none of the others' with a fatal fault, and no node is in two storms: each node's
     # expected outcome has one cause.

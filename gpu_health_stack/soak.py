@@ -146,6 +146,21 @@ class SoakConfig:
                    backfill_days=0.0 if fast else 7.0)
         return replace(base, **changes)
 
+    @classmethod
+    def unchecked(cls, seed: int = 1) -> SoakConfig:
+        """The run that shows the oracle can fail: the journal's already-remediated check switched off (the
+        test-only switch), two GPU resets, then a Prometheus cold start. A reset leaves its Xid in the log, so
+        the wiped Prometheus fires it again as a new alert before it has scraped the webhook's history, and only
+        the journal's check stands between that alert and a second remediation. Two faulty nodes of 20 and no
+        storm: three nodes alerting at once fire GPURemediationStorm (keep_firing_for holds fixed ones for 10
+        minutes), and the open breaker would hold the second remediation back (seen: it made the run pass)."""
+        c = cls.at_scale(20, 1.25, seed, "1s", settle=30.0, no_already_remediated_check=True,
+                         breaker=("15s", 100, 100.0), fleet_cap=(20, 100.0))
+        chaos = replace(c.chaos, storms=(), fatal_share=0.1, fatal_xids=(48, 95, 119), rollout_share=0.1,
+                        nvswitch_trays=0, reboots=0, scrape_gaps=0, kube_api_outages=0, racks_down=0, restarts=(),
+                        human_uncordons=0, cold_start=True)
+        return replace(c, chaos=chaos)
+
     def node_names(self) -> list[str]:
         return [f"fleet-{i:04d}" for i in range(self.nodes)]
 
@@ -426,19 +441,21 @@ class Soak:
                 stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
             elif component == "cold_start":
                 # Prometheus without a volume is down long enough for Alertmanager to resolve what it sent (four
-                # resend delays), then starts from nothing while the webhook is away: fixed faults whose Xid is
-                # still in the log fire again as new alerts.
+                # resend delays) and to tell the webhook (a group interval): Alertmanager sends an alert again only
+                # if the last notification it delivered differs (its notification log holds fingerprints, not
+                # startsAt), so a resolved notice lost to a dead webhook would keep the new alert from it until
+                # the repeat interval. Then Prometheus starts from nothing while the webhook is away: fixed faults
+                # whose Xid is still in the log fire again as new alerts before the webhook's history is scraped.
                 assert stack.prometheus is not None
                 t = self.config.timings
-                self.webhook.proc.kill()
                 stack.prometheus.stop()
                 shutil.rmtree(stack.dir / "prom-data", ignore_errors=True)
                 time.sleep(4 * max(seconds(t.resend_delay or "1m"), seconds(t.evaluation_interval))
-                           + 2 * seconds(t.evaluation_interval))
+                           + 2 * seconds(t.evaluation_interval) + 2 * seconds(t.group_interval or "1m"))
+                self.webhook.proc.kill()
                 stack.prometheus.start()
                 stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
-                # Long enough for the rules to fire again before the webhook's history is scraped.
-                time.sleep(max(down_for, 5 * seconds(self.config.timings.scrape_interval) + 5))
+                time.sleep(max(down_for, 5 * seconds(t.scrape_interval) + 5))
                 self.webhook.start()
             elif component == "exporter":
                 node = e.nodes[0]
@@ -644,6 +661,32 @@ class Soak:
                          f"(peer timeout {self.config.am.peer_timeout}): fault-to-cordon of faults in that window "
                          f"{sorted(round(v, 2) for v in during.values()) or 'none'}")
         return lines
+
+
+def _run(config: SoakConfig, queue: Any) -> None:
+    try:
+        queue.put(Soak(config).run())
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent
+        queue.put(exc)
+
+
+def run_in_process(config: SoakConfig, timeout: float = 1800.0) -> Report:
+    """The soak in a process of its own (spawned), so that two soaks at once do not share one interpreter."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run, args=(config, queue), name="soak", daemon=False)
+    proc.start()
+    try:
+        out = queue.get(timeout=timeout)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+    if isinstance(out, BaseException):
+        raise out
+    return out
 
 
 def _call(entry: tuple[float, str, str, int, bytes]) -> Call:
