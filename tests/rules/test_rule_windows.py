@@ -60,20 +60,24 @@ def test_the_long_windows_of_rules() -> None:
     found = {(r.name, r.reach, r.rule) for r in long_window_reads(rule_files())}
     # A few that must be there (a new long-window rule adds to these, it must not take them away).
     assert ("up", 6 * H, "GPUExporterMissing") in found
-    assert ("node_gpu:gpu_nvlink_links_up:max_over_time10m", D, "node_gpu:gpu_nvlink_down_links:count") in found
+    assert ("node_gpu:gpu_nvlink_links_up:max_over_time1h", D, "node_gpu:gpu_nvlink_down_links:count") in found
     assert all(reach >= H for _, reach, _ in found)
     # Short windows are not in it: GPUClockSlowdown's 15m, a 5m rate.
     assert not {rule for _, _, rule in found} & {"GPUClockSlowdown", "GPUPCIeReplayRateHigh"}
     assert len(reads(rule_files())) > len(found)
 
 
-def test_the_nvlink_day_is_read_from_5_minute_records() -> None:
+def test_the_nvlink_day_is_read_from_hourly_records() -> None:
     plan = plan_history(rule_files())
-    record = plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time10m"]
-    assert record == Need(D, 300, whole=True)  # its group's interval, over the day the down-links rule reads
-    # Its input, dense enough for the record's 10-minute windows over that day (and not a 15 s scrape's 5,760),
-    # and only over that day: no rule reads it further back itself.
-    assert plan.raw["gpu_nvlink_links_up"] == Need(D + 600, 300, whole=False)
+    # The down-links rule reads the hourly record over the day, every hour (its group's interval) ...
+    assert plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time1h"] == Need(D, 3600, whole=True)
+    # ... the 5-minute record over the last 70 minutes every 5 minutes, and over the day twice an hour, enough
+    # for the hourly record's [1h] windows to be computed from it.
+    five = plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time10m"]
+    assert five == Need(D + H, 300, whole=True) and sorted(five.grids) == [(H + 600, 300), (D + H, 1800)]
+    # Its input, dense enough for the record's 10-minute windows (and not a 15 s scrape's 5,760 a day), and only
+    # over that span: no rule reads it further back itself.
+    assert plan.raw["gpu_nvlink_links_up"] == Need(D + H + 600, 300, whole=False)
     assert plan.raw["up"] == Need(6 * H, 15, whole=True)
 
 
@@ -142,6 +146,6 @@ def test_shorter_windows_when_asked_and_only_the_series_the_selectors_read() -> 
     assert clocks.selects({"reason": "hw_slowdown"}) and not clocks.selects({"reason": "gpu_idle"})
     assert plan.raw["up"].selects({"job": "gpu-health-exporter"}) and not plan.raw["up"].selects({"job": "node"})
     assert plan.raw["gpu_nvlink_links_up"].only is None  # read without matchers: every series
-    # Each reader's density over its own span: the record's day every 5 minutes, the rule's own 10 minutes every
-    # scrape; not a day every scrape (46 million samples at 1,000 nodes).
-    assert sorted(plan.raw["gpu_nvlink_links_up"].grids) == [(600, 15), (D + 600, 300)]
+    # Each reader's density over its own span: the record's day (and an hour) every 5 minutes, the rule's own 10
+    # minutes every scrape; not a day every scrape (46 million samples at 1,000 nodes).
+    assert sorted(plan.raw["gpu_nvlink_links_up"].grids) == [(600, 15), (D + H + 600, 300)]
