@@ -77,6 +77,7 @@ class Rem:
     reason: str
     created_at: float
     finished_at: float | None
+    since: float | None = None  # when it entered its state (the journal's state_since)
 
 
 @dataclass(frozen=True)
@@ -342,12 +343,17 @@ def _lost(ev: Evidence, v: Verdict, steps_of: Mapping[str, list[Step]]) -> None:
                   f"does not hold")
     for r in ev.rems:
         # HELD waits for its alert to fire again (it resolved), by design; it ends by itself (resolved_hold).
-        if (r.state not in ACTIVE or r.state == "HELD" or any(w in r.reason for w in WAITING)
-                or ev.end - r.created_at < ev.deadline):
+        if r.state not in ACTIVE or r.state == "HELD" or any(w in r.reason for w in WAITING):
             continue
+        # Stuck: nothing moved for `deadline`. A plan HELD for most of the run and resumed just before its end
+        # (its alert fired again after the cold start) is young in its state, not stuck.
         last = max((s.finished_at or s.started_at for s in steps_of.get(r.id, [])), default=r.created_at)
+        moved = max(last, r.since or r.created_at)
+        if ev.end - moved < ev.deadline:
+            continue
         v.add("remediation stuck", r.node, r.id,
-              f"{r.state} ({r.reason}) since {r.created_at:.3f}, last step activity {last:.3f}, end {ev.end:.3f}")
+              f"{r.state} ({r.reason}) since {moved:.3f} (created {r.created_at:.3f}), last step activity "
+              f"{last:.3f}, end {ev.end:.3f}")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

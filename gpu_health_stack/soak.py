@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -280,6 +280,7 @@ class Soak:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._jobs_seen: set[str] = set()
+        self._restarts: list[Future[None]] = []
         self._timers: list[tuple[float, int, Callable[[], None], str]] = []
         self._seq = 0
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="soak")
@@ -389,7 +390,7 @@ class Soak:
             else:
                 self.skipped.append(f"human_uncordon {node} at {e.at}: not cordoned")
         elif e.kind == "restart":
-            self._pool.submit(self._restart, e, stack)
+            self._restarts.append(self._pool.submit(self._restart, e, stack))
 
     def _inject(self, e: Event, node: str) -> None:
         code = int(e.params.get("sxid") or e.params["xid"])
@@ -587,6 +588,10 @@ class Soak:
                         self.say(f"soak: {now - t0:.0f}s, {len(self.injected)} faults injected, "
                                  f"{len(self.events) - len(pending)} of {len(self.events)} events")
                     time.sleep(0.05)
+                # The settle counts from the last restart's end: the cold start at 15 s settings takes minutes
+                # (Alertmanager resolving, then Prometheus empty before the webhook is back), and a run that ended
+                # as the webhook came back judged its first decisions as stuck (seen at 1,000 nodes).
+                wait(self._restarts)
                 self.say(f"soak: schedule done; settling {c.settle:g}s")
                 time.sleep(c.settle)
             finally:
@@ -607,7 +612,8 @@ class Soak:
         journal = sqlite3.connect(f"file:{self.webhook.home / 'journal.db'}?mode=ro", uri=True)
         journal.row_factory = sqlite3.Row
         try:
-            rems = [Rem(r["id"], r["node"], r["state"], r["reason"], r["created_at"], r["finished_at"])
+            rems = [Rem(r["id"], r["node"], r["state"], r["reason"], r["created_at"], r["finished_at"],
+                        r["state_since"])
                     for r in journal.execute("SELECT * FROM remediation")]
             node_of = {r.id: r.node for r in rems}
             steps = [Step(s["remediation_id"], node_of.get(s["remediation_id"], ""), s["action"], s["started_at"],

@@ -139,6 +139,11 @@ def test_caps_rate_limits_and_lost_work() -> None:
     assert "accepted alert lost" in rules(replace(ev, occs=[*ev.occs, lost]))
     stuck = Rem("r3", "n1", "RUNNING", "", T + 5, None)
     assert "remediation stuck" in rules(replace(ev, rems=[*ev.rems, stuck]))
+    # Held for most of the run and resumed just before its end (seen at 1,000 nodes after the cold start): young
+    # in its state, not stuck; the same plan unmoved since it was created is.
+    resumed = Rem("r3", "n1", "PLANNED", "", T + 5, None, since=ev.end - 1)
+    assert "remediation stuck" not in rules(replace(ev, rems=[*ev.rems, resumed]))
+    assert "remediation stuck" in rules(replace(ev, rems=[*ev.rems, replace(resumed, since=T + 5)]))
 
 
 def test_the_api_front_log_is_read_as_actions() -> None:
