@@ -187,17 +187,23 @@ def main() -> int:
     finally:
         if stack is not None:
             stack.close()
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            stop_fleet(proc)
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def stop_fleet(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the simulator's process group, SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _own(port: int) -> dict[str, float]:
