@@ -185,16 +185,20 @@ def main() -> int:
               f"max {1000 * max(took, default=float('nan')):.1f} ms")
         print(f"fleet_sim_cpu_cores={cores:.3f}")
     finally:
-        if stack is not None:
-            stack.close()
-        if proc is not None:
-            stop_fleet(proc)
-        shutil.rmtree(scratch, ignore_errors=True)
+        close_all(stack, proc, scratch)
     return 0
 
 
+def close_all(stack: Stack | None, proc: subprocess.Popen[str] | None, scratch: Path) -> None:
+    """Prometheus, then the simulator (SIGTERM to its process group, SIGKILL after 30 s), then the scratch folder."""
+    if stack is not None:
+        stack.close()
+    if proc is not None:
+        stop_fleet(proc)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def stop_fleet(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the simulator's process group, SIGKILL after 30 s."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.fleet_sim import CLK_TCK, cpu_seconds, pct, start_fleet, status, stop_fleet  # noqa: E402
+from benchmarks.fleet_sim import CLK_TCK, close_all, cpu_seconds, pct, start_fleet, status  # noqa: E402
 from gpu_health_stack.backfill import backfill_rule_history  # noqa: E402
 from gpu_health_stack.fleetsim import FleetSim  # noqa: E402
 from gpu_health_stack.procs import http_get, http_json, wait_until  # noqa: E402
@@ -224,11 +223,7 @@ def main() -> int:
         largest = ranked[0]
         print(f"rule_eval_p99_ms={1000 * pct(took[largest], 0.99):.1f}")
     finally:
-        if stack is not None:
-            stack.close()
-        if proc is not None:
-            stop_fleet(proc)
-        shutil.rmtree(scratch, ignore_errors=True)
+        close_all(stack, proc, scratch)
     return 0
 
 
