@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=Path, default=None, help="where the JSON report goes")
     p.add_argument("--keep-dir", action="store_true", help="keep the run's folder (logs, journal, TSDB)")
     p.add_argument("--test-only-no-already-remediated-check", action="store_true",
-                   help="turn the webhook's already-remediated check off: the oracle must then find violations")
+                   help="turn the webhook's already-remediated check off (test only): a fixed fault that fires "
+                        "again is then acted on again, which the oracle reports; the run in make test that "
+                        "shows it is gpu_health_stack.soak.SoakConfig.unchecked")
     args = p.parse_args(argv)
     if missing_binaries():
         print(f"needs {missing_binaries()}: apt-get install prometheus prometheus-alertmanager", file=sys.stderr)

@@ -86,7 +86,8 @@ def sample_groups(stack: Stack, window: float) -> tuple[dict[str, list[float]], 
     until = time.monotonic() + window
     while time.monotonic() < until:
         for group in rules_state(stack):
-            if group["lastEvaluation"] in seen[group["name"]]:
+            # Never evaluated yet (the hourly group early on): Prometheus reports a zero time, not an evaluation.
+            if group["lastEvaluation"].startswith("0001") or group["lastEvaluation"] in seen[group["name"]]:
                 continue
             seen[group["name"]].add(group["lastEvaluation"])
             took[group["name"]].append(float(group["evaluationTime"]))

@@ -65,7 +65,11 @@ class KubeFake:
         async with kmock.KubernetesEmulator() as km, kmock.Server(km) as srv:
             self.km = km
             if self.keep_requests is not None:
-                km._requests = collections.deque(maxlen=self.keep_requests)  # append, len and iteration are all it uses
+                # kmock's private log: append, len and iteration are all it does with it. A kmock without it
+                # would take the assignment silently and be quadratic again, so say so instead.
+                if not isinstance(getattr(km, "_requests", None), list):
+                    raise RuntimeError("this kmock keeps its requests elsewhere: keep_requests needs kmock 0.8's log")
+                km._requests = collections.deque(maxlen=self.keep_requests)
             self.url = str(srv.url).rstrip("/")
             self.loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()

@@ -103,7 +103,7 @@ class SoakConfig:
     poll: str = "200ms"
     pool_refresh: str = "5s"
     backfill_days: float = 0.0
-    no_already_remediated_check: bool = False  # the test-only switch: the oracle must then find violations
+    no_already_remediated_check: bool = False  # the test-only switch (SoakConfig.unchecked shows what it lets through)
 
     @classmethod
     def short(cls, seed: int = 1, **changes: Any) -> SoakConfig:
