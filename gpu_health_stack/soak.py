@@ -441,23 +441,7 @@ class Soak:
                 stack.prometheus.start()
                 stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
             elif component == "cold_start":
-                # Prometheus without a volume is down long enough for Alertmanager to resolve what it sent (four
-                # resend delays) and to tell the webhook (a group interval): Alertmanager sends an alert again only
-                # if the last notification it delivered differs (its notification log holds fingerprints, not
-                # startsAt), so a resolved notice lost to a dead webhook would keep the new alert from it until
-                # the repeat interval. Then Prometheus starts from nothing while the webhook is away: fixed faults
-                # whose Xid is still in the log fire again as new alerts before the webhook's history is scraped.
-                assert stack.prometheus is not None
-                t = self.config.timings
-                stack.prometheus.stop()
-                shutil.rmtree(stack.dir / "prom-data", ignore_errors=True)
-                time.sleep(4 * max(seconds(t.resend_delay or "1m"), seconds(t.evaluation_interval))
-                           + 2 * seconds(t.evaluation_interval) + 2 * seconds(t.group_interval or "1m"))
-                self.webhook.proc.kill()
-                stack.prometheus.start()
-                stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
-                time.sleep(max(down_for, 5 * seconds(t.scrape_interval) + 5))
-                self.webhook.start()
+                self._cold_start(stack, down_for)
             elif component == "exporter":
                 node = e.nodes[0]
                 if node not in self.down:
@@ -469,6 +453,53 @@ class Soak:
             self.say(f"soak: restarted {component}")
         except Exception as exc:  # noqa: BLE001 - a failed restart is a finding, not the end of the run
             self.notes.append(f"restart of {component} failed: {exc!r}")
+
+    def _cold_start(self, stack: Stack, down_for: float) -> None:
+        """Prometheus without a volume, down long enough for Alertmanager to resolve what it sent and to tell the
+        webhook; then started from nothing while the webhook is away, so that fixed faults whose Xid is still in
+        the log fire again as new alerts before the webhook's history is scraped. Each step waits for what it
+        needs to have happened, not for a time: under a loaded CI machine a computed sleep left the resolved
+        notices undelivered, or brought the webhook back before the alerts had fired (both seen: the second
+        remediation then never came)."""
+        assert stack.prometheus is not None
+        c = self.config
+        patience = 120 + c.nodes * 0.2
+        killed = time.monotonic()
+        stack.prometheus.stop()
+        shutil.rmtree(stack.dir / "prom-data", ignore_errors=True)
+        # Alertmanager sends an alert again only if the last notification it delivered differs (its notification
+        # log holds fingerprints, not startsAt): a resolved notice lost to a dead webhook would keep the new
+        # alert from it until the repeat interval.
+        self._wait("the webhook told of every remediated alert's resolution", patience,
+                   lambda: self._remediated_still_firing() == 0)
+        self.webhook.proc.kill()
+        stack.prometheus.start()
+        stack.prometheus.wait_http(f"{stack.prom_url}/-/ready", timeout=600)
+        self._wait("a first scrape of every node", patience,
+                   lambda: (stack.query('count(up{job="gpu-health-exporter"})') or [0.0])[0] >= c.nodes)
+        try:  # two rounds: the Xid records, then the alerts that read them
+            stack.wait_rule_evaluations(time.time(), rounds=2, timeout=patience)
+        except TimeoutError as exc:
+            self.notes.append(f"cold start: {exc}")
+        time.sleep(max(0.0, down_for - (time.monotonic() - killed)))
+        self.webhook.start()
+
+    def _wait(self, what: str, timeout: float, check: Callable[[], bool]) -> None:
+        try:
+            wait_until(check, timeout, what, interval=0.2)
+        except TimeoutError as exc:
+            self.notes.append(f"cold start: {exc}")
+
+    def _remediated_still_firing(self) -> int:
+        """Alerts that started a remediation whose latest occurrence the webhook's journal still has as firing."""
+        journal = sqlite3.connect(f"file:{self.webhook.home / 'journal.db'}?mode=ro", uri=True)
+        try:
+            return int(journal.execute(
+                "SELECT count(*) FROM occurrence o WHERE o.status = 'firing' AND o.fingerprint IN "
+                "(SELECT fingerprint FROM occurrence WHERE remediation_id IS NOT NULL) AND o.first_seen = "
+                "(SELECT max(first_seen) FROM occurrence WHERE fingerprint = o.fingerprint)").fetchone()[0])
+        finally:
+            journal.close()
 
     # --- what kmock has no controller for ----------------------------------------------------------------
 
