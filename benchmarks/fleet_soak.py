@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="default: random, printed")
     p.add_argument("--backfill-days", type=float, default=None,
                    help="history backfilled before Prometheus starts (default 7 at 15 s settings, 0 at 1 s)")
+    p.add_argument("--sim-nice", type=int, default=None, metavar="N",
+                   help="the simulator's nice value (default 10 at 15 s settings: it stands in for a fleet of "
+                        "machines and yields the cores to Prometheus; 0 at 1 s)")
     p.add_argument("--report", type=Path, default=None, help="where the JSON report goes")
     p.add_argument("--keep-dir", action="store_true", help="keep the run's folder (logs, journal, TSDB)")
     p.add_argument("--test-only-no-already-remediated-check", action="store_true",
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {"no_already_remediated_check": args.test_only_no_already_remediated_check}
     if args.backfill_days is not None:
         changes["backfill_days"] = args.backfill_days
+    if args.sim_nice is not None:
+        changes["sim_nice"] = args.sim_nice
     config = SoakConfig.at_scale(args.nodes, args.minutes, seed, args.interval, **changes)
     report = Soak(config, progress=lambda m: print(m, file=sys.stderr, flush=True), keep_dir=args.keep_dir).run()
     path = args.report or Path(f"fleet-soak-{seed}.json")
