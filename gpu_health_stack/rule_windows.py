@@ -259,7 +259,15 @@ def plan_history(files: Sequence[Path], *, min_reach: float = 3600.0, scrape_int
             level[name] = 1 + max((visit(d, (*path, name)) for d in deps), default=-1)
         return level[name]
 
-    for read in long_window_reads(files, min_reach):
+    # A record of the long past made by a group slower than the rules (the NVLink day, every 5 minutes) is not
+    # there until that group first runs after Prometheus starts, up to its interval later: read over any window,
+    # it is backfilled too. (A slow record of the recent past, the thermal minutes, builds up again by itself.)
+    def of_the_long_past(name: str) -> bool:
+        return any(s.reach >= min_reach for _, rule in defined[name] for s in selectors(str(rule["expr"])))
+
+    slow = [r for r in reads(files) if 0 < r.reach < min_reach and r.name in defined
+            and every(r.name) > evaluation_interval and of_the_long_past(r.name)]
+    for read in long_window_reads(files, min_reach) + slow:
         visit(read.name, ())
         need(read.name).add(read.reach, every(read.name), read.matchers)
         need(read.name).whole |= read.reach >= LONG

@@ -77,8 +77,8 @@ def test_metrics_reference_lists_every_metric() -> None:
         golden |= set(re.findall(r"^# TYPE (\S+)", path.read_text(encoding="utf-8"), re.MULTILINE))
     assert golden <= exporter
     assert _documented("Exporter") == exporter
-    records = {r["record"] for p in (ROOT / "rules").glob("*.rules.yaml")
-               for g in yaml.safe_load(p.read_text(encoding="utf-8"))["groups"] for r in g["rules"]}
+    records = {r["record"] for pattern in ("*.rules.yaml", "*.alerts.yaml") for p in (ROOT / "rules").glob(pattern)
+               for g in yaml.safe_load(p.read_text(encoding="utf-8"))["groups"] for r in g["rules"] if "record" in r}
     assert _documented("Recording rules") == records
     webhook = {f.name + ("_total" if f.type == "counter" else "") for f in Metrics().registry.collect()}
     assert _documented("Remediation webhook") == webhook

@@ -172,7 +172,7 @@ def test_the_history_is_the_past_of_the_scraped_series(live: tuple[Stack, FleetS
     assert len(now) == 16
     # Ending before Prometheus started, under exactly the labels the scrape gives them: `up`, which a rule reads
     # 6 hours back, over the whole week; the NVLink counts, which only their 5-minute record reads, every 5
-    # minutes over the day and 70 minutes the records are read over (the day through the hourly record).
+    # minutes over the day and 100 minutes the records are read over (the day through the hourly record).
     up_now = stack.query_series('up{job="gpu-health-exporter"}')
     assert _labels(stack.query_series("max_over_time(up[7d] offset 15m)")) == _labels(up_now)
     (points,) = stack.query_series(f'count_over_time(up{{node="fleet-0000"}}[7d] @ {end:.3f})')
@@ -183,7 +183,7 @@ def test_the_history_is_the_past_of_the_scraped_series(live: tuple[Stack, FleetS
     assert {r["value"][1] for r in week} == {"18"}
     (points,) = stack.query_series(f'count_over_time(gpu_nvlink_links_up{{node="fleet-0000", gpu="0"}}[7d] '
                                    f'@ {end:.3f})')
-    assert int(points["value"][1]) == 25 * 12 + 2 + 1
+    assert int(points["value"][1]) == 25 * 12 + 8 + 1
 
 
 def test_a_link_up_in_the_backfilled_day_and_down_now_is_counted(live: tuple[Stack, FleetSim, float]) -> None:

@@ -60,7 +60,7 @@ def test_the_long_windows_of_rules() -> None:
     found = {(r.name, r.reach, r.rule) for r in long_window_reads(rule_files())}
     # A few that must be there (a new long-window rule adds to these, it must not take them away).
     assert ("up", 6 * H, "GPUExporterMissing") in found
-    assert ("node_gpu:gpu_nvlink_links_up:max_over_time1h", D, "node_gpu:gpu_nvlink_down_links:count") in found
+    assert ("node_gpu:gpu_nvlink_links_up:max_over_time1h", D, "node_gpu:gpu_nvlink_links_up:max_over_time1d") in found
     assert all(reach >= H for _, reach, _ in found)
     # Short windows are not in it: GPUClockSlowdown's 15m, a 5m rate.
     assert not {rule for _, _, rule in found} & {"GPUClockSlowdown", "GPUPCIeReplayRateHigh"}
@@ -69,16 +69,23 @@ def test_the_long_windows_of_rules() -> None:
 
 def test_the_nvlink_day_is_read_from_hourly_records() -> None:
     plan = plan_history(rule_files())
-    # The down-links rule reads the hourly record over the day, every hour (its group's interval) ...
-    assert plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time1h"] == Need(D, 3600, whole=True)
-    # ... the 5-minute record over the last 70 minutes every 5 minutes, and over the day twice an hour, enough
-    # for the hourly record's [1h] windows to be computed from it.
+    # The down-links rule reads the day record over its last 30 minutes: a record of the past made every 5
+    # minutes, so planned although the read is short (else a Prometheus started on the backfill forgets the day
+    # until the group first runs) ...
+    assert plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time1d"] == Need(1800, 300)
+    # ... the day record reads the hourly record over the day, every hour (its group's interval) ...
+    assert plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time1h"] == Need(D + 1800, 3600, whole=True)
+    # ... and the 5-minute record over the last 70 minutes every 5 minutes, and over the day twice an hour,
+    # enough for the hourly record's [1h] windows to be computed from it.
     five = plan.recorded["node_gpu:gpu_nvlink_links_up:max_over_time10m"]
-    assert five == Need(D + H, 300, whole=True) and sorted(five.grids) == [(H + 600, 300), (D + H, 1800)]
+    assert five == Need(D + H + 1800, 300, whole=True)
+    assert sorted(five.grids) == [(H + 600, 300), (D + H + 1800, 1800)]
     # Its input, dense enough for the record's 10-minute windows (and not a 15 s scrape's 5,760 a day), and only
     # over that span: no rule reads it further back itself.
-    assert plan.raw["gpu_nvlink_links_up"] == Need(D + H + 600, 300, whole=False)
+    assert plan.raw["gpu_nvlink_links_up"] == Need(D + H + 2400, 300, whole=False)
     assert plan.raw["up"] == Need(6 * H, 15, whole=True)
+    # A slow record of the recent past builds up again by itself: the thermal minutes are not planned.
+    assert "node_gpu_reason:gpu_clock_event_reason_active:avg_over_time1m" not in plan.recorded
 
 
 def test_recorded_series_read_over_long_windows_are_planned_in_order(tmp_path: Path) -> None:
@@ -146,6 +153,6 @@ def test_shorter_windows_when_asked_and_only_the_series_the_selectors_read() -> 
     assert clocks.selects({"reason": "hw_slowdown"}) and not clocks.selects({"reason": "gpu_idle"})
     assert plan.raw["up"].selects({"job": "gpu-health-exporter"}) and not plan.raw["up"].selects({"job": "node"})
     assert plan.raw["gpu_nvlink_links_up"].only is None  # read without matchers: every series
-    # Each reader's density over its own span: the record's day (and an hour) every 5 minutes, the rule's own 10
-    # minutes every scrape; not a day every scrape (46 million samples at 1,000 nodes).
-    assert sorted(plan.raw["gpu_nvlink_links_up"].grids) == [(600, 15), (D + H + 600, 300)]
+    # Each reader's density over its own span: the records' day (and 100 minutes) every 5 minutes, the rule's own
+    # 10 minutes every scrape; not a day every scrape (46 million samples at 1,000 nodes).
+    assert sorted(plan.raw["gpu_nvlink_links_up"].grids) == [(600, 15), (D + H + 2400, 300)]

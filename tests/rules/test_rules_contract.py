@@ -48,11 +48,12 @@ def webhook_metrics() -> set[str]:
 
 
 RULES_AND_EXPRS = _rules()
-RECORDS = {
+RECORDS = {  # the records of *.rules.yaml, and those an alerts group makes for its own alerts (the Xid ones)
     rule["record"]
-    for path in RULES.glob("*.rules.yaml")
+    for path in [*RULES.glob("*.rules.yaml"), *RULES.glob("*.alerts.yaml")]
     for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
     for rule in group["rules"]
+    if "record" in rule
 }
 
 
