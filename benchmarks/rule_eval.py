@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -76,12 +77,15 @@ def own_metric(stack: Stack, name: str) -> float:
     raise KeyError(name)
 
 
-def sample_groups(stack: Stack, window: float) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Every evaluation of every group during `window` seconds (seconds each), and each rule's longest one.
-    /api/v1/rules is polled more often than the groups are evaluated; an evaluation is its lastEvaluation."""
+def sample_groups(stack: Stack, window: float) -> tuple[dict[str, list[float]], dict[str, float],
+                                                       dict[str, tuple[float, float]]]:
+    """Every evaluation of every group during `window` seconds (seconds each), each rule's longest one, and when
+    each group's slowest evaluation began (seconds, unix time). /api/v1/rules is polled more often than the groups
+    are evaluated; an evaluation is its lastEvaluation."""
     seen: dict[str, set[str]] = defaultdict(set)
     took: dict[str, list[float]] = defaultdict(list)
     rule_max: dict[str, float] = defaultdict(float)
+    slowest: dict[str, tuple[float, float]] = {}
     interval = seconds(stack.timings.evaluation_interval)
     until = time.monotonic() + window
     while time.monotonic() < until:
@@ -91,11 +95,35 @@ def sample_groups(stack: Stack, window: float) -> tuple[dict[str, list[float]], 
                 continue
             seen[group["name"]].add(group["lastEvaluation"])
             took[group["name"]].append(float(group["evaluationTime"]))
+            if float(group["evaluationTime"]) > slowest.get(group["name"], (-1.0, 0.0))[0]:
+                slowest[group["name"]] = (float(group["evaluationTime"]), _unix(group["lastEvaluation"]))
             for rule in group["rules"]:
                 key = f"{group['name']} / {rule['name']}"
                 rule_max[key] = max(rule_max[key], float(rule["evaluationTime"]))
         time.sleep(min(3.0, interval / 4))
-    return took, rule_max
+    return took, rule_max, slowest
+
+
+# What Prometheus' storage does besides the rules: each of these holds queries up, or takes a core, for a while.
+TSDB_COUNTERS = ("prometheus_tsdb_compactions_total", "prometheus_tsdb_reloads_total",
+                 "prometheus_tsdb_head_truncations_total", "prometheus_tsdb_checkpoint_creations_total")
+TSDB_LOG = re.compile(r"compact|write block|head gc|checkpoint|reload|deleting obsolete", re.I)
+
+
+def tsdb_events(log: Path, since: float, until: float) -> list[tuple[float, str]]:
+    """Prometheus' log lines about compaction, head GC, checkpoints and block reloads in [since, until]."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r"ts=(\S+)", line)
+        if m and TSDB_LOG.search(line):
+            try:
+                at = _unix(m.group(1))
+            except ValueError:
+                continue
+            if since <= at <= until:
+                msg = re.search(r'msg="?([^"]*)"?', line)
+                out.append((at, msg.group(1) if msg else line[:120]))
+    return out
 
 
 def busy_seconds() -> float:
@@ -190,8 +218,11 @@ def main() -> int:
                                for g in rules_state(stack) if g["interval"] <= seconds(args.interval)),
                    10 * seconds(args.interval) + 120, "two evaluations of every group", interval=1.0)
         c0, p0, b0, w0 = cpu_seconds(proc.pid), cpu_seconds(prom_pid), busy_seconds(), time.monotonic()
-        took, rule_max = sample_groups(stack, args.window)
+        tsdb0, began = {k: own_metric(stack, k) for k in TSDB_COUNTERS}, time.time()
+        took, rule_max, slowest = sample_groups(stack, args.window)
         window = time.monotonic() - w0
+        tsdb = {k: own_metric(stack, k) - v for k, v in tsdb0.items()}
+        events = tsdb_events(stack.prometheus.log_path, began - 30, time.time())
         prom_cores = (cpu_seconds(prom_pid) - p0) / window
         sim_cores = (cpu_seconds(proc.pid) - c0) / window
         # Everything else on the machine (this script included), so that a busy neighbour shows in the numbers.
@@ -208,6 +239,10 @@ def main() -> int:
             print(f"{group:<40} {len(values):>5} {1000 * pct(values, 0.5):>9.1f} {1000 * pct(values, 0.99):>9.1f} "
                   f"{1000 * max(values):>9.1f}")
         for group in ranked[:3]:
+            worst, at = slowest[group]
+            near = [f"{what} at {t - at:+.1f} s" for t, what in events if at - 30 <= t <= at + worst + 5]
+            print(f"  slowest {group}: {1000 * worst:.0f} ms from {at - began:.0f} s into the window; storage work "
+                  f"around it: {'; '.join(near) or 'none logged'}")
             costly = sorted((k for k in rule_max if k.startswith(group + " / ")), key=rule_max.__getitem__,
                             reverse=True)[:3]
             print("  costliest rules: " + "; ".join(f"{k.split(' / ', 1)[1]} {1000 * rule_max[k]:.1f} ms"
@@ -218,6 +253,8 @@ def main() -> int:
               f"(peak {hwm * per_k:.0f}); CPU {prom_cores:.3f} cores, {prom_cores * per_k:.3f} per 1,000 nodes; "
               f"fleetsim {sim_cores:.3f} cores; every other process {other_cores:.3f} cores; measured over "
               f"{window:.0f} s")
+        print("prometheus storage during the window: " + ", ".join(f"{k.removeprefix('prometheus_tsdb_')} "
+                                                                  f"+{v:.0f}" for k, v in tsdb.items()))
         if args.profile:
             print(f"each rule alone (the {args.profile} costliest groups):")
             profile(stack, ranked[: args.profile])
