@@ -55,9 +55,9 @@ RELEASE_MAX_AGE = 600.0
 STATE_FILES = ("expected_gpus", "xid", "nvml_release_ack")
 
 
-def _write_ack(path: Path, errors: WriteErrors) -> None:
+def _write_ack(path: Path, errors: WriteErrors, users: Sequence[str]) -> None:
     try:
-        path.write_text(f"{os.getpid()}\n", encoding="ascii")
+        path.write_text(f"{os.getpid()}\nreleased: {' '.join(users)}\n", encoding="ascii")
     except OSError as exc:
         errors.failed("nvml_release_ack")
         log.warning("cannot acknowledge the NVML release", extra={"path": str(path), "error": str(exc)})
@@ -166,6 +166,7 @@ class Poller:
         self._rendered: dict[str, tuple[object, str, bool]] = {}
         self._collectors_started = False
         self._released = False
+        self._holders_released = False  # collectors asked to let go of NVML (release_nvml) and not resumed
         # The last published render (fleet, GPU states, per-collector texts + core text), for republish().
         self._publish_lock = threading.Lock()
         self._published: tuple[FleetView, list[GpuState], list[str]] | None = None
@@ -267,6 +268,14 @@ class Poller:
         except OSError:
             wanted = False
         if wanted and not self._released:
+            # Every NVML user of the process, or the reset finds the GPU held: NVML counts inits per process.
+            holders = [c for c in self.collectors if hasattr(c, "release_nvml")]
+            stuck = [c.name for c in holders if not c.release_nvml(self.config.deadline)]
+            self._holders_released = True
+            if stuck:
+                log.warning("an NVML user did not let go for the GPU reset; asking again next cycle",
+                            extra={"collectors": stuck})
+                return False
             if any(s.worker.busy for s in self._gpus.values()) or not self._system.submit(self._shutdown_job):
                 return False  # a worker is inside NVML; try again next cycle
             self._wait(lambda: not self._system.busy, time.monotonic() + self.config.deadline)
@@ -276,15 +285,23 @@ class Poller:
                 state.worker.stop()
             self._gpus.clear()
             self._released = True
-            _write_ack(ack, self.expected.errors)
-            log.warning("released NVML for a GPU reset", extra={"request": str(request)})
-        elif not wanted and self._released:
-            self._released = False
-            try:
-                ack.unlink()
-            except OSError:
-                pass
-            log.warning("GPU reset done; collecting again")
+            users = ["collection", *(c.name for c in holders)]
+            _write_ack(ack, self.expected.errors, users)
+            log.warning("released NVML for a GPU reset", extra={"request": str(request), "released": users})
+        elif not wanted:
+            if self._holders_released:
+                self._holders_released = False
+                for collector in self.collectors:
+                    resume = getattr(collector, "resume_nvml", None)
+                    if resume is not None:
+                        resume()
+            if self._released:
+                self._released = False
+                try:
+                    ack.unlink()
+                except OSError:
+                    pass
+                log.warning("GPU reset done; collecting again")
         return self._released
 
     def _shutdown_job(self) -> None:

@@ -184,6 +184,15 @@ class XidCollector:
         """The poller's hook that publishes a snapshot with this collector re-rendered (no NVML calls)."""
         self._republish = republish
 
+    def release_nvml(self, timeout: float) -> bool:
+        """A GPU reset asks every NVML user in the process to let go: the Xid event thread frees its event set and
+        matches its own nvmlInit. True once nothing of ours is held (the kernel log keeps being read)."""
+        return self._events is None or self._events.release(timeout)
+
+    def resume_nvml(self) -> None:
+        if self._events is not None:
+            self._events.resume()
+
     def close(self) -> None:
         self._republish = None
         self._closing.set()

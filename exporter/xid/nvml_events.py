@@ -16,6 +16,7 @@ import collections
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,10 @@ class NvmlXidEvents:
         self._init_failed = False
         self.ready = threading.Event()  # set once setup finished (or failed)
         self._stop = threading.Event()
+        self._release = threading.Event()  # a GPU reset wants NVML let go of
+        # True from this thread's nvmlInit to its matching nvmlShutdown: NVML counts inits, and the GPU stays
+        # held (`nvidia-smi -r` refuses) until every init in the process is matched.
+        self._holding = False
         self._thread = threading.Thread(target=self._run, name="xid-nvml-events", daemon=True)
 
     def start(self) -> None:
@@ -118,6 +123,19 @@ class NvmlXidEvents:
         # A thread stuck in a hung NVML call cannot be joined; it is a daemon and dies with the process.
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def release(self, timeout: float = 5.0) -> bool:
+        """Free the event set and match this thread's nvmlInit with nvmlShutdown, for a GPU reset; True once
+        nothing is held (within one event wait, WAIT_MS). False if the thread is stuck in NVML: it still holds."""
+        self._release.set()
+        deadline = time.monotonic() + timeout
+        while self._holding and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self._holding
+
+    def resume(self) -> None:
+        """The reset is over: register again (a new nvmlInit, a new event set)."""
+        self._release.clear()
 
     def _setup(self) -> tuple[Any, dict[Any, GpuKey]] | None | bool:
         """(event set, devices) when registered; None when events are unsupported; False to retry later."""
@@ -133,10 +151,12 @@ class NvmlXidEvents:
                 log.info("NVML Xid events waiting for NVML", extra={"error": str(exc)})
             self._init_failed = True
             return False
+        self._holding = True
         try:
             event_set = nvml.nvmlEventSetCreate()
         except (AttributeError, pynvml.NVMLError) as exc:
             log.info("NVML Xid events not available", extra={"error": str(exc) or type(exc).__name__})
+            self._shutdown()
             return None
         devices: dict[Any, GpuKey] = {}
         try:
@@ -158,6 +178,7 @@ class NvmlXidEvents:
         if not devices:
             log.info("NVML Xid events: no GPU supports them")
             self._free(event_set)
+            self._shutdown()
             return None
         self.registered = len(devices)
         log.info("NVML Xid events registered", extra={"gpus": len(devices)})
@@ -169,41 +190,66 @@ class NvmlXidEvents:
         except (AttributeError, pynvml.NVMLError):
             pass
 
+    def _shutdown(self) -> None:
+        if not self._holding:
+            return
+        try:
+            self.nvml.nvmlShutdown()
+        except (AttributeError, pynvml.NVMLError) as exc:
+            log.warning("NVML Xid events: nvmlShutdown failed", extra={"error": str(exc) or type(exc).__name__})
+        self._holding = False
+
     def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                setup = self._setup_when_wanted()
+                self.ready.set()
+                if not setup:
+                    return
+                event_set, devices = setup
+                try:
+                    self._wait_events(event_set, devices)
+                finally:
+                    self._free(event_set)
+                    self._shutdown()
+        finally:
+            self._shutdown()
+
+    def _setup_when_wanted(self) -> tuple[Any, dict[Any, GpuKey]] | None:
+        """Set up once no reset holds NVML back, retrying while NVML is not there; None: unsupported or stopped."""
         while True:
+            while self._release.is_set():
+                if self._stop.wait(0.1):
+                    return None
             try:
                 setup = self._setup()
             except Exception as exc:  # never let a backend quirk kill the exporter
                 log.warning("NVML Xid events setup failed", extra={"error": repr(exc)})
-                setup = None
+                self._shutdown()
+                return None
             if setup is not False:
-                break
+                return setup
             if self._stop.wait(self.retry_interval):
-                setup = None
-                break
-        self.ready.set()
-        if not setup:
-            return
-        event_set, devices = setup  # type: ignore[misc]
+                return None
+
+    def _wait_events(self, event_set: Any, devices: dict[Any, GpuKey]) -> None:
+        """Wait for Xid events until stopped or a GPU reset asks for NVML."""
         failures = 0
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = self.nvml.nvmlEventSetWait_v2(event_set, self.wait_ms)
-                except pynvml.NVMLError_Timeout:
-                    continue
-                except pynvml.NVMLError as exc:
-                    # GPU lost or similar: keep waiting on the others, without spinning or flooding the log.
-                    if failures == 0:
-                        log.warning("NVML event wait failed", extra={"error": str(exc)})
-                    failures += 1
-                    self._stop.wait(min(1.0, 0.05 * failures))
-                    continue
-                failures = 0
-                if not int(data.eventType) & pynvml.nvmlEventTypeXidCriticalError:
-                    continue
-                key = devices.get(_handle_id(data.device))
-                if key is not None:
-                    self.on_event(key, int(data.eventData))
-        finally:
-            self._free(event_set)
+        while not self._stop.is_set() and not self._release.is_set():
+            try:
+                data = self.nvml.nvmlEventSetWait_v2(event_set, self.wait_ms)
+            except pynvml.NVMLError_Timeout:
+                continue
+            except pynvml.NVMLError as exc:
+                # GPU lost or similar: keep waiting on the others, without spinning or flooding the log.
+                if failures == 0:
+                    log.warning("NVML event wait failed", extra={"error": str(exc)})
+                failures += 1
+                self._stop.wait(min(1.0, 0.05 * failures))
+                continue
+            failures = 0
+            if not int(data.eventType) & pynvml.nvmlEventTypeXidCriticalError:
+                continue
+            key = devices.get(_handle_id(data.device))
+            if key is not None:
+                self.on_event(key, int(data.eventData))

@@ -21,7 +21,7 @@ import pytest
 from exporter.cli import build_poller
 from exporter.config import parse
 from exporter.device import nvml_init
-from exporter.poller import RELEASE_REQUEST, Poller
+from exporter.poller import RELEASE_ACK, RELEASE_REQUEST, Poller
 from exporter.registry import discover
 from tests.fakes.nvml_clib import DRIVERS, R550, Driver, FakeNvmlLibrary, Node, hgx_h100, installed
 from tests.fakes.nvml_clib import nvml_h
@@ -224,9 +224,10 @@ def test_a_reset_release_shuts_nvml_down_to_a_count_of_zero(clib_node, helpers, 
     assert helpers.value(text, "gpu_temperature_celsius", gpu="0") == 34
 
 
-def test_the_xid_event_thread_holds_an_init_of_its_own(clib_node, helpers, tmp_path):
-    """Issue 15: the NVML Xid event thread calls nvmlInit itself and never nvmlShutdown, so a reset release
-    leaves NVML initialised (count 1), and stopping the exporter does too. This asserts what happens."""
+def test_a_reset_release_lets_the_xid_event_thread_go_too(clib_node, helpers, tmp_path):
+    """Issue 17: the NVML Xid event thread calls nvmlInit itself, and NVML counts inits per process: the release
+    for a GPU reset frees its event set and matches its init too, so that the count reaches 0 (before, it stayed
+    at 1 and `nvidia-smi -r` found the GPU held). After the reset it registers again; stopping matches its init."""
     node = clib_node(R550, args=("--xid.nvml-events", "on"))
     lib = node.lib
     node.cycle()  # starts the event thread once the GPUs are enumerated
@@ -237,10 +238,42 @@ def test_the_xid_event_thread_holds_an_init_of_its_own(clib_node, helpers, tmp_p
     (tmp_path / "state" / RELEASE_REQUEST).touch()
     text = node.cycle()
     assert helpers.value(text, "gpu_exporter_nvml_released") == 1
-    assert lib.init_count == 1 and lib.initialized  # the poller let go; the event thread did not
-    node.poller.stop()
+    assert lib.init_count == 0 and not lib.initialized
     assert lib.counts(by="name")["nvmlEventSetFree"] == 1
-    assert lib.init_count == 1
+    ack = (tmp_path / "state" / RELEASE_ACK).read_text().splitlines()
+    assert ack[1] == "released: collection xid"
+    lib.clear_calls()
+    time.sleep(0.3)
+    node.cycle()
+    assert lib.calls == []  # released: neither the poller nor the event thread calls NVML while the reset runs
+    (tmp_path / "state" / RELEASE_REQUEST).unlink()
+    text = node.cycle()
+    helpers.wait_for(lambda: lib.init_count == 2, 5, "the event thread's new nvmlInit")
+    helpers.wait_for(lambda: lib.counts(by="name")["nvmlDeviceRegisterEvents"] == 8, 5, "registration again")
+    assert helpers.value(text, "gpu_exporter_nvml_released") == 0
+    node.poller.stop()
+    assert lib.counts(by="name")["nvmlEventSetFree"] == 1  # counted since clear_calls: the one at stop
+    helpers.wait_for(lambda: lib.init_count <= 1, 5, "the event thread's nvmlShutdown on stop")
+
+
+def test_an_event_thread_stuck_in_nvml_holds_the_ack_back(clib_node, helpers, tmp_path):
+    """An NVML user that does not let go is named, and the reset gets no acknowledgement (it would find the GPU
+    held); the request is asked again at the next cycle."""
+    node = clib_node(R550, args=("--xid.nvml-events", "on"))
+    lib = node.lib
+    node.cycle()
+    helpers.wait_for(lambda: lib.counts(by="name")["nvmlDeviceRegisterEvents"] == 8, 5, "Xid event registration")
+    xid = next(c for c in node.poller.collectors if c.name == "xid")
+    original = xid._events.release
+    xid._events.release = lambda timeout: False  # a thread stuck inside NVML never reaches its shutdown
+    (tmp_path / "state" / RELEASE_REQUEST).touch()
+    text = node.cycle()
+    assert helpers.value(text, "gpu_exporter_nvml_released") == 0
+    assert not (tmp_path / "state" / RELEASE_ACK).exists()
+    assert lib.init_count == 2  # nothing was let go half-way
+    xid._events.release = original
+    text = node.cycle()
+    assert helpers.value(text, "gpu_exporter_nvml_released") == 1 and lib.init_count == 0
 
 
 def test_nvml_init_with_no_gpus_flag_on_a_node_without_gpus():

@@ -26,7 +26,8 @@ class FakeEventNvml:
     nvmlDeviceGetSupportedEventTypes(handle) -> bitmask; nvmlDeviceRegisterEvents(handle, types, set);
     nvmlEventSetWait_v2(set, timeout_ms) -> c_nvmlEventData_t-like (device, eventType, eventData, gpuInstanceId,
     computeInstanceId), raising NVMLError_Timeout when nothing arrives; nvmlEventSetFree(set).
-    Plus the device enumeration calls the registration needs. GPU 2 does not support Xid events.
+    Plus the device enumeration calls the registration needs, and nvmlInit/nvmlShutdown with NVML's count of
+    inits. GPU 2 does not support Xid events.
     """
 
     def __init__(self, uuids: list[str]) -> None:
@@ -36,8 +37,13 @@ class FakeEventNvml:
         self.freed = False
         self.events: queue.Queue[Any] = queue.Queue()
 
+    inits = 0  # nvmlInit less nvmlShutdown: NVML counts inits per process
+
     def nvmlInit(self) -> None:
-        pass
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self.inits -= 1
 
     def nvmlDeviceGetCount(self) -> int:
         return len(self.uuids)
@@ -176,5 +182,40 @@ def test_event_wait_errors_do_not_kill_the_thread() -> None:
     try:
         fake.fire(0, 62)
         wait_until(lambda: got == [(GPU0, 62)])
+    finally:
+        events.stop()
+
+
+def test_a_release_frees_the_event_set_and_matches_the_init_and_resume_registers_again() -> None:
+    fake = FakeEventNvml(["GPU-aaaa", "GPU-bbbb"])
+    got: list[tuple[GpuKey, int]] = []
+    events = NvmlXidEvents(fake, lambda key, xid: got.append((key, xid)), wait_ms=20)
+    assert events.release(1.0)  # not started: nothing held
+    events.resume()
+    events.start()
+    try:
+        assert events.ready.wait(5) and fake.inits == 1
+        assert events.release(2.0)
+        assert fake.freed and fake.inits == 0
+        fake.freed, fake.registered = False, []
+        events.resume()
+        wait_until(lambda: fake.registered == [0, 1])
+        assert fake.inits == 1
+        fake.fire(0, 48)
+        wait_until(lambda: got == [(GPU0, 48)])
+    finally:
+        events.stop()
+    assert fake.freed and fake.inits == 0  # stopping matches the init too
+
+
+def test_no_gpu_with_events_matches_the_init_at_once() -> None:
+    fake = FakeEventNvml(["GPU-aaaa", "GPU-bbbb", "GPU-cccc"])
+    fake.nvmlDeviceGetSupportedEventTypes = lambda handle: pynvml.nvmlEventTypeClock  # type: ignore[method-assign]
+    events = NvmlXidEvents(fake, lambda key, xid: None, wait_ms=20)
+    events.start()
+    try:
+        assert events.ready.wait(5) and events.registered == 0
+        wait_until(lambda: fake.inits == 0)
+        assert fake.freed
     finally:
         events.stop()
