@@ -241,10 +241,7 @@ class Poller:
         if not self._collectors_started:
             # Event-driven collectors (XID) start once the GPUs are enumerated and the PCI map is filled.
             self._collectors_started = True
-            for collector in self.collectors:
-                start = getattr(collector, "start", None)
-                if start is not None:
-                    start()
+            self._each_collector("start")
         with self._publish_lock:
             self.snapshot = self._render()
         self.cycles += 1
@@ -291,10 +288,7 @@ class Poller:
         elif not wanted:
             if self._holders_released:
                 self._holders_released = False
-                for collector in self.collectors:
-                    resume = getattr(collector, "resume_nvml", None)
-                    if resume is not None:
-                        resume()
+                self._each_collector("resume_nvml")
             if self._released:
                 self._released = False
                 try:
@@ -303,6 +297,13 @@ class Poller:
                     pass
                 log.warning("GPU reset done; collecting again")
         return self._released
+
+    def _each_collector(self, method: str) -> None:
+        """Call `method` on every collector that has it (the optional parts of the Collector protocol)."""
+        for collector in self.collectors:
+            fn = getattr(collector, method, None)
+            if fn is not None:
+                fn()
 
     def _shutdown_job(self) -> None:
         try:
