@@ -257,23 +257,23 @@ def test_a_reset_release_lets_the_xid_event_thread_go_too(clib_node, helpers, tm
 
 
 def test_an_event_thread_stuck_in_nvml_holds_the_ack_back(clib_node, helpers, tmp_path):
-    """An NVML user that does not let go is named, and the reset gets no acknowledgement (it would find the GPU
-    held); the request is asked again at the next cycle."""
+    """An NVML user that does not let go (its event wait hangs in the driver) is named, and the reset gets no
+    acknowledgement (it would find the GPU held) and nothing is let go half-way; the next cycle asks again."""
     node = clib_node(R550, args=("--xid.nvml-events", "on"))
     lib = node.lib
     node.cycle()
     helpers.wait_for(lambda: lib.counts(by="name")["nvmlDeviceRegisterEvents"] == 8, 5, "Xid event registration")
-    xid = next(c for c in node.poller.collectors if c.name == "xid")
-    original = xid._events.release
-    xid._events.release = lambda timeout: False  # a thread stuck inside NVML never reaches its shutdown
+    lib.event_wait_hung.set()
+    assert lib.event_wait_hanging.wait(5)  # the event thread is inside the hung call
     (tmp_path / "state" / RELEASE_REQUEST).touch()
     text = node.cycle()
     assert helpers.value(text, "gpu_exporter_nvml_released") == 0
     assert not (tmp_path / "state" / RELEASE_ACK).exists()
-    assert lib.init_count == 2  # nothing was let go half-way
-    xid._events.release = original
+    assert lib.init_count == 2
+    lib.event_wait_hung.clear()
     text = node.cycle()
     assert helpers.value(text, "gpu_exporter_nvml_released") == 1 and lib.init_count == 0
+    assert (tmp_path / "state" / RELEASE_ACK).exists()
 
 
 def test_nvml_init_with_no_gpus_flag_on_a_node_without_gpus():

@@ -22,9 +22,10 @@ Faithful to (nvml.h and the NVML API reference, "Initialization and Cleanup", "D
   and the call itself succeeds. The link count is NVML_FI_DEV_NVLINK_LINK_COUNT.
 - String outputs honour the caller's length (INSUFFICIENT_SIZE when too short, NUL-terminated); NULL
   output pointers and unknown handles are INVALID_ARGUMENT; a lost GPU answers GPU_IS_LOST to every call.
-- nvmlEventSetWait_v2 blocks for at most its timeout and answers NVML_ERROR_TIMEOUT when nothing came.
+- nvmlEventSetWait_v2 blocks for at most its timeout and answers NVML_ERROR_TIMEOUT when nothing came; while
+  `event_wait_hung` is set it does not return at all (a driver that stopped answering), until it is cleared.
 
-Not modelled: values that move by themselves (readings are the node's fixed numbers), hangs, MIG, the
+Not modelled: values that move by themselves (readings are the node's fixed numbers), other hangs, MIG, the
 handle lifetime across nvmlShutdown (handles stay the same pointers after a re-init), NVML_INIT_FLAG_NO_ATTACH,
 value types per field checked against a driver (counters are unsigned long long, states and counts unsigned
 int), the exact wording of nvmlErrorString, events other than Xid, functions the exporter does not call.
@@ -101,6 +102,8 @@ class FakeNvmlLibrary:
         self.init_count = 0
         self.calls: list[Call] = []
         self.faults: list[str] = []  # exceptions inside the fake: a bug here, never an NVML answer
+        self.event_wait_hung = threading.Event()
+        self.event_wait_hanging = threading.Event()  # set while a call is inside the hang
         self._lock = threading.Lock()
         # A device handle is the address of a small buffer the fake owns, as a real nvmlDevice_t points at
         # the library's own per-device state.
@@ -445,6 +448,10 @@ class FakeNvmlLibrary:
             event_set.gpus.add(gpu.index)
 
     def _event_set_wait(self, set_handle: int | None, out: int | None, timeout_ms: int) -> None:
+        while self.event_wait_hung.is_set():
+            self.event_wait_hanging.set()
+            time.sleep(0.01)
+        self.event_wait_hanging.clear()
         event_set = self._event_sets.get(set_handle or 0)
         if event_set is None or not out:
             raise _Return(h.ERROR_INVALID_ARGUMENT)
