@@ -194,10 +194,7 @@ class Poller:
         for state in self._gpus.values():
             state.worker.stop()
         self._system.stop()
-        for collector in self.collectors:
-            close = getattr(collector, "close", None)
-            if close is not None:
-                close()
+        self._each_collector("close")
 
     def _loop(self) -> None:
         next_at = time.monotonic()

@@ -58,6 +58,10 @@ class CollectorOptions:
 
 @runtime_checkable
 class Collector(Protocol):
+    """What every collector has. The poller also calls these where a collector has them (event-driven ones):
+    `bind_republish(fn)`, `start()` once the GPUs are enumerated, `release_nvml(timeout) -> bool` and
+    `resume_nvml()` around a GPU reset (every NVML user of the process must let go), and `close()`."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     tier: ClassVar[Tier]
