@@ -133,13 +133,15 @@ class KubeFake:
         self.node_labels[name] = dict(labels or {})
         return body
 
-    def add_pod(self, namespace: str, name: str, node: str, *, daemonset: bool = False) -> None:
+    def add_pod(self, namespace: str, name: str, node: str, *, daemonset: bool = False,
+                labels: dict[str, str] | None = None) -> None:
         owner = ({"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "gpu-health-exporter", "uid": "ds",
                   "controller": True} if daemonset else
                  {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name.rsplit("-", 1)[0], "uid": "rs",
                   "controller": True})
         body = {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace, "ownerReferences": [owner]},
+                "metadata": {"name": name, "namespace": namespace, "ownerReferences": [owner],
+                             "labels": dict(labels or {})},
                 "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}}
         self._post(f"/api/v1/namespaces/{namespace}/pods", body)
 
@@ -210,8 +212,23 @@ class KubeFake:
     def jobs(self, namespace: str) -> list[dict[str, Any]]:
         return self.list_path(f"/apis/batch/v1/namespaces/{namespace}/jobs")
 
-    def finish_job(self, namespace: str, name: str, *, succeeded: bool = True, message: str = "") -> None:
-        """The Job controller's part: the Job's pod ran to completion (or failed)."""
+    def finish_job(self, namespace: str, name: str, *, succeeded: bool = True, message: str = "",
+                   report: str = "", exit_code: int | None = None) -> None:
+        """The Job controller's and the kubelet's part: the Job's pod ran to completion (or failed); `report` is
+        what its container wrote to its termination log."""
+        if report or exit_code is not None:
+            job = self._get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+            node = job["spec"]["template"]["spec"].get("nodeName", "")
+            code = exit_code if exit_code is not None else (0 if succeeded else 1)
+            self._post(f"/api/v1/namespaces/{namespace}/pods", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{name}-x1", "namespace": namespace,
+                             "labels": {"job-name": name, "batch.kubernetes.io/job-name": name}},
+                "spec": {"nodeName": node, "restartPolicy": "Never", "containers": [{"name": "executor"}]},
+                "status": {"phase": "Succeeded" if succeeded else "Failed", "containerStatuses": [{
+                    "name": "executor", "state": {"terminated": {"exitCode": code, "message": report,
+                                                                 "reason": "Completed" if succeeded else "Error"}}}]},
+            })
         cond = {"type": "Complete" if succeeded else "Failed", "status": "True", "message": message}
         status = {"succeeded": 1} if succeeded else {"failed": 1}
         self._patch(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", {"status": {**status, "conditions": [cond]}})
@@ -223,6 +240,16 @@ class KubeFake:
     def uncordon(self, name: str) -> None:
         """A person's `kubectl uncordon`: spec.unschedulable false; our annotations stay where they are."""
         self._patch(f"/api/v1/nodes/{name}", {"spec": {"unschedulable": False}})
+
+    def label_node(self, name: str, labels: dict[str, str | None]) -> None:
+        """A person's or a controller's `kubectl label`."""
+        self._patch(f"/api/v1/nodes/{name}", {"metadata": {"labels": labels}})
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        r = self.http.delete(f"{self.url}/api/v1/namespaces/{namespace}/pods/{name}", headers=self.setup_ua,
+                             timeout=5)
+        if r.status_code >= 300 and r.status_code != 404:
+            raise RuntimeError(f"DELETE pod {namespace}/{name}: HTTP {r.status_code}: {r.text}")
 
     def delete_node(self, name: str) -> None:
         r = self.http.delete(f"{self.url}/api/v1/nodes/{name}", headers=self.setup_ua, timeout=5)

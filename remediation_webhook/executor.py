@@ -19,12 +19,13 @@ Failed condition is True (its message is journaled).
 from __future__ import annotations
 
 import re
+from importlib import resources
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .actions.base import LABEL_REMEDIATION_ID, ActionContext
-from .errors import ConfigError, KubeConflict, KubeNotFound
+from .errors import ConfigError, KubeApiError, KubeConflict, KubeNotFound
 from .kube import Call, KubernetesApi, KubernetesSettings
 
 _NS = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -34,31 +35,16 @@ LABEL_ACTION = "gpu-health.io/action"
 ANN_BOOT_ID = "gpu-health.io/boot-id-before"
 ANN_NODE = "gpu-health.io/node"
 
-# Exit codes of the reset script (also in docs/providers.md).
-EXIT_BUSY, EXIT_MIG, EXIT_UUID, EXIT_RESET = 10, 11, 12, 13
+# Exit codes of the reset script, remediation_webhook/reset_gpu.sh (also in docs/providers.md).
+EXIT_BUSY, EXIT_MIG, EXIT_UUID, EXIT_RESET, EXIT_PLATFORM, EXIT_CHECK = 10, 11, 12, 13, 14, 15
 # The exporter's default --state-dir, a hostPath in deploy/kubernetes.
 EXPORTER_STATE_DIR = "/var/lib/gpu-health-exporter"
-RESET_SCRIPT = r"""set -u
-uuid="$1"
-case "$uuid" in GPU-*) ;; *) echo "not a GPU UUID" >&2; exit 2;; esac
-bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader -i "$uuid") || { echo "GPU $uuid not found" >&2; exit 12; }
-mig=$(nvidia-smi --query-gpu=mig.mode.current --format=csv,noheader -i "$uuid" 2>/dev/null || echo "[N/A]")
-if [ "$mig" = "Enabled" ]; then echo "MIG is enabled on $uuid: reset not possible, fall back" >&2; exit 11; fi
-# Our exporter holds the GPU open through NVML: ask it to let go (exporter/poller.py, release handshake),
-# wait for its acknowledgement, and give NVML back on any exit.
-st=/exporter-state
-if [ -d "$st" ]; then
-  : > "$st/release-nvml"; trap 'rm -f "$st/release-nvml"' EXIT
-  i=0; while [ ! -e "$st/nvml-released" ] && [ "$i" -lt 30 ]; do sleep 1; i=$((i+1)); done
-  [ -e "$st/nvml-released" ] || echo "no exporter acknowledged the NVML release; continuing" >&2
-fi
-apps=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader -i "$uuid")
-if [ -n "$apps" ]; then echo "processes still hold $uuid: $apps" >&2; exit 10; fi
-nvidia-smi -r -i "$bus" || { echo "nvidia-smi -r -i $bus failed" >&2; exit 13; }
-back=$(nvidia-smi --query-gpu=uuid --format=csv,noheader -i "$bus") || exit 12
-if [ "$back" != "$uuid" ]; then echo "after reset $bus reports $back, not $uuid" >&2; exit 12; fi
-echo "reset $uuid at $bus; same UUID back"
-"""
+RESET_SCRIPT = (resources.files(__package__) / "reset_gpu.sh").read_text(encoding="utf-8")
+# The host's /run, where the GPU Operator's driver container root appears (/run/nvidia/driver): the reset runs that
+# root's nvidia-smi. HostToContainer, so a driver root mounted after the pod started is seen too.
+HOST_RUN = {"name": "host-run", "hostPath": {"path": "/run", "type": "Directory"}}
+HOST_RUN_MOUNT = {"name": "host-run", "mountPath": "/host/run", "readOnly": True,
+                  "mountPropagation": "HostToContainer"}
 REBOOT_ARGV = ("nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
                "systemctl", "reboot")
 
@@ -121,7 +107,9 @@ def job_labels(action: str, remediation_id: str) -> dict[str, str]:
 
 
 def job_spec(settings: ExecutorSettings, action: str, ctx: ActionContext, argv: list[str],
-             annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+             annotations: Mapping[str, str] | None = None,
+             mounts: tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...] = ()) -> dict[str, Any]:
+    """`mounts`: (volume, volumeMount) pairs this action needs beyond the exporter's state directory."""
     labels = job_labels(action, ctx.remediation_id)
     pod: dict[str, Any] = {
         "nodeName": ctx.node.name,
@@ -137,11 +125,13 @@ def job_spec(settings: ExecutorSettings, action: str, ctx: ActionContext, argv: 
             "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
                     {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"}],
             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-            "volumeMounts": [{"name": "exporter-state", "mountPath": "/exporter-state"}],
+            "volumeMounts": [{"name": "exporter-state", "mountPath": "/exporter-state"},
+                             *(dict(m) for _, m in mounts)],
         }],
         # The exporter's --state-dir on the host, where the reset asks it to release NVML.
         "volumes": [{"name": "exporter-state",
-                     "hostPath": {"path": EXPORTER_STATE_DIR, "type": "DirectoryOrCreate"}}],
+                     "hostPath": {"path": EXPORTER_STATE_DIR, "type": "DirectoryOrCreate"}},
+                    *(dict(v) for v, _ in mounts)],
     }
     if settings.priority_class:
         pod["priorityClassName"] = settings.priority_class
@@ -189,6 +179,22 @@ class JobsApi(KubernetesApi):
     async def read_job(self, namespace: str, name: str) -> dict[str, Any]:
         return await self._call(self._batch.read_namespaced_job, name, namespace)  # type: ignore[no-any-return]
 
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        out = await self._call(self._core.list_namespaced_pod, namespace, label_selector=label_selector)
+        return list(out.get("items") or [])
+
+
+def termination_message(pods: list[Mapping[str, Any]], job: str) -> str:
+    """What the Job's container wrote to its termination log (the reset script's steps), "" if none."""
+    for pod in pods:
+        if ((pod.get("metadata") or {}).get("labels") or {}).get("job-name") != job:
+            continue  # a server that ignores the label selector
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((status.get("state") or {}).get("terminated") or {}).get("message")
+            if message:
+                return str(message).strip()
+    return ""
+
 
 class JobExecutor:
     """Creates the Job (or adopts the one a previous run created) and waits for it."""
@@ -235,6 +241,14 @@ class JobExecutor:
         except KubeNotFound:
             return None
 
+    async def report(self, name: str) -> str:
+        """The termination message of the Job's pod; "" when there is none or it cannot be read (the Job's own
+        state decides the step either way)."""
+        try:
+            return termination_message(await self.api.list_pods(self.settings.namespace, f"job-name={name}"), name)
+        except KubeApiError:
+            return ""
+
     async def wait(self, ctx: ActionContext, name: str, timeout: float) -> tuple[str, str]:
         """Poll the Job until it finishes, the step is stopped, or `timeout` passes: (state, message)."""
         deadline = ctx.clock() + timeout
@@ -261,6 +275,7 @@ async def poll(ctx: ActionContext, check: Any, timeout: float, interval: float) 
         await ctx.sleep(interval)
 
 
-__all__ = ["ANN_BOOT_ID", "EXIT_BUSY", "EXIT_MIG", "EXIT_RESET", "EXIT_UUID", "REBOOT_ARGV", "RESET_SCRIPT",
+__all__ = ["ANN_BOOT_ID", "EXIT_BUSY", "EXIT_CHECK", "EXIT_MIG", "EXIT_PLATFORM", "EXIT_RESET", "EXIT_UUID",
+           "HOST_RUN", "HOST_RUN_MOUNT", "REBOOT_ARGV", "RESET_SCRIPT", "termination_message",
            "ExecutorSettings", "JobExecutor", "executor_settings", "job_labels", "job_name", "job_spec",
            "job_state", "poll"]

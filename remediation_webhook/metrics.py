@@ -65,6 +65,15 @@ class Metrics:
                                      "Fleet-cap slots given back, by why: uncordoned (by someone else), gone, "
                                      "replaced, overridden (mid-remediation), admin (by hand).", ["reason"],
                                      registry=r)
+        self.operands_paused = Gauge("gpu_remediation_operands_paused",
+                                     "Nodes whose GPU Operator operands a GPU reset of ours holds paused.", registry=r)
+        self.operands_paused_since = Gauge("gpu_remediation_operands_paused_since_timestamp_seconds",
+                                           "Unix time at which a reset paused the node's GPU Operator operands; "
+                                           "a series only while they are paused.", ["node"], registry=r)
+        self.operand_restores = Counter("gpu_remediation_operand_restores",
+                                        "GPU Operator operand labels put back by the engine's sweep because the "
+                                        "reset that paused them will not (remediation over, Job over).",
+                                        registry=r)
         self.overrides = Counter("gpu_remediation_overrides",
                                  "Remediations stopped for good because a person undid our cordon or taint.",
                                  registry=r)

@@ -4,7 +4,8 @@ For each rung: the alert's own status in the journal (resolved: the plan is held
 cap, rate limit), approval, verification against Alertmanager and the inventory (and that no person undid our
 cordon meanwhile), then the intent row (committed), then the action, then the completion row, the metric and a
 Kubernetes Event. On start, remediations left RUNNING with an open intent row are reconciled (reconcile.py).
-Besides the remediations, every tick: the fleet-cap sweep (fleet.py), the settle check of condition alerts
+Besides the remediations, every tick: the fleet-cap sweep (fleet.py) and the operand sweep (operands.py) at
+each pool refresh, the settle check of condition alerts
 (settle.py) and the gauges (gauges.py).
 """
 
@@ -64,7 +65,7 @@ from ..metrics import Metrics
 from ..models import Target, printable
 from ..policy import metric_target, target_refusal
 from ..safety import Verdict, gate_check, gates_for, verify
-from . import fleet, gauges, reconcile, replan, retention, settle, undo
+from . import fleet, gauges, operands, reconcile, replan, retention, settle, undo
 
 log = logging.getLogger("remediation_webhook.engine")
 
@@ -205,6 +206,7 @@ class Engine:
         except InventoryUnavailable as exc:
             log.warning("cannot size the node pool; percentage caps use the last size", extra={"error": str(exc)})
         await fleet.sweep(self)
+        await operands.sweep(self)
 
     async def _guarded(self, rid: str) -> None:
         try:

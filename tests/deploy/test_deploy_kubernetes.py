@@ -426,6 +426,19 @@ def test_base_cannot_start_a_privileged_pod_the_executor_component_can(overlay: 
                for o in objs if o["metadata"].get("namespace") == "gpu-health-executor")
 
 
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_device_plugin_restart_is_pods_delete_in_the_operators_namespace_only(overlay: str) -> None:
+    objs = render(overlay, ("components/executor", "components/device-plugin-restart"))
+    assert one(objs, "Role", "gpu-health-webhook-device-plugin")["metadata"]["namespace"] == "gpu-operator"
+    assert _rules(objs, "Role", "gpu-health-webhook-device-plugin") == {("", "pods", "delete")}
+    binding = one(objs, "RoleBinding", "gpu-health-webhook-device-plugin")
+    assert binding["metadata"]["namespace"] == "gpu-operator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gpu-health-webhook", "namespace": "gpu-health"}]
+    _check_rbac([o for o in objs if o["apiVersion"].startswith("rbac.authorization.k8s.io")])
+    assert not [o for o in render(overlay, ("components/executor",)) if o["metadata"].get("namespace") == "gpu-operator"]
+
+
 def test_executor_defaults_name_the_components_objects() -> None:
     from remediation_webhook.executor import executor_settings
 

@@ -21,7 +21,7 @@ from tests.providers.fakes.support import (
     rid_of,
 )
 
-from remediation_webhook.executor import job_name
+from remediation_webhook.executor import RESET_SCRIPT, job_name
 
 
 def config(tmp_path, kube, ladder, **actions):
@@ -52,13 +52,15 @@ async def test_reset_gpu_job_spec_success_and_verification(tmp_path, kube):
         c = pod["containers"][0]
         assert c["securityContext"] == {"privileged": True}
         assert c["command"][:2] == ["/bin/sh", "-c"] and c["command"][3:] == ["gpu-health-reset", UUID]
-        assert "nvidia-smi -r -i \"$bus\"" in c["command"][2]
-        # The exporter's state dir, where the script asks it to release NVML before the reset.
-        assert pod["volumes"] == [{"name": "exporter-state", "hostPath": {"path": "/var/lib/gpu-health-exporter",
-                                                                          "type": "DirectoryOrCreate"}}]
-        assert c["volumeMounts"] == [{"name": "exporter-state", "mountPath": "/exporter-state"}]
-        script = c["command"][2]
-        assert script.index("release-nvml") < script.index("--query-compute-apps") < script.index("nvidia-smi -r")
+        assert c["command"][2] == RESET_SCRIPT  # run against the simulator in tests/test_reset_script.py
+        # The exporter's state dir, where the script asks it to release NVML before the reset, and the host's /run,
+        # where a GPU Operator's driver root (and its nvidia-smi) appears.
+        assert pod["volumes"] == [
+            {"name": "exporter-state", "hostPath": {"path": "/var/lib/gpu-health-exporter", "type": "DirectoryOrCreate"}},
+            {"name": "host-run", "hostPath": {"path": "/run", "type": "Directory"}}]
+        assert c["volumeMounts"] == [{"name": "exporter-state", "mountPath": "/exporter-state"},
+                                     {"name": "host-run", "mountPath": "/host/run", "readOnly": True,
+                                      "mountPropagation": "HostToContainer"}]
         assert body["spec"]["backoffLimit"] == 0 and body["spec"]["activeDeadlineSeconds"] == 5
         assert "gpu-1" in kube.cordoned()
         finish_job(kube, name)  # the kubelet: the pod exited 0

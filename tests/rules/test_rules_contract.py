@@ -79,7 +79,7 @@ def test_sources_are_not_empty() -> None:
         "gpu_remediation_paused_since_timestamp_seconds", "gpu_remediation_budget_remaining",
         "gpu_remediation_webhook_last_notification_timestamp_seconds", "gpu_remediation_webhook_alerts_total",
         "gpu_remediation_journal_errors_total", "gpu_remediation_engine_last_tick_timestamp_seconds",
-        "gpu_remediation_journal_last_prune_timestamp_seconds",
+        "gpu_remediation_journal_last_prune_timestamp_seconds", "gpu_remediation_operands_paused_since_timestamp_seconds",
     }
     assert RULES_AND_EXPRS and RECORDS
 

@@ -129,8 +129,9 @@ class KubeFake(StackKubeFake):
         assert r.status_code < 300, r.text
         return body
 
-    def add_pod(self, namespace: str, name: str, node: str, *, daemonset: bool = False, mirror: bool = False) -> None:
-        meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    def add_pod(self, namespace: str, name: str, node: str, *, daemonset: bool = False, mirror: bool = False,
+                labels: dict[str, str] | None = None) -> None:
+        meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
         if daemonset:
             meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ds", "uid": "x",
                                         "controller": True}]
