@@ -55,10 +55,12 @@ class Fleet:
     def start(cls, nodes: Mapping[str, dict[str, Any] | None], *,
               webhook_config: Callable[[Stack, KubeFake, Any], dict[str, Any]], cloud: str = "moto",
               timings: Timings | None = None, keep_dir: bool = False,
-              exporter_args: Mapping[str, Sequence[str]] | None = None) -> Fleet:
+              exporter_args: Mapping[str, Sequence[str]] | None = None,
+              drivers: Sequence[str] = ()) -> Fleet:
         """`webhook_config(stack, kube, aws)` returns the webhook's config (merged over base_webhook_config);
         `cloud` is "moto" (an auto scaling group in moto server mode) or "none" (made-up instance ids);
-        `exporter_args` adds flags to some nodes' exporters (e.g. --collector.nvlink.per-link)."""
+        `exporter_args` adds flags to some nodes' exporters (e.g. --collector.nvlink.per-link); the nodes in
+        `drivers` get a simulated driver and nvidia-smi (Stack.add_exporter(driver=True))."""
         stack = Stack(timings=timings, keep_dir=keep_dir)
         try:
             kube = KubeFake()
@@ -80,7 +82,7 @@ class Fleet:
                 kube.add_pod(NAMESPACE, f"infer-{node}", node)
                 kube.add_pod("gpu-health", f"gpu-health-exporter-{node}", node, daemonset=True)
             for node, sim in nodes.items():
-                stack.add_exporter(node, sim, extra_args=(exporter_args or {}).get(node, ()))
+                stack.add_exporter(node, sim, extra_args=(exporter_args or {}).get(node, ()), driver=node in drivers)
             config = merge(base_webhook_config(stack, kube), webhook_config(stack, kube, aws))
             webhook = Webhook(stack.dir / "webhook", config, env=aws.env() if aws else None)
             stack.closers.append(webhook)

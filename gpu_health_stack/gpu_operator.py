@@ -24,6 +24,8 @@ from .kube import KubeFake
 
 NAMESPACE = "gpu-operator"
 DEVICE_PLUGIN = "device-plugin"
+# What the Operator labels a GPU node with: each operand's deploy label "true", the driver's included.
+OPERATOR_LABELS = {**{DEPLOY + o: "true" for o in APPS}, DEPLOY + "driver": "true"}
 
 
 @dataclass
@@ -48,7 +50,7 @@ class GpuOperatorFake:
         self._stop = threading.Event()
         if managed:
             for n in self.nodes:
-                kube.label_node(n, {DEPLOY + o: "true" for o in APPS} | {DEPLOY + "driver": "true"})
+                kube.label_node(n, dict(OPERATOR_LABELS))
         self.sync()
         self._thread = threading.Thread(target=self._run, name="gpu-operator-fake", daemon=True)
         self._thread.start()
@@ -87,10 +89,13 @@ class GpuOperatorFake:
                         self._plugin_started(name, pod)
                 elif present and not wanted:
                     self.kube.delete_pod(NAMESPACE, pod)
-                if operand == DEVICE_PLUGIN and not (wanted or present) and state.plugin:
-                    state.plugin = ""
+                    present = False
+                if operand != DEVICE_PLUGIN:
+                    continue
+                if not present and not wanted and state.plugin:
+                    state.plugin = ""  # unregistered: the kubelet advertises none of its GPUs
                     self._advertise(name)
-                elif operand == DEVICE_PLUGIN and present and not state.plugin:
+                elif present and not state.plugin:
                     self._plugin_started(name, pod)
 
     def _plugin_started(self, node: str, pod: str) -> None:

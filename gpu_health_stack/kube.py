@@ -223,7 +223,10 @@ class KubeFake:
             self._post(f"/api/v1/namespaces/{namespace}/pods", {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"{name}-x1", "namespace": namespace,
-                             "labels": {"job-name": name, "batch.kubernetes.io/job-name": name}},
+                             "labels": {"job-name": name, "batch.kubernetes.io/job-name": name},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                  "uid": str((job.get("metadata") or {}).get("uid", "")),
+                                                  "controller": True}]},
                 "spec": {"nodeName": node, "restartPolicy": "Never", "containers": [{"name": "executor"}]},
                 "status": {"phase": "Succeeded" if succeeded else "Failed", "containerStatuses": [{
                     "name": "executor", "state": {"terminated": {"exitCode": code, "message": report,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import urllib.parse
@@ -127,10 +128,18 @@ class Stack:
     # --- exporters -----------------------------------------------------------------------
 
     def add_exporter(self, node: str, sim: dict[str, Any] | None = None, *, expected_gpus: int | None = 8,
-                     extra_args: Sequence[str] = ()) -> Exporter:
+                     extra_args: Sequence[str] = (), driver: bool = False) -> Exporter:
+        """`driver`: the node gets a simulated driver (sim-config driver_dir: device files its NVML holds open,
+        resets that end faults) and the fake nvidia-smi, so that run_executor_job can run a reset Job on it."""
         home = self.dir / "nodes" / node
         home.mkdir(parents=True, exist_ok=True)
-        (home / "sim.yaml").write_text(yaml.safe_dump(sim or {"gpus": 8}))
+        sim = dict(sim or {"gpus": 8})
+        if driver:
+            from .nvidia_smi import install_nvidia_smi
+
+            sim["driver_dir"] = str(home / "driver")
+            install_nvidia_smi(home / "bin", home / "sim.yaml")
+        (home / "sim.yaml").write_text(yaml.safe_dump(sim))
         (home / "boot_id").write_text(f"boot-{node}-1\n")
         xid_log = home / "kern.log"
         xid_log.touch()
@@ -151,6 +160,22 @@ class Stack:
         self.exporters[node] = exporter
         proc.wait_http(f"{exporter.url}/healthz")
         return exporter
+
+    def run_executor_job(self, node: str, job: dict[str, Any], *, timeout: float = 120) -> tuple[int, str]:
+        """The kubelet's part for an executor Job pinned to a simulated node (added with driver=True): run its
+        container's command as it stands, with the node's paths in the environment the script reads (device
+        files, the exporter's state dir, no driver root, a termination log). (exit code, termination log)."""
+        home = self.dir / "nodes" / node
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        log = home / f"termination-log-{job['metadata']['name']}"
+        env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
+        env.update({"PATH": f"{home / 'bin'}:/usr/bin:/bin", "LANG": "C", "GPU_HEALTH_DEV": str(home / "driver" / "dev"),
+                    "GPU_HEALTH_EXPORTER_STATE": str(home / "state"),
+                    "GPU_HEALTH_DRIVER_ROOT": str(home / "no-driver-root"), "GPU_HEALTH_TERMINATION_LOG": str(log)})
+        out = subprocess.run(list(container["command"]), env=env, capture_output=True, text=True, timeout=timeout,
+                             check=False)
+        (home / f"job-{job['metadata']['name']}.log").write_text(out.stdout + out.stderr)
+        return out.returncode, log.read_text() if log.exists() else ""
 
     def restart_exporter(self, node: str, *, new_boot: bool = False) -> None:
         """Stop and start the node's exporter; `new_boot` gives it a new boot id (the machine rebooted)."""

@@ -8,6 +8,8 @@ uuid="${1:-}"
 case "$uuid" in GPU-*) ;; *) echo "not a GPU UUID" >&2; exit 2;; esac
 case "$uuid" in *[!A-Za-z0-9-]*) echo "not a GPU UUID" >&2; exit 2;; esac
 dev="${GPU_HEALTH_DEV:-/dev}"
+# /proc/<pid>/fd shows resolved paths: compare against the resolved directory.
+dev=$(cd "$dev" 2> /dev/null && pwd -P) || dev="${GPU_HEALTH_DEV:-/dev}"
 st="${GPU_HEALTH_EXPORTER_STATE:-/exporter-state}"
 drv="${GPU_HEALTH_DRIVER_ROOT:-/host/run/nvidia/driver}"
 tlog="${GPU_HEALTH_TERMINATION_LOG:-/dev/termination-log}"
@@ -71,7 +73,11 @@ holders() {
   done | sort -u | tr '\n' ' '
 }
 
-bus=$(smi --query-gpu=pci.bus_id --format=csv,noheader -i "$uuid" 2>&1) || finish 12 "GPU $uuid not found: $bus"
+bus=$(smi --query-gpu=pci.bus_id --format=csv,noheader -i "$uuid" 2> /dev/null)
+rc=$?
+# nvidia-smi's exit code 15: "The GPU has fallen off the bus or has otherwise become inaccessible".
+[ "$rc" -ne 15 ] || finish 14 "GPU $uuid has fallen off the bus (nvidia-smi exit 15): only a reboot brings it back"
+[ "$rc" -eq 0 ] && [ -n "$bus" ] || finish 12 "GPU $uuid not found (nvidia-smi exit $rc)"
 info=$(smi -q -i "$uuid") || finish 12 "nvidia-smi -q -i $uuid failed"
 minor=$(field "Minor Number")
 case "$minor" in ''|*[!0-9]*) finish 12 "no minor number for $uuid in nvidia-smi -q";; esac
@@ -106,9 +112,11 @@ fi
 
 # Our exporter holds NVML (collection and its Xid event thread): ask it to let go and wait for its answer.
 if [ -d "$st" ]; then
-  : > "$st/release-nvml" && released="yes"
+  if : > "$st/release-nvml"; then released="yes"; else step "cannot ask the exporter to release NVML"; fi
   i=0
-  while [ ! -e "$st/nvml-released" ] && [ "$i" -lt "$release_wait" ]; do sleep 1; i=$((i + 1)); done
+  while [ -n "$released" ] && [ ! -e "$st/nvml-released" ] && [ "$i" -lt "$release_wait" ]; do
+    sleep 1; i=$((i + 1))
+  done
   if [ -e "$st/nvml-released" ]; then
     step "exporter released NVML: $(tr '\n' ' ' < "$st/nvml-released")"
   else
@@ -151,7 +159,7 @@ if [ -n "$pm_off" ]; then
   if smi -pm 1 -i "$uuid" > /dev/null 2>&1; then pm_off=""; step "persistence mode on again"; fi
 fi
 
-back=$(smi --query-gpu=uuid --format=csv,noheader -i "$bus" 2>&1) || finish 12 "no GPU answers at $bus after the reset: $back"
+back=$(smi --query-gpu=uuid --format=csv,noheader -i "$bus" 2> /dev/null) || finish 12 "no GPU answers at $bus after the reset"
 [ "$back" = "$uuid" ] || finish 12 "after the reset $bus reports $back, not $uuid"
 info=$(smi -q -i "$uuid") || finish 15 "nvidia-smi -q -i $uuid fails after the reset"
 [ "$(field "Remapped Rows/Pending")" != "Yes" ] || finish 15 "a row remap is still pending after the reset"

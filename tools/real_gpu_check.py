@@ -12,6 +12,14 @@ Run on a machine with an NVIDIA GPU and driver, from the repository root:
    every family is present for each GPU, or that the calls behind it are reported in
    gpu_nvml_unsupported (NotSupported is an answer; silence is not).
 Exits 1 if a family is missing without an explanation.
+
+    sudo python3 tools/real_gpu_check.py --reset GPU-<uuid> --yes-reset-this-gpu [--exporter-state DIR]
+
+Off by default, and loud: resets one GPU the operator names with the reset Job's own script
+(remediation_webhook/reset_gpu.sh): asks the exporter whose --state-dir is DIR (default
+/var/lib/gpu-health-exporter) to release NVML, lists every process holding the GPU's device file, refuses while one
+is not paused, resets, checks, and prints each step with its time. Drain the node first: every process using the
+GPU would lose it. `--reset --sim` does the same on a simulated node (gpu_health_stack/nvidia_smi.py).
 """
 
 from __future__ import annotations
@@ -174,8 +182,66 @@ def scrape_exporter(backend: str) -> int:
     return 1 if failures or not gpus else 0
 
 
+RESET_WARNING = """
+*** gpu-health: this RESETS GPU {uuid} ***
+Every process using it loses it; run only on a cordoned, drained node. The same script as the reset_gpu Job:
+release the exporter's NVML, find the holders, refuse while one is not paused, nvidia-smi -r, check.
+"""
+
+
+def reset_check(uuid: str, state_dir: str, sim: bool) -> int:
+    """Run the reset Job's script on this node for `uuid` (a simulated node with `sim`) and print its steps."""
+    from remediation_webhook.actions.reset_gpu import ResetGpu
+
+    print(RESET_WARNING.format(uuid=uuid), file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="gpu-health-reset-") as tmp:
+        env = {**os.environ, "GPU_HEALTH_EXPORTER_STATE": state_dir, "GPU_HEALTH_DRIVER_ROOT": "/run/nvidia/driver",
+               "GPU_HEALTH_TERMINATION_LOG": f"{tmp}/termination-log"}
+        if sim:
+            uuid, env = _sim_node(Path(tmp), env)
+        began = time.monotonic()
+        done = subprocess.run(ResetGpu.argv(uuid), env=env, capture_output=True, text=True, check=False)
+        took = time.monotonic() - began
+    print(done.stdout, end="")
+    print(done.stderr, end="", file=sys.stderr)
+    meaning = {0: "reset and checked", 2: "not a GPU UUID", 10: "a holder nobody paused", 11: "MIG enabled",
+               12: "GPU not found, or another UUID after the reset", 13: "nvidia-smi -r failed",
+               14: "this platform needs a reboot", 15: "a check after the reset failed"}
+    print(f"exit {done.returncode} ({meaning.get(done.returncode, 'unexpected')}) after {took:.1f}s")
+    return done.returncode
+
+
+def _sim_node(tmp: Path, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A simulated node with a pending row remap on GPU 1 and the fake nvidia-smi first on PATH; (GPU 1's UUID, env)."""
+    import yaml
+
+    from exporter.backends.sim import SimulatedNvml, sim_config_from_dict
+    from gpu_health_stack.nvidia_smi import install_nvidia_smi
+
+    raw = {"gpus": 8, "driver_dir": str(tmp / "driver"), "faults": [{"kind": "row_remap_pending", "gpu": 1}]}
+    (tmp / "sim.yaml").write_text(yaml.safe_dump(raw))
+    install_nvidia_smi(tmp / "bin", tmp / "sim.yaml")
+    nvml = SimulatedNvml(sim_config_from_dict(raw))
+    nvml.nvmlInit()
+    uuid = str(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(1)))
+    nvml.nvmlShutdown()
+    return uuid, {**env, "PATH": f"{tmp / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+                  "GPU_HEALTH_DEV": str(tmp / "driver" / "dev")}
+
+
 def main() -> int:
-    backend = "sim" if "--sim" in sys.argv[1:] else "nvml"
+    args = sys.argv[1:]
+    if "--reset" in args:
+        i = args.index("--reset")
+        uuid = args[i + 1] if i + 1 < len(args) else ""
+        if "--yes-reset-this-gpu" not in args and "--sim" not in args:
+            print(RESET_WARNING.format(uuid=uuid or "<uuid>")
+                  + "Refusing without --yes-reset-this-gpu.", file=sys.stderr)
+            return 2
+        state = args[args.index("--exporter-state") + 1] if "--exporter-state" in args else \
+            "/var/lib/gpu-health-exporter"
+        return reset_check(uuid, state, "--sim" in args)
+    backend = "sim" if "--sim" in args else "nvml"
     in_process_latency(backend)
     return scrape_exporter(backend)
 

@@ -7,15 +7,19 @@ subclasses, raised through `pynvml.NVMLError(code)` exactly as the real binding 
 faithful to timing, to the driver's sampling periods, or to per-SKU support beyond the few
 models below. Values are deterministic for a seed and a clock, so golden files can pin them.
 
-A fault timeline (YAML, `--sim-config`) turns healthy GPUs into sick ones at given times.
+A fault timeline (YAML, `--sim-config`) turns healthy GPUs into sick ones at given times. With `driver_dir` the
+simulator is one process on a simulated node it shares with others (sim_node.py): the fake nvidia-smi
+(gpu_health_stack/nvidia_smi.py) resets its GPUs and sets their persistence mode there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +30,8 @@ from gpu_health_common.durations import parse_duration
 from gpu_health_common.validate import read_yaml
 
 from ..errors import ConfigError
+from .sim_events import SimEvents
+from .sim_node import SimNode, first_at_or_after, last_at_or_before
 from .sim_params import check_params, check_top
 
 
@@ -49,6 +55,7 @@ class GpuModel:
     fabric: bool
     hbm: bool
     pci_device_id: int
+    compute_capability: tuple[int, int] = (9, 0)
 
 
 MODELS: Mapping[str, GpuModel] = {
@@ -62,11 +69,11 @@ MODELS: Mapping[str, GpuModel] = {
     ),
     "A100-SXM4-80GB": GpuModel(
         "NVIDIA A100-SXM4-80GB", 85899345920, 531628032, 12, 4, 16, 400_000, 61_000, 1410, 1593, 89, 92,
-        "92.00.45.00.06", False, True, 0x20B210DE,
+        "92.00.45.00.06", False, True, 0x20B210DE, compute_capability=(8, 0),
     ),
     "L4": GpuModel(
         "NVIDIA L4", 24152899584, 352321536, 0, 4, 16, 72_000, 16_000, 2040, 6251, 87, 90,
-        "95.04.29.00.06", False, False, 0x27B810DE,
+        "95.04.29.00.06", False, False, 0x27B810DE, compute_capability=(8, 9),
     ),
 }
 DEFAULT_MODEL = "H100-SXM-80GB"
@@ -120,6 +127,10 @@ _FAULT_KEYS: Mapping[str, frozenset[str]] = {
     "utilization": frozenset({"percent", "memory_percent"}),
 }
 _COMMON_KEYS = frozenset({"at", "until", "gpu", "kind"})
+# What a GPU reset (`nvidia-smi -r` on a driver_dir node) ends: a pending row remap is applied by the reset. A lost
+# GPU, a link down, a failed remap, pages waiting for retirement (a reboot applies them) and the rest outlast it;
+# the volatile ECC counters restart at zero (see _ecc).
+_CLEARED_BY_RESET = frozenset({"row_remap_pending"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,8 @@ class SimConfig:
     driver_version: str = "550.90.07"
     cuda_version: int = 12040
     faults: tuple[Fault, ...] = ()
+    # A directory shared with other processes (device files, boot time, resets, persistence): sim_node.py.
+    driver_dir: str | None = None
 
 
 def load_sim_config(path: str) -> SimConfig:
@@ -169,7 +182,7 @@ def load_sim_config(path: str) -> SimConfig:
 def sim_config_from_dict(raw: Any) -> SimConfig:
     if not isinstance(raw, dict):
         raise ConfigError("top level must be a mapping")
-    unknown = set(raw) - {"gpus", "model", "seed", "driver_version", "cuda_version", "faults"}
+    unknown = set(raw) - {"gpus", "model", "seed", "driver_version", "cuda_version", "faults", "driver_dir"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]}")
     gpus = raw.get("gpus", 8)
@@ -193,6 +206,7 @@ def sim_config_from_dict(raw: Any) -> SimConfig:
         driver_version=str(raw.get("driver_version", "550.90.07")),
         cuda_version=int(raw.get("cuda_version", 12040)),
         faults=faults,
+        driver_dir=raw.get("driver_dir"),
     )
 
 
@@ -250,19 +264,46 @@ class _Gpu:
     base_temp: float
     phase: float
     util: int
-    faults: list[Fault] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)  # the timeline's, cut short by the resets below
+    timeline: list[Fault] = field(default_factory=list)
+    resets: tuple[float, ...] = ()  # seconds since boot (driver_dir only)
 
 
 class SimulatedNvml:
-    """pynvml for N simulated GPUs. Thread-safe: the exporter calls it from one thread per GPU."""
+    """pynvml for N simulated GPUs. Thread-safe: the exporter calls it from one thread per GPU.
+
+    Init is counted as NVML counts it: each nvmlInit adds one, each nvmlShutdown takes one away, and calls answer
+    UNINITIALIZED only while the count is 0. A shutdown past the count is no error (nvml.h: "No error will be
+    reported if this is called more times than init"; pynvml passes that success through and floors its own count
+    at 0), so the count stays 0.
+
+    With `driver_dir` (sim_node.py) the simulator is one process on a shared simulated node: while initialised it
+    holds the device files open, fault times count from the node's boot, resets done by the fake nvidia-smi end
+    the faults a reset clears, persistence mode is the node's, and the event API (sim_events.py) exists. Without
+    it the event API is absent, as before, so the exporter's Xid event thread stays off.
+    """
 
     def __init__(self, config: SimConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or SimConfig()
         self.model = MODELS[self.config.model]
         self._clock = clock
         self._start = clock()
-        self._initialized = False
+        self._init_count = 0
+        self._init_lock = threading.Lock()
         self._release = threading.Event()
+        self.node: SimNode | None = None
+        if self.config.driver_dir is not None:
+            self.node = SimNode(self.config.driver_dir, self.config.gpus, nvswitch=self.model.fabric)
+            # Fault times count from the node's boot, so that every process on the node sees a fault at once.
+            self._start -= time.time() - self.node.boot
+            # Device files left open by an object nobody shut down are closed when it is collected.
+            weakref.finalize(self, self.node.close_devices)
+            events = SimEvents(self)
+            self.nvmlEventSetCreate = events.nvmlEventSetCreate
+            self.nvmlDeviceGetSupportedEventTypes = events.nvmlDeviceGetSupportedEventTypes
+            self.nvmlDeviceRegisterEvents = events.nvmlDeviceRegisterEvents
+            self.nvmlEventSetWait_v2 = events.nvmlEventSetWait_v2
+            self.nvmlEventSetFree = events.nvmlEventSetFree
         rng = random.Random(self.config.seed)
         self._gpus = []
         for i in range(self.config.gpus):
@@ -278,7 +319,7 @@ class SimulatedNvml:
                 phase=rng.random() * math.tau,
                 util=rng.randrange(0, 100),
             )
-            gpu.faults = [f for f in self.config.faults if f.gpu == i]
+            gpu.timeline = gpu.faults = [f for f in self.config.faults if f.gpu == i]
             self._gpus.append(gpu)
 
     # --- controls for tests and demos (not part of pynvml) ---------------------------------
@@ -290,6 +331,28 @@ class SimulatedNvml:
         """Let every simulated hung call return (a test's way of ending a hang early)."""
         self._release.set()
 
+    @property
+    def init_count(self) -> int:
+        """nvmlInit calls not yet matched by nvmlShutdown."""
+        return self._init_count
+
+    @property
+    def _initialized(self) -> bool:
+        return self._init_count > 0
+
+    def is_lost(self, index: int) -> bool:
+        """Whether GPU `index` has fallen off the bus now (for the event wait and the fake nvidia-smi)."""
+        return bool(self._active(self._gpus[index], "gpu_lost"))
+
+    def _sync_resets(self, gpu: _Gpu) -> None:
+        """Cut the faults a reset clears short at the first reset after they began (cheap: sim_node caches)."""
+        if self.node is None:
+            return
+        resets = self.node.resets(gpu.uuid)
+        if resets != gpu.resets:
+            gpu.faults = [_cut_by_reset(f, resets) for f in gpu.timeline]
+            gpu.resets = resets
+
     # --- helpers -------------------------------------------------------------------------
 
     def _active(self, gpu: _Gpu, kind: str) -> list[Fault]:
@@ -298,10 +361,10 @@ class SimulatedNvml:
         t = self.elapsed()
         return [f for f in gpu.faults if f.kind == kind and f.active(t)]
 
-    def _total(self, gpu: _Gpu, kind: str, **match: Any) -> int:
+    def _total(self, gpu: _Gpu, kind: str, t: float | None = None, **match: Any) -> int:
         if not gpu.faults:
             return 0
-        t = self.elapsed()
+        t = self.elapsed() if t is None else t
         return sum(
             f.amount(t)
             for f in gpu.faults
@@ -314,6 +377,7 @@ class SimulatedNvml:
         if not isinstance(handle, SimHandle) or handle.index >= len(self._gpus):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu = self._gpus[handle.index]
+        self._sync_resets(gpu)
         if not gpu.faults:
             return gpu
         if self._active(gpu, "gpu_lost"):
@@ -348,10 +412,18 @@ class SimulatedNvml:
         # with is not documented; NOT_FOUND stands for it here.
         if not self.config.gpus and not flags & pynvml.NVML_INIT_FLAG_NO_GPUS:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
-        self._initialized = True
+        with self._init_lock:
+            self._init_count += 1
+            if self._init_count == 1 and self.node is not None:
+                self.node.open_devices()
 
     def nvmlShutdown(self) -> None:
-        self._initialized = False
+        with self._init_lock:
+            if not self._init_count:
+                return  # more shutdowns than inits: no error, as NVML documents
+            self._init_count -= 1
+            if not self._init_count and self.node is not None:
+                self.node.close_devices()
 
     def nvmlSystemGetDriverVersion(self) -> str:
         return self.config.driver_version
@@ -375,6 +447,29 @@ class SimulatedNvml:
         self._gpu(handle, "nvmlDeviceGetHandleByIndex")
         return handle
 
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> SimHandle:
+        want = uuid.decode() if isinstance(uuid, bytes) else uuid
+        return self._handle_where(lambda g: g.uuid == want, "nvmlDeviceGetHandleByUUID")
+
+    def nvmlDeviceGetHandleByPciBusId_v2(self, pciBusId: str | bytes) -> SimHandle:
+        want = (pciBusId.decode() if isinstance(pciBusId, bytes) else pciBusId).upper()
+        # NVML takes the domain in 8 or 4 digits, or none ("18:00.0").
+        return self._handle_where(lambda g: want in _bus_ids(g.bus), "nvmlDeviceGetHandleByPciBusId_v2")
+
+    def nvmlDeviceGetHandleByPciBusId(self, pciBusId: str | bytes) -> SimHandle:
+        return self.nvmlDeviceGetHandleByPciBusId_v2(pciBusId)
+
+    def _handle_where(self, match: Callable[[_Gpu], bool], call: str) -> SimHandle:
+        """The lookups answer for the GPU asked for; a lost one is GPU_IS_LOST (through _gpu), a stranger NOT_FOUND."""
+        if not self._initialized:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+        gpu = next((g for g in self._gpus if match(g)), None)
+        if gpu is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        handle = SimHandle(gpu.index)
+        self._gpu(handle, call)
+        return handle
+
     # --- identity ------------------------------------------------------------------------
 
     def nvmlDeviceGetUUID(self, handle: SimHandle) -> str:
@@ -389,6 +484,14 @@ class SimulatedNvml:
 
     def nvmlDeviceGetIndex(self, handle: SimHandle) -> int:
         return self._gpu(handle, "nvmlDeviceGetIndex").index
+
+    def nvmlDeviceGetMinorNumber(self, handle: SimHandle) -> int:
+        # /dev/nvidia<minor>: the driver numbers them in probe order, which is the index here.
+        return self._gpu(handle, "nvmlDeviceGetMinorNumber").index
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: SimHandle) -> tuple[int, int]:
+        self._gpu(handle, "nvmlDeviceGetCudaComputeCapability")
+        return self.model.compute_capability
 
     def nvmlDeviceGetPciInfo_v3(self, handle: SimHandle) -> Any:
         gpu = self._gpu(handle, "nvmlDeviceGetPciInfo_v3")
@@ -411,7 +514,9 @@ class SimulatedNvml:
         return [int(on), int(on)]
 
     def nvmlDeviceGetPersistenceMode(self, handle: SimHandle) -> int:
-        self._gpu(handle, "nvmlDeviceGetPersistenceMode")
+        gpu = self._gpu(handle, "nvmlDeviceGetPersistenceMode")
+        if self.node is not None and not self.node.persistence(gpu.uuid):
+            return pynvml.NVML_FEATURE_DISABLED
         return pynvml.NVML_FEATURE_ENABLED
 
     # --- thermal and power -------------------------------------------------------------
@@ -512,7 +617,13 @@ class SimulatedNvml:
         kind = "ecc_corrected" if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else "ecc_uncorrectable"
         # Aggregate counts persist in the InfoROM across driver reloads, so they start above zero.
         history = 3 * gpu.index if counter_type == pynvml.NVML_AGGREGATE_ECC and kind == "ecc_corrected" else 0
-        return history + self._total(gpu, kind)
+        total = self._total(gpu, kind)
+        if counter_type == pynvml.NVML_VOLATILE_ECC and gpu.resets:
+            # Volatile counts are since the GPU was last initialised, which a reset does again.
+            reset = last_at_or_before(gpu.resets, self.elapsed())
+            if reset is not None:
+                total -= self._total(gpu, kind, reset)
+        return history + total
 
     def nvmlDeviceGetRetiredPages(self, handle: SimHandle, cause: int) -> list[int]:
         gpu = self._gpu(handle, "nvmlDeviceGetRetiredPages")
@@ -661,3 +772,17 @@ class SimulatedNvml:
             pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: ("crc_flit", "crc_data"),
         }[fid]
         return sum(self._total(gpu, "nvlink_errors", link=(link, 0), counter=(n, "crc_flit")) for n in names)
+
+
+def _bus_ids(bus: int) -> tuple[str, ...]:
+    return ("00000000:%02X:00.0" % bus, "0000:%02X:00.0" % bus, "%02X:00.0" % bus)
+
+
+def _cut_by_reset(fault: Fault, resets: tuple[float, ...]) -> Fault:
+    """The fault as the first reset after its start leaves it: ended there if a reset clears its kind."""
+    if fault.kind not in _CLEARED_BY_RESET:
+        return fault
+    reset = first_at_or_after(resets, fault.at)
+    if reset is None or (fault.until is not None and fault.until <= reset):
+        return fault
+    return dataclasses.replace(fault, until=reset)

@@ -7,6 +7,7 @@ names the file, the key and what was expected.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,8 +82,18 @@ def check_params(params: Mapping[str, Any], where: str) -> None:
 
 
 def check_top(raw: Mapping[str, Any]) -> None:
-    """The top-level values besides gpus, model and seed, which sim.py checks."""
+    """The top-level values besides gpus, model, seed and faults, which sim.py checks."""
     if "driver_version" in raw and not isinstance(raw["driver_version"], str):
         raise ConfigError(f"driver_version: expected a string such as \"550.90.07\", got {raw['driver_version']!r}")
     if "cuda_version" in raw and (problem := _integer(1000)(raw["cuda_version"])) is not None:
         raise ConfigError(f"cuda_version: expected {problem} (CUDA 12.4 is 12040), got {raw['cuda_version']!r}")
+    if "driver_dir" in raw:
+        _check_driver_dir(raw["driver_dir"])
+
+
+def _check_driver_dir(value: Any) -> None:
+    # Absolute: the exporter, the fake nvidia-smi and the reset script share it from different working directories.
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise ConfigError(f"driver_dir: expected an absolute path to a directory, got {value!r}")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ConfigError(f"driver_dir: {value} exists and is not a directory")

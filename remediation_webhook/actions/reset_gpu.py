@@ -30,6 +30,7 @@ back, or, for a remediation that will not run again, the engine's sweep (engine/
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -67,7 +68,8 @@ class ResetGpu:
         return cls(deps.executor, verify, duration(raw, key, "verify_interval", "10s"),
                    OperandSettings.from_config(raw, key, verify))
 
-    def argv(self, uuid: str) -> list[str]:
+    @staticmethod
+    def argv(uuid: str) -> list[str]:
         return ["/bin/sh", "-c", RESET_SCRIPT, "gpu-health-reset", uuid]
 
     async def run(self, ctx: ActionContext) -> StepResult:
@@ -113,15 +115,14 @@ class ResetGpu:
         if state == "interrupted":  # the Job may still run: the re-run (or the sweep, once it is over) restores
             return StepResult(Outcome.INTERRUPTED, f"reset stopped: {message}; {parts[0]}")
         report = await self.executor.report(name)
-        parts.append(f"job {name} {state}" + (f": {message}" if message and state != "succeeded" else "")
-                     + (f"\n{report}" if report else ""))
+        parts.append(f"job {name} {state}" + (f": {message}" if message and state != "succeeded" else ""))
         if state != "succeeded":
             ctx.note("executor", self.name, "failed")
-            return await self._restored(ctx, parts, ok=False)
+            return _with(await self._restored(ctx, parts, ok=False), report)
         restored = await self._restored(ctx, parts, ok=True)
         if restored.outcome != Outcome.SUCCESS:
-            return restored
-        return await self._verify(ctx, parts, gpus)
+            return _with(restored, report)
+        return _with(await self._verify(ctx, parts, gpus), report)
 
     async def _operands_gone(self, ctx: ActionContext, keys: list[str]) -> list[str]:
         apps = {APPS[k.removeprefix(DEPLOY)] for k in keys}
@@ -190,6 +191,14 @@ class ResetGpu:
         if job_state(job)[0] == "succeeded" and allocatable >= capacity > 0 and paused(node) is None:
             return Observation.DONE
         return Observation.NOT_DONE  # a re-run adopts the Job (409), waits for it and puts the operands back
+
+
+def _with(result: StepResult, report: str) -> StepResult:
+    """The Job's own log (its steps, the holders it found) after the step's verdict: the journal keeps a detail's
+    first 4,000 characters, and the verdict must not be what is cut."""
+    if not report:
+        return result
+    return dataclasses.replace(result, detail=f"{result.detail}\njob log:\n{report[-2500:]}")
 
 
 ACTION = ResetGpu

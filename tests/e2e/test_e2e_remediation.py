@@ -1,7 +1,8 @@
 """The whole policy path on real servers, as one run over one stack: four simulated-GPU exporters (node-a..node-d,
 one per node), Debian's Prometheus with rules/ (1 s scrape and evaluation), Debian's Alertmanager with the shipped
 route (group_wait 0s, group_interval 1s), the webhook live against kmock (Node and Pod objects, scripted
-evictions; the test plays the kubelet and the Job controller) and moto in server mode (an auto scaling group whose
+evictions; the test plays the kubelet and the Job controller, gpu_health_stack/gpu_operator.py the GPU Operator's
+DaemonSets and the device plugin on node-b) and moto in server mode (an auto scaling group whose
 four instances back the nodes).
 
 The tests are the steps of that run, in file order: each one leaves the fleet as the next expects it (the breaker
@@ -78,6 +79,7 @@ class Run:
         self.webhook = fleet.webhook
         self.aws = fleet.aws
         self.started: dict[str, float] = {}  # node -> when its exporter (and its sim fault timeline) started
+        self.operator: Any = None
         self.done: set[str] = set()
 
     def mutations(self, *nodes: str) -> list[tuple[str, str, Any]]:
@@ -96,11 +98,19 @@ def run(report: Callable[[str], None]) -> Iterator[Run]:
     before = time.time()
     # node-b also publishes per-link NVLink series, the others the default per-GPU totals only; both node-b and
     # node-c have NVLink errors, so the rules and dashboards run on both modes.
+    # node-b has a simulated driver (its NVML holds the device files; nvidia-smi -r refuses while anyone does) and
+    # its exporter's NVML Xid event thread on: the reset Job's script runs there as it would on the node.
     fleet = Fleet.start({"node-a": None, "node-b": NODE_B_SIM, "node-c": NODE_C_SIM, "node-d": None},
-                        exporter_args={"node-b": PER_LINK},
+                        exporter_args={"node-b": (*PER_LINK, "--xid.nvml-events", "on")}, drivers=("node-b",),
                         webhook_config=policy_config, cloud="moto")
+    operator = None
     try:
+        from gpu_health_stack.gpu_operator import GpuOperatorFake
+
+        operator = GpuOperatorFake(fleet.kube, ["node-b"], interval=0.2)
+        operator.xid("node-b", 1)  # the device plugin dropped GPU 1 at its uncorrectable ECC error
         r = Run(fleet)
+        r.operator = operator
         # The row remap is pending from node-b's simulated GPUs' start on: the fault's time.
         r.started["node-b"] = fleet.stack.exporters["node-b"].proc.started_at
         report(f"stack up in {time.time() - before:.1f}s: Prometheus {fleet.stack.prom_url}, "
@@ -108,6 +118,8 @@ def run(report: Callable[[str], None]) -> Iterator[Run]:
                f"moto {fleet.aws.url}")
         yield r
     finally:
+        if operator is not None:
+            operator.close()
         fleet.close()
 
 
@@ -280,10 +292,19 @@ def test_row_remap_pending_cordons_drains_and_resets_the_gpu(run: Run, report: C
     assert spec["nodeName"] == "node-b" and spec["restartPolicy"] == "Never"
     uuid = created["metadata"]["annotations"].get("gpu-health.io/gpu-uuid", "")
     assert uuid.startswith("GPU-") and uuid in spec["containers"][0]["command"]
-    # Play the kubelet: the GPU leaves the allocatable count while it resets, the Job's pod succeeds, it is back.
-    run.kube.set_allocatable_gpus("node-b", 7)
-    run.kube.finish_job(EXECUTOR_NAMESPACE, created["metadata"]["name"])
-    run.kube.set_allocatable_gpus("node-b", 8)
+    # The Job was created only once the GPU Operator's operands had left the node; the driver's label is untouched.
+    labels = run.kube.node("node-b")["metadata"]["labels"]
+    assert labels["nvidia.com/gpu.deploy.device-plugin"] == "false" and labels["nvidia.com/gpu.deploy.driver"] == "true"
+    assert not [p for p in run.kube.pods("node-b") if p.startswith("gpu-operator/")]
+    assert run.kube.node("node-b")["status"]["allocatable"]["nvidia.com/gpu"] == "0"  # no device plugin runs
+    # Play the kubelet: run the Job's container command on node-b, against its exporter and simulated driver.
+    began = time.time()
+    code, log = run.stack.run_executor_job("node-b", created)
+    ran = time.time() - began
+    run.kube.finish_job(EXECUTOR_NAMESPACE, created["metadata"]["name"], succeeded=code == 0, report=log,
+                        exit_code=code)
+    assert code == 0, log
+    assert "released: collection xid" in log and f"reset {uuid} at 00000000:2A:00.0; same UUID back" in log
     reset = wait_step(run.webhook, "node-b", "reset_gpu", 60, since=since)
     alert = next(a for a in run.stack.prometheus_alerts("firing") if a["labels"]["alertname"] == "GPURowRemapPending"
                  and a["labels"].get("node") == "node-b")
@@ -291,10 +312,24 @@ def test_row_remap_pending_cordons_drains_and_resets_the_gpu(run: Run, report: C
     report(f"row remap pending node-b GPU 1: fault (exporter start) -> cordon {cordon['finished_at'] - since:.2f}s "
            f"= first scrape and pending {_unix(alert['activeAt']) - since:.2f}s + for: 2m + firing -> cordon "
            f"{cordon['finished_at'] - fired:.2f}s; -> drained {drain['finished_at'] - since:.2f}s, "
-           f"-> reset {reset['finished_at'] - since:.2f}s")
+           f"-> reset {reset['finished_at'] - since:.2f}s (the Job's script {ran:.1f}s)")
     assert run.kube.node("node-b")["spec"].get("unschedulable") is True
-    assert run.kube.pods("node-b", include_daemonsets=False) == []
+    # Drained: only DaemonSet pods and the reset Job's own (finished) pod are left on the node.
+    assert [p for p in run.kube.pods("node-b", include_daemonsets=False)
+            if not p.startswith(EXECUTOR_NAMESPACE + "/")] == []
     rem = wait_state(run.webhook, "node-b", ("SUCCEEDED",), 30, since=since)
+    # The operands are back, the device plugin started again and advertises all eight GPUs, GPU 1 included.
+    labels = run.kube.node("node-b")["metadata"]["labels"]
+    assert all(labels[f"nvidia.com/gpu.deploy.{o}"] == "true"
+               for o in ("device-plugin", "gpu-feature-discovery", "dcgm", "dcgm-exporter"))
+    assert "gpu-health.io/operands-paused" not in labels
+    assert run.kube.node("node-b")["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert "holders of" in reset["detail"], reset["detail"]
+    assert "restored nvidia.com/gpu.deploy.dcgm=true, nvidia.com/gpu.deploy.dcgm-exporter=true, " \
+           "nvidia.com/gpu.deploy.device-plugin=true" in reset["detail"], reset["detail"]
+    # The reset applied the pending remap: the exporter reads it so, and the alert resolves.
+    wait_until(lambda: run.stack.query('gpu_row_remap_pending{node="node-b",gpu="1"}') == [0.0], 30,
+               "the exporter to read the remap applied")
     assert rem["ladder"] == ["cordon", "drain", "reset_gpu"] and rem["gpu"] == "1"
     assert run.webhook.metric("gpu_remediation_last_success_timestamp_seconds", node="node-b",
                               action="reset_gpu", uuid=uuid) > 0
