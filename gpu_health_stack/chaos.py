@@ -18,6 +18,9 @@ Kinds:
                         and near the end a cold start (Prometheus on an empty TSDB, with the webhook down meanwhile)
     kube_api            the Kubernetes API answers 500 or slowly for a while
     human_uncordon      a person uncordons a node the webhook cordoned earlier in the run
+    stuck_holder        with the earliest reset-class fatal Xids, a process nobody pauses (a profiler, a user's
+                        monitor) holds that node's GPU: the reset Job refuses and the ladder falls back to a reboot,
+                        which ends it
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 APPLICATION_XIDS = (13, 31, 43)
 # Fatal Xids the shipped policy remediates (rules/xid-policy.yaml): 79 reboot; 48, 95 and 119 reset_gpu.
 FATAL_XIDS = (79, 48, 95, 119)
+RESET_XIDS = (48, 95, 119)
 # A fatal SXid (exporter/xid/sxid-catalog.csv: DLPL_LTSSM_FAULT_UP, fatal).
 FATAL_SXID = 20034
 
@@ -65,6 +69,7 @@ class ChaosConfig:
     scrape_gaps: int = 3
     kube_api_outages: int = 2
     human_uncordons: int = 2
+    stuck_holders: int = 1  # reset-class fatal faults whose node also has a holder nobody pauses
     restarts: tuple[str, ...] = ("webhook", "alertmanager", "prometheus", "exporter")
     # Seconds after each storm's window kept free of other fatal faults (the operator's reset comes in them).
     storm_quiet: float = 0.0
@@ -164,10 +169,18 @@ def schedule(seed: int, nodes: Sequence[str], seconds: float, config: ChaosConfi
         first = next(e.at for e in events if e.kind == "fatal_xid" and e.nodes == (node,))
         events.append(Event(round(min(seconds, first + rng.uniform(60, 180) * k), 3), "human_uncordon", (node,)))
 
+    # The earliest reset-class faults, before storms fill the fleet cap; chosen without a random draw, so that a
+    # seed's schedule of everything else stays what it was.
+    touched = {e.nodes[0] for e in events if e.kind == "human_uncordon"}
+    resets = sorted((e for e in events if e.kind == "fatal_xid" and e.params["xid"] in RESET_XIDS
+                     and e.nodes[0] not in touched), key=lambda e: e.at)
+    for e in resets[:c.stuck_holders]:
+        events.append(Event(e.at, "stuck_holder", e.nodes, {"process": "nsys"}))
+
     events.sort(key=lambda e: (e.at, e.kind, e.nodes))
     return events
 
 
 def faults(events: Sequence[Event]) -> int:
     """Injected faults, counted per node touched (a rack of 32 is 32 faults), components and people excluded."""
-    return sum(len(e.nodes) for e in events if e.kind not in ("restart", "kube_api", "human_uncordon"))
+    return sum(len(e.nodes) for e in events if e.kind not in ("restart", "kube_api", "human_uncordon", "stuck_holder"))

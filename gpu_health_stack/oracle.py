@@ -107,6 +107,17 @@ class PersonUncordon:
 
 
 @dataclass(frozen=True)
+class ResetRun:
+    """A reset Job the runner played on a node: the GPU Operator operand labels still "true" when it ran (the
+    webhook's pause missed them) and the process of the run's chaos that held the GPU ("" if none)."""
+
+    at: float
+    node: str
+    unpaused: tuple[str, ...] = ()
+    holder: str = ""
+
+
+@dataclass(frozen=True)
 class Limits:
     fleet_cap: int
     rate: Mapping[str, tuple[int, float]]  # action -> (max, per seconds)
@@ -129,6 +140,9 @@ class Evidence:
     boots: Mapping[str, Sequence[float]] = field(default_factory=dict)  # node -> new boots not of our doing
     # (from, to, what): component outages that hold every fault back (Prometheus, the webhook, the Kubernetes API)
     outages: Sequence[tuple[float, float, str]] = ()
+    resets: Sequence[ResetRun] = ()
+    # node -> its GPU Operator labels that are not as the run began (deploy labels not "true", our pause mark)
+    operands: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,7 @@ def judge(ev: Evidence) -> Verdict:
     _breaker(ev, v, spans, fatal, steps_of)
     _caps(ev, v)
     _lost(ev, v, steps_of)
+    _operands(ev, v)
     for f in fatal:
         span = in_span(f.at)
         storm_mode = f.reset if f.storm is not None else (span.mode if span is not None else "")
@@ -354,6 +369,19 @@ def _lost(ev: Evidence, v: Verdict, steps_of: Mapping[str, list[Step]]) -> None:
         v.add("remediation stuck", r.node, r.id,
               f"{r.state} ({r.reason}) since {moved:.3f} (created {r.created_at:.3f}), last step activity "
               f"{last:.3f}, end {ev.end:.3f}")
+
+
+def _operands(ev: Evidence, v: Verdict) -> None:
+    """No reset runs while an operand holds the GPU, and no node is left without its operands: a remediation still
+    active is judged by the rules above instead (its step may be what holds them paused)."""
+    for r in ev.resets:
+        if r.unpaused:
+            v.add("reset with operands running", r.node, "",
+                  f"reset Job at {r.at:.3f} while {', '.join(r.unpaused)} still true")
+    active = {r.node for r in ev.rems if r.state in ACTIVE}
+    for node, labels in sorted(ev.operands.items()):
+        if node not in active:
+            v.add("operands left paused", node, "", f"at the end ({ev.end:.3f}): {dict(labels)}")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

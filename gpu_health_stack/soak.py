@@ -39,6 +39,7 @@ from typing import Any
 from .am_cluster import AlertmanagerCluster, ClusterTimings
 from .chaos import ChaosConfig, Event, faults, schedule
 from .fleet import GPU_LABELS, base_webhook_config
+from .gpu_operator import OPERATOR_LABELS
 from .fleetsim import FleetSim
 from .kube import KubeFake
 from .kube_front import KubeFront
@@ -51,6 +52,7 @@ from .oracle import (
     Occ,
     PersonUncordon,
     Rem,
+    ResetRun,
     Step,
     Verdict,
     judge,
@@ -156,12 +158,13 @@ class SoakConfig:
         the wiped Prometheus fires it again as a new alert before it has scraped the webhook's history, and only
         the journal's check stands between that alert and a second remediation. Two faulty nodes of 20 and no
         storm: three nodes alerting at once fire GPURemediationStorm (keep_firing_for holds fixed ones for 10
-        minutes), and the open breaker would hold the second remediation back (seen: it made the run pass)."""
+        minutes), and the open breaker would hold the second remediation back (seen: it made the run pass). No stuck
+        holder: its node would be rebooted, and a reboot leaves no Xid of the old boot to fire again."""
         c = cls.at_scale(20, 1.25, seed, "1s", settle=30.0, no_already_remediated_check=True,
                          breaker=("15s", 100, 100.0), fleet_cap=(20, 100.0))
         chaos = replace(c.chaos, storms=(), fatal_share=0.1, fatal_xids=(48, 95, 119), rollout_share=0.1,
                         nvswitch_trays=0, reboots=0, scrape_gaps=0, kube_api_outages=0, racks_down=0, restarts=(),
-                        human_uncordons=0, cold_start=True)
+                        human_uncordons=0, stuck_holders=0, cold_start=True)
         return replace(c, chaos=chaos)
 
     def node_names(self) -> list[str]:
@@ -219,6 +222,7 @@ class Report:
     started: float
     ended: float
     notes: list[str] = field(default_factory=list)
+    resets: list[ResetRun] = field(default_factory=list)  # the reset Jobs played, and what held the GPU then
 
     @property
     def violations(self) -> list[str]:
@@ -245,6 +249,7 @@ class Report:
                                                                for g, v in sorted(self.rule_eval_ms.items())},
             "largest_rule_group": group, "largest_rule_group_p99_ms": p99, "accept_p99_s": self.accept_p99_s,
             "failover": self.failover, "skipped": self.skipped, "notes": self.notes,
+            "resets": [asdict(r) for r in self.resets],
             "injected": [asdict(f) for f in self.injected], "events": [e.as_json() for e in self.events],
         }
 
@@ -280,6 +285,8 @@ class Soak:
         self.gaps: dict[str, list[tuple[float, float]]] = {}  # node -> (from, to) of its scrape gaps
         self.boots: dict[str, list[float]] = {}  # node -> its new boots by chaos (power loss, reboots)
         self.outages: list[tuple[float, float, str]] = []  # (from, to, what) of the components restarted
+        self.holders: dict[str, str] = {}  # node -> a process of the chaos holding its GPU (a reboot ends it)
+        self.resets: list[ResetRun] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._jobs_seen: set[str] = set()
@@ -301,8 +308,9 @@ class Soak:
         self.front = KubeFront(self.kube.url)
         stack.closers.append(self.front)
         for name in names:
+            # Every node runs the GPU Operator's operands: a reset must pause them (and put them back).
             self.kube.add_node(name, provider_id=f"aws:///us-east-1a/i-{abs(hash(name)) % 16**12:012x}",
-                               labels=GPU_LABELS)
+                               labels={**GPU_LABELS, **OPERATOR_LABELS})
             self.kube.add_pod(NAMESPACE, f"train-{name}", name)
         # The simulator: its own process, as benchmarks/fleet_sim.py runs it.
         sim_dir = stack.dir / "fleetsim"
@@ -395,6 +403,9 @@ class Soak:
                 self.skipped.append(f"human_uncordon {node} at {e.at}: not cordoned")
         elif e.kind == "restart":
             self._restarts.append(self._pool.submit(self._restart, e, stack))
+        elif e.kind == "stuck_holder":
+            with self._lock:
+                self.holders[e.nodes[0]] = str(e.params["process"])
 
     def _inject(self, e: Event, node: str) -> None:
         code = int(e.params.get("sxid") or e.params["xid"])
@@ -412,6 +423,7 @@ class Soak:
             if node in self.down:
                 return
             self.down.add(node)
+            self.holders.pop(node, None)  # its processes end with it
         self.sim.post(f"/{node}/stop")
 
     def _power_on(self, node: str, ours: bool = False) -> None:
@@ -546,6 +558,19 @@ class Soak:
                 time.sleep(self.config.reboot_seconds / 2)
                 self._power_on(node, ours=True)
             else:
+                # What the Job's script meets on the node (remediation_webhook/reset_gpu.sh): the operands' device
+                # files unless the webhook paused them, and the chaos's holder; either makes it refuse, exit 10.
+                labels = (self.kube.node(node).get("metadata") or {}).get("labels") or {}
+                unpaused = tuple(k for k in OPERATOR_LABELS if labels.get(k) == "true" and not k.endswith("driver"))
+                with self._lock:
+                    holder = self.holders.get(node, "")
+                self.resets.append(ResetRun(time.time(), node, unpaused, holder))
+                held = [*(k.rsplit(".", 1)[1] for k in unpaused), *([holder] if holder else [])]
+                if held:
+                    self.kube.finish_job(EXECUTOR_NAMESPACE, name, succeeded=False, exit_code=10,
+                                         report=f"processes that nobody paused hold the GPU (pid:name): "
+                                                f"{' '.join(f'{4000 + i}:{h}' for i, h in enumerate(held))}")
+                    return
                 time.sleep(self.config.reset_seconds)
             self.kube.finish_job(EXECUTOR_NAMESPACE, name)
         except Exception as exc:  # noqa: BLE001
@@ -638,7 +663,7 @@ class Soak:
             accept = self._accept_latency(ended)
             failover = self._failover(verdict)
         return Report(c, self.events, verdict, self.injected, self.skipped, self.rule_eval, accept, failover,
-                      self.started, ended, self.notes)
+                      self.started, ended, self.notes, self.resets)
 
     # --- evidence ------------------------------------------------------------------------------------------
 
@@ -670,7 +695,18 @@ class Soak:
         calls = [_call(entry) for entry in list(self.front.log)]
         return Evidence(self.injected, calls, steps, rems, occs, spans, self.uncordons, c.limits(), ended,
                         c.deadline, storm_slack=c.operator_delay + 10 * seconds(c.timings.evaluation_interval),
-                        gaps=self.gaps, boots=self.boots, outages=self.outages)
+                        gaps=self.gaps, boots=self.boots, outages=self.outages, resets=self.resets,
+                        operands=self._operands_changed())
+
+    def _operands_changed(self) -> dict[str, dict[str, str]]:
+        out = {}
+        for node in self.kube.nodes():
+            labels = (node.get("metadata") or {}).get("labels") or {}
+            changed = {k: str(labels.get(k, "")) for k in OPERATOR_LABELS if labels.get(k) != "true"}
+            changed.update({k: v for k, v in labels.items() if k == "gpu-health.io/operands-paused"})
+            if changed:
+                out[str(node["metadata"]["name"])] = changed
+        return out
 
     def _accept_latency(self, ended: float) -> dict[str, float]:
         """The webhook's accept latency p99 (seconds; the histogram's bucket bound) over the run and around each

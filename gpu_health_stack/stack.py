@@ -161,18 +161,20 @@ class Stack:
         proc.wait_http(f"{exporter.url}/healthz")
         return exporter
 
-    def run_executor_job(self, node: str, job: dict[str, Any], *, timeout: float = 120) -> tuple[int, str]:
+    def run_executor_job(self, node: str, job: dict[str, Any], *, timeout: float = 120,
+                         env: dict[str, str] | None = None) -> tuple[int, str]:
         """The kubelet's part for an executor Job pinned to a simulated node (added with driver=True): run its
         container's command as it stands, with the node's paths in the environment the script reads (device
         files, the exporter's state dir, no driver root, a termination log). (exit code, termination log)."""
         home = self.dir / "nodes" / node
         container = job["spec"]["template"]["spec"]["containers"][0]
         log = home / f"termination-log-{job['metadata']['name']}"
-        env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
-        env.update({"PATH": f"{home / 'bin'}:/usr/bin:/bin", "LANG": "C", "GPU_HEALTH_DEV": str(home / "driver" / "dev"),
+        environ = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
+        environ.update({"PATH": f"{home / 'bin'}:/usr/bin:/bin", "LANG": "C", "GPU_HEALTH_DEV": str(home / "driver" / "dev"),
                     "GPU_HEALTH_EXPORTER_STATE": str(home / "state"),
-                    "GPU_HEALTH_DRIVER_ROOT": str(home / "no-driver-root"), "GPU_HEALTH_TERMINATION_LOG": str(log)})
-        out = subprocess.run(list(container["command"]), env=env, capture_output=True, text=True, timeout=timeout,
+                    "GPU_HEALTH_DRIVER_ROOT": str(home / "no-driver-root"), "GPU_HEALTH_TERMINATION_LOG": str(log),
+                    **(env or {})})
+        out = subprocess.run(list(container["command"]), env=environ, capture_output=True, text=True, timeout=timeout,
                              check=False)
         (home / f"job-{job['metadata']['name']}.log").write_text(out.stdout + out.stderr)
         return out.returncode, log.read_text() if log.exists() else ""

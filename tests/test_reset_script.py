@@ -17,7 +17,7 @@ from gpu_health_stack.procs import wait_until
 from gpu_health_stack.stack import Stack
 
 from remediation_webhook.actions.reset_gpu import ResetGpu
-from remediation_webhook.executor import EXIT_BUSY, EXIT_PLATFORM, EXIT_UUID
+from remediation_webhook.executor import EXIT_BUSY, EXIT_CHECK, EXIT_PLATFORM, EXIT_UUID
 
 SIM = {"gpus": 4, "model": "H100-SXM-80GB", "faults": [{"kind": "row_remap_pending", "gpu": 1, "at": "0s"}]}
 pytestmark = pytest.mark.skipif(shutil.which("find") is None, reason="the script needs find")
@@ -110,19 +110,26 @@ def test_gpus_without_nvswitch_reset_alone(tmp_path, model, expect) -> None:
         assert "NVSwitch no" in log
 
 
-def test_a_pre_ampere_nvswitch_system_hands_over_to_a_reboot(node, tmp_path) -> None:
-    """The fake answers compute capability from the model; a V100 HGX-2 is not simulated, so this rewrites the
-    answer: the script must refuse any NVSwitch system before Ampere before it touches the GPU."""
+@pytest.mark.parametrize(("cc", "why"), [
+    ("7.0", "NVSwitch system before Ampere (compute capability 7.0): every GPU and NVSwitch must be reset together"),
+    ("8.0", "Ampere NVSwitch system and Fabric Manager is not running: a single GPU cannot be reset"),
+    ("10.0", "NVSwitch system of compute capability 10.0: NVIDIA documents no single-GPU reset for it"),
+])
+def test_nvswitch_systems_the_documentation_gives_no_single_gpu_reset_hand_over_to_a_reboot(node, tmp_path, cc,
+                                                                                              why) -> None:
+    """The simulator's NVSwitch model is an H100 board; a V100 HGX-2, an A100 HGX (no Fabric Manager running here)
+    and a B200 HGX are the same node with nvidia-smi answering their compute capability. The script must refuse
+    each before it touches the GPU (docs/reset.md, 3c)."""
     stack, _, uuid = node
     home = stack.dir / "nodes" / "n1"
     real = (home / "bin" / "nvidia-smi").read_text()
     wrapper = tmp_path / "bin"
     wrapper.mkdir()
     (wrapper / "nvidia-smi").write_text(
-        "#!/bin/sh\ncase \"$1\" in --query-gpu=compute_cap) echo 7.0; exit 0;; esac\n"
-        + real.split("\n", 1)[1])
+        f"#!/bin/sh\ncase \"$1\" in --query-gpu=compute_cap) echo {cc}; exit 0;; esac\n" + real.split("\n", 1)[1])
     (wrapper / "nvidia-smi").chmod(0o755)
     resets = home / "driver" / "resets"
+
     def done() -> dict[str, str]:
         return {p.name: p.read_text() for p in resets.iterdir()} if resets.exists() else {}
 
@@ -130,10 +137,25 @@ def test_a_pre_ampere_nvswitch_system_hands_over_to_a_reboot(node, tmp_path) -> 
     (home / "bin").rename(home / "bin.real")
     wrapper.rename(home / "bin")
     try:
-        code, log = stack.run_executor_job("n1", job(uuid, "v100"))
+        code, log = stack.run_executor_job("n1", job(uuid, f"cc-{cc}"))
     finally:
         shutil.rmtree(home / "bin")
         (home / "bin.real").rename(home / "bin")
     assert code == EXIT_PLATFORM, log
-    assert "NVSwitch system before Ampere (compute capability 7.0)" in log
+    assert why in log
     assert done() == before  # no reset was attempted
+
+
+def test_a_gpu_that_does_not_register_with_the_fabric_after_the_reset_fails_the_check() -> None:
+    """Hopper NVSwitch: after a reset the GPU must register with the NVLink fabric (Completed, Success) before it
+    counts as repaired; one stuck In Progress is a failed check, and the ladder goes on to a reboot."""
+    with Stack() as stack:
+        sim = {"gpus": 2, "faults": [{"kind": "fabric", "gpu": 0, "state": "in_progress"}]}
+        stack.add_exporter("n3", sim, expected_gpus=2, driver=True)
+        uuid = subprocess.run([str(stack.dir / "nodes" / "n3" / "bin" / "nvidia-smi"), "--query-gpu=uuid",
+                               "--format=csv,noheader", "-i", "0"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        code, log = stack.run_executor_job("n3", job(uuid), env={"GPU_HEALTH_FABRIC_WAIT": "2"})
+    assert code == EXIT_CHECK, log
+    assert "was successfully reset" in log
+    assert "did not register with the NVLink fabric within 2s (state In Progress" in log

@@ -14,6 +14,7 @@ from gpu_health_stack.oracle import (
     Occ,
     PersonUncordon,
     Rem,
+    ResetRun,
     Step,
     judge,
     percentile,
@@ -144,6 +145,20 @@ def test_caps_rate_limits_and_lost_work() -> None:
     resumed = Rem("r3", "n1", "PLANNED", "", T + 5, None, since=ev.end - 1)
     assert "remediation stuck" not in rules(replace(ev, rems=[*ev.rems, resumed]))
     assert "remediation stuck" in rules(replace(ev, rems=[*ev.rems, replace(resumed, since=T + 5)]))
+
+
+def test_a_reset_with_operands_running_or_operands_left_paused_is_a_violation() -> None:
+    # The chaos's holder made the reset refuse: no violation (the ladder fell back); the webhook's missed pause is.
+    ok = [ResetRun(T + 4, "n1", (), "nsys")]
+    assert rules(evidence(resets=ok)) == []
+    missed = [ResetRun(T + 4, "n1", ("nvidia.com/gpu.deploy.device-plugin",))]
+    assert rules(evidence(resets=missed)) == ["reset with operands running"]
+    left = {"n1": {"nvidia.com/gpu.deploy.device-plugin": "false", "gpu-health.io/operands-paused": "r1"}}
+    assert rules(evidence(operands=left)) == ["operands left paused"]
+    # A remediation still active on the node is judged by the other rules (its step may hold them paused).
+    ev = evidence(operands=left)
+    active = [replace(r, state="RUNNING", finished_at=None) for r in ev.rems]
+    assert "operands left paused" not in rules(replace(ev, rems=active))
 
 
 def test_the_api_front_log_is_read_as_actions() -> None:

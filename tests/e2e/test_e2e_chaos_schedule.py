@@ -8,7 +8,7 @@ import pytest
 
 from exporter.xid.catalog import lookup as xid_lookup
 from exporter.xid.sxid_catalog import lookup as sxid_lookup
-from gpu_health_stack.chaos import APPLICATION_XIDS, FATAL_SXID, FATAL_XIDS, ChaosConfig, faults, schedule
+from gpu_health_stack.chaos import APPLICATION_XIDS, FATAL_SXID, FATAL_XIDS, RESET_XIDS, ChaosConfig, faults, schedule
 
 NODES = [f"node-{i:04d}" for i in range(1000)]
 
@@ -23,7 +23,7 @@ def test_ten_minutes_on_a_thousand_nodes_is_the_issues_soak() -> None:
     events = schedule(1, NODES, 600)
     kinds = {e.kind for e in events}
     assert kinds == {"rack_power_loss", "driver_rollout", "nvswitch_fatal", "fatal_xid", "storm", "reboot",
-                     "scrape_gap", "restart", "kube_api", "human_uncordon"}
+                     "scrape_gap", "restart", "kube_api", "human_uncordon", "stuck_holder"}
     assert faults(events) >= 200
     assert [e.at for e in events] == sorted(e.at for e in events) and all(0 <= e.at <= 600 for e in events)
     (rack,) = [e for e in events if e.kind == "rack_power_loss"]
@@ -46,6 +46,14 @@ def test_ten_minutes_on_a_thousand_nodes_is_the_issues_soak() -> None:
     # No other fatal fault lands inside a storm's window.
     for f in fatal:
         assert not any(min(e.at for e in s) - 5 <= f.at <= min(e.at for e in s) + 120 for s in by_storm.values())
+    # The GPU held by a process nobody pauses is one that a reset-class fault asks to reset, from that fault on;
+    # nobody uncordons that node by hand (its outcome has one cause).
+    (holder,) = [e for e in events if e.kind == "stuck_holder"]
+    assert any(f.nodes == holder.nodes and f.at == holder.at and f.params["xid"] in RESET_XIDS for f in fatal)
+    assert holder.nodes not in {e.nodes for e in events if e.kind == "human_uncordon"}
+    assert holder.at == min(f.at for f in fatal if f.params["xid"] in RESET_XIDS and f.nodes == holder.nodes)
+    # No random draw: the rest of a seed's schedule is what it was without it.
+    assert [e for e in events if e.kind != "stuck_holder"] == schedule(1, NODES, 600, ChaosConfig(stuck_holders=0))
     # A person uncordons only a node the webhook had a reason to cordon, after its fault.
     for e in (e for e in events if e.kind == "human_uncordon"):
         assert any(f.nodes == e.nodes and f.at < e.at for f in fatal)

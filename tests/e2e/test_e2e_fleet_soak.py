@@ -69,6 +69,17 @@ def test_the_short_soak_injected_what_the_issue_names(report: Report) -> None:
     assert report.failover and report.rule_eval_ms
 
 
+def test_resets_pause_the_operands_and_a_holder_nobody_paused_sends_the_node_to_a_reboot(report: Report) -> None:
+    """Every node runs the GPU Operator's operands: each reset Job found them paused (the oracle also holds every
+    node to having them back at the end). The schedule's stuck holder made its node's reset refuse; the fault was
+    fixed all the same (no violation), so by the reboot the ladder fell back to."""
+    assert report.resets and all(not r.unpaused for r in report.resets), report.resets
+    (holder,) = [e for e in report.events if e.kind == "stuck_holder"]
+    refused = [r for r in report.resets if r.node == holder.nodes[0]]
+    assert refused and refused[0].holder == "nsys", report.resets
+    assert not [v for v in report.violations if holder.nodes[0] in v]
+
+
 def test_without_the_already_remediated_check_the_oracle_fails(reports: dict[str, Report]) -> None:
     report = reports["unchecked"]
     # The cold start waited for what it needed, not for a time (a computed sleep lost the race in CI once).
