@@ -7,11 +7,9 @@ SimulatedNvml initialised on the same node, and reset_gpu.sh runs under /bin/sh.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,43 +243,15 @@ def test_reset_gpu_sh_refuses_a_holder_resets_once_it_is_gone_and_rejects_an_unk
     assert code == 12 and "not found (nvidia-smi exit 6)" in tlog, output
 
 
-def holds(pid: int, device: Path) -> bool:
-    try:
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(device) for fd in os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return False
-
-
-def wait_until(predicate: Any, what: str, log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; exporter log:\n{log.read_text()}")
-        time.sleep(0.05)
-
-
-def test_reset_gpu_sh_has_the_exporter_let_go_of_nvml_and_take_it_back(make_node: Any) -> None:
-    """The exporter on the node holds the GPU (collection and its Xid event thread) until the release handshake."""
+def test_reset_gpu_sh_turns_persistence_off_when_persistenced_alone_holds_the_gpu_and_back_on_after(
+        make_node: Any, holders: Any) -> None:
+    """docs/reset.md, 2: nvidia-persistenced may stay; when the reset is refused with it the only holder, the
+    script turns persistence mode off for that GPU, resets again, and turns it back on."""
     node = make_node(faults=[{"kind": "row_remap_pending", "gpu": 0}])
-    state, device = node.tmp / "state", node.driver_dir / "dev" / "nvidia0"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "exporter", "--backend", "sim", "--sim-config", str(node.config),
-            "--state-dir", str(state), "--xid.source", "none", "--collect-interval", "500ms",
-            "--collect-timeout", "250ms", "--web.listen-address", f"127.0.0.1:{port}"]
-    log = node.tmp / "exporter.log"
-    with open(log, "wb") as out:
-        exporter = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        wait_until(lambda: holds(exporter.pid, device), "the exporter to open the device files", log)
-        code, output, tlog = run_reset(node, node.uuids[0], exporter_state=state)
-        assert code == 0, output + log.read_text()
-        assert f"exporter released NVML: {exporter.pid} released: collection xid" in tlog
-        assert f"holders of {device}: none" in tlog
-        wait_until(lambda: holds(exporter.pid, device), "the exporter to take NVML back", log)
-        assert not (state / "release-nvml").exists()
-    finally:
-        exporter.terminate()
-        exporter.wait(timeout=10)
+    daemon = holders(node, "nvidia-persistenced")
+    code, output, tlog = run_reset(node, node.uuids[0])
+    assert code == 0, output
+    assert f"holders of {node.driver_dir / 'dev' / 'nvidia0'}: {daemon.pid}:nvidia-persiste" in tlog
+    assert "reset refused (exit 255:" in tlog and "persistence mode is on: nvidia-smi -pm 0, then again" in tlog
+    assert "persistence mode on again" in tlog and tlog.rstrip().endswith("no pending remap or retirement")
+    assert node.smi("--query-gpu=persistence_mode", "--format=csv,noheader", "-i", BUS0).stdout == "Enabled\n"
