@@ -85,6 +85,31 @@ def test_the_reset_is_refused_while_the_exporter_holds_the_gpu_and_done_after_it
     assert metric(http_get(f"{exporter.url}/metrics"), "gpu_exporter_nvml_released") == 0
 
 
+def test_with_the_gpu_operators_driver_root_the_reset_runs_its_nvidia_smi(node, tmp_path) -> None:
+    """Where the GPU Operator manages the driver, nvidia-smi lives in the driver container's root (the Job sees it
+    under the host's /run): every call goes through `chroot <root> nvidia-smi`. A chroot stand-in on PATH records
+    the root it was given and runs the simulated node's nvidia-smi (a real chroot needs a whole root here)."""
+    stack, _, uuid = node
+    home = stack.dir / "nodes" / "n1"
+    root = tmp_path / "driver-root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "bin" / "nvidia-smi").write_text("#!/bin/sh\nexit 99\n")
+    (root / "usr" / "bin" / "nvidia-smi").chmod(0o755)
+    calls = tmp_path / "chroot-calls"
+    chroot = home / "bin" / "chroot"
+    chroot.write_text(f'#!/bin/sh\necho "$1 $2" >> {calls}\nshift\nexec "$@"\n')
+    chroot.chmod(0o755)
+    try:
+        code, log = stack.run_executor_job("n1", job(uuid, "operator-driver"),
+                                           env={"GPU_HEALTH_DRIVER_ROOT": str(root)})
+    finally:
+        chroot.unlink()
+    assert code == 0, log
+    assert f"nvidia-smi from the driver root {root}" in log
+    seen = calls.read_text().splitlines()
+    assert len(seen) >= 6 and set(seen) == {f"{root} nvidia-smi"}
+
+
 def test_an_unknown_uuid_is_not_found(node) -> None:
     stack, _, _ = node
     code, log = stack.run_executor_job("n1", job("GPU-00000000-0000-0000-0000-000000000000", "unknown"))
