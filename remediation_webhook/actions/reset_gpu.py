@@ -51,6 +51,8 @@ class ResetGpu:
     cordons: ClassVar[bool] = True
     internal: ClassVar[bool] = False
     opt_in: ClassVar[bool] = True
+    # Beyond the exporter's state directory: the host's /run, where a GPU Operator's driver root appears.
+    mounts: ClassVar[tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...]] = ((HOST_RUN, HOST_RUN_MOUNT),)
 
     def __init__(self, executor: JobExecutor, verify_timeout: float = 300.0, verify_interval: float = 10.0,
                  operands: OperandSettings | None = None) -> None:
@@ -97,7 +99,7 @@ class ResetGpu:
                 keys = sorted(k for k, v in patch["metadata"]["labels"].items() if k.startswith(DEPLOY))
         names = ", ".join(k.removeprefix(DEPLOY) for k in keys)
         body = job_spec(self.executor.settings, self.name, ctx, self.argv(uuid), {"gpu-health.io/gpu-uuid": uuid},
-                        mounts=((HOST_RUN, HOST_RUN_MOUNT),))
+                        mounts=self.mounts)
         name = body["metadata"]["name"]
         if ctx.dry_run:
             await self.executor.start(ctx, body)

@@ -471,7 +471,31 @@ def test_network_policies() -> None:
     assert webhook["policyTypes"] == ["Ingress", "Egress"]
     assert [p["port"] for rule in webhook["ingress"] for p in rule["ports"]] == ["http"]  # admin closed
     egress_ports = {p["port"] for rule in webhook["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 443, 6443, 9093}
+    assert egress_ports == {53, 80, 443, 988, 6443, 9093}
+    # The credential endpoints docs/providers.md recommends: without them every cloud call fails to authenticate.
+    for ip, port, what in (("169.254.169.254", 80, "EC2 instance metadata (IMDSv2), GCE and Azure IMDS"),
+                           ("169.254.170.23", 80, "EKS Pod Identity agent"),
+                           ("169.254.169.252", 988, "GKE metadata server, Dataplane V1 with Workload Identity")):
+        assert egress_allows(webhook, ip, port), what
+    assert not egress_allows(webhook, "169.254.169.254", 8080) and not egress_allows(webhook, "10.0.0.1", 80)
+
+
+def egress_allows(policy: dict[str, Any], ip: str, port: int) -> bool:
+    """Whether a NetworkPolicy's egress admits TCP to ip:port outside the cluster (selectors match only pods)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    for rule in policy.get("egress") or []:
+        peers = rule.get("to")
+        ports = rule.get("ports")
+        to_ok = peers is None or any(
+            "ipBlock" in peer and addr in ipaddress.ip_network(peer["ipBlock"]["cidr"])
+            and not any(addr in ipaddress.ip_network(e) for e in peer["ipBlock"].get("except") or [])
+            for peer in peers)
+        port_ok = ports is None or any(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports)
+        if to_ok and port_ok:
+            return True
+    return False
 
 
 @needs_kustomize
