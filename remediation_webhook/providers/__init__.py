@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import pkgutil
 import random
 import re
@@ -166,6 +167,13 @@ def discover() -> dict[str, Any]:
     return found
 
 
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module with no spec
+        return False
+
+
 def build_providers(raw: object, kubernetes: Any = None) -> dict[str, Any]:
     """The `providers:` section -> configured provider instances (clients are created lazily).
 
@@ -181,6 +189,12 @@ def build_providers(raw: object, kubernetes: Any = None) -> dict[str, Any]:
             raise ConfigError(f"providers.{name}: unknown provider; available: {', '.join(sorted(available))}")
         if spec is not None and not isinstance(spec, dict):
             raise ConfigError(f"providers.{name}: expected a mapping")
+        missing = [dist for module, dist in getattr(available[name], "sdk", ()) if not importable(module)]
+        if missing:
+            # Found now, not at the first replace (a ModuleNotFoundError in the middle of a remediation).
+            raise ConfigError(f"providers.{name}: needs the Python package {', '.join(missing)}, which is not "
+                              f"installed (pip install 'gpu-health[{name}]'; the webhook image: build it with "
+                              f"--build-arg PROVIDERS including {name})")
         out[name] = available[name].from_config(spec or {}, f"providers.{name}")
         bind = getattr(out[name], "bind_kubernetes", None)
         if bind is not None:

@@ -94,6 +94,8 @@ def _secret(raw: Mapping[str, Any], key: str, name: str) -> str:
 
 class AwsProvider:
     name: ClassVar[str] = "aws"
+    # (module to import, distribution that provides it): checked by build_providers at config time.
+    sdk: ClassVar[tuple[tuple[str, str], ...]] = (("boto3", "boto3"), ("botocore", "botocore"))
 
     def __init__(self, *, region: str, endpoint_url: str = "", access_key_id: str = "", secret_access_key: str = "",
                  session_token: str = "", replace_mode: str = "terminate", tag_prefix: str = "remediation/",

@@ -124,6 +124,8 @@ def _get(obj: Any, *path: str) -> Any:
 
 class AzureProvider:
     name: ClassVar[str] = "azure"
+    sdk: ClassVar[tuple[tuple[str, str], ...]] = (("azure.mgmt.compute", "azure-mgmt-compute"),
+                                                   ("azure.identity", "azure-identity"))
 
     def __init__(self, *, base_url: str = "", ca_file: str = "", replace_mode: str = "redeploy",
                  allowed_scale_sets: tuple[str, ...] = (), aks_cluster: str = "", max_attempts: int = 5,

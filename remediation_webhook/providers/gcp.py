@@ -182,6 +182,8 @@ def _is_instance(url: str, ref: InstanceRef) -> bool:
 
 class GcpProvider:
     name: ClassVar[str] = "gcp"
+    sdk: ClassVar[tuple[tuple[str, str], ...]] = (("google.cloud.compute_v1", "google-cloud-compute"),
+                                                   ("google.api_core", "google-api-core"))
 
     def __init__(self, *, endpoint: str = "", credentials_file: str = "", anonymous: bool = False,
                  report_faulty_host: bool = False, fault_behavior: str = "UNRECOVERABLE_GPU_ERROR",

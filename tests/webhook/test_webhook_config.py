@@ -127,6 +127,51 @@ def test_check_config_cli_exit_code_and_message(tmp_path):
     assert proc.returncode == 1 and "replace has no executor" in proc.stderr
 
 
+# A site directory whose sitecustomize makes the named top-level packages not installed, as in an image built
+# without that cloud's extra (an import of them fails the way a missing package does).
+HIDE = """
+import sys
+HIDDEN = set(sys.argv and __import__("os").environ["GPU_HEALTH_TEST_HIDE"].split(","))
+class Hide:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN or name in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Hide)
+"""
+
+
+@pytest.mark.parametrize(("provider", "settings", "hidden", "package"), [
+    ("aws", {"region": "us-east-1"}, "boto3,botocore", "boto3, botocore"),
+    ("gcp", {}, "google", "google-cloud-compute, google-api-core"),
+    ("azure", {}, "azure", "azure-mgmt-compute, azure-identity"),
+])
+def test_check_config_fails_naming_the_provider_whose_sdk_is_not_installed(tmp_path, provider, settings, hidden,
+                                                                           package):
+    """Found by reading the image: it installed no cloud SDK, check-config said ok, and the first replace raised
+    ModuleNotFoundError in the middle of a remediation."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE)
+    path = tmp_path / "w.yaml"
+    raw = base_config(tmp_path, "http://127.0.0.1:1", providers={provider: settings},
+                      actions={"replace": {"using": provider}},
+                      policy={"rules": [{"name": "r", "match": {"alertname": "X"}, "ladder": ["cordon", "replace"]}]})
+    path.write_text(yaml.safe_dump(raw))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{ROOT}", "GPU_HEALTH_TEST_HIDE": hidden}
+    proc = subprocess.run([sys.executable, "-m", "remediation_webhook", "check-config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"providers.{provider}: needs the Python package {package}, which is not installed (pip install " \
+           f"'gpu-health[{provider}]'" in proc.stderr
+    # With the SDK there, the same file is accepted.
+    env["GPU_HEALTH_TEST_HIDE"] = "nothing-hidden"
+    proc = subprocess.run([sys.executable, "-m", "remediation_webhook", "check-config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_token_file_must_hold_a_real_token(tmp_path):
     (tmp_path / "t").write_text("short\n")
     raw = base_config(tmp_path, "http://127.0.0.1:1", web={"bearer_token_file": "t"})
