@@ -31,8 +31,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "deploy" / "docker"
-# image -> the pyproject extras its Dockerfile installs
-IMAGES: dict[str, tuple[str, ...]] = {"exporter": (), "webhook": ()}
+# lock -> the pyproject extras it holds. A lock is named after its image's Dockerfile, and a variant of it after a
+# dash: the webhook image's build argument PROVIDERS picks webhook.lock (none) or webhook-<aws|gcp|azure|all>.lock,
+# each a whole resolution of its own (pip installs exactly one lock).
+IMAGES: dict[str, tuple[str, ...]] = {"exporter": (), "webhook": (), "webhook-aws": ("aws",),
+                                      "webhook-gcp": ("gcp",), "webhook-azure": ("azure",),
+                                      "webhook-all": ("aws", "gcp", "azure")}
 _DIGEST = re.compile(r"^# input-sha256: ([0-9a-f]{64})$", re.M)
 
 
@@ -40,12 +44,17 @@ def lock_path(image: str) -> Path:
     return DOCKER / f"{image}.lock"
 
 
+def dockerfile(image: str) -> Path:
+    """The Dockerfile that installs the lock `image` (a variant `webhook-aws` is the webhook image's)."""
+    return DOCKER / f"{image.split('-')[0]}.Dockerfile"
+
+
 def image_python(image: str) -> str:
     """The Python minor version of the image's base (`FROM python:3.13.x-...`)."""
-    text = (DOCKER / f"{image}.Dockerfile").read_text(encoding="utf-8")
+    text = dockerfile(image).read_text(encoding="utf-8")
     found = {m[1] for m in re.finditer(r"^FROM\s+(?:--\S+\s+)*python:(\d+\.\d+)\.", text, re.M)}
     if len(found) != 1:
-        raise SystemExit(f"{image}.Dockerfile: expected FROM python:X.Y.Z in every stage, found {sorted(found)}")
+        raise SystemExit(f"{dockerfile(image).name}: expected FROM python:X.Y.Z in every stage, found {sorted(found)}")
     return found.pop()
 
 

@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
 # gpu-health-webhook, the remediation webhook. Build from the repository root:
 #   docker build -f deploy/docker/webhook.Dockerfile -t gpu-health-webhook:0.1.0 .
+# with the cloud SDKs of every provider; for one cloud only, or none (cordon, drain, executor Jobs, Slurm):
+#   docker build -f deploy/docker/webhook.Dockerfile --build-arg PROVIDERS=aws -t gpu-health-webhook:0.1.0-aws .
+# (PROVIDERS: all, the default; aws, gcp, azure; none). A config naming a provider whose SDK the image lacks
+# fails `gpu-health-webhook check-config` with the package's name.
 # Run it with a config file (deploy/webhook/example.yaml; check it with `gpu-health-webhook check-config`):
 #   docker run -v $PWD/config.yaml:/etc/gpu-health-webhook/config.yaml:ro \
 #     -v gpu-health-journal:/var/lib/gpu-health-webhook -p 9096:9096 gpu-health-webhook:0.1.0
@@ -14,14 +18,20 @@
 # `python tools/pin_base_images.py` (docs/install/containers.md).
 
 FROM python:3.13.13-slim-trixie AS build
+ARG PROVIDERS=all
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY deploy/docker/webhook.lock pyproject.toml README.md ./
+COPY deploy/docker/webhook*.lock pyproject.toml README.md ./
 COPY gpu_health_common ./gpu_health_common
 COPY exporter ./exporter
 COPY remediation_webhook ./remediation_webhook
-RUN python -m venv /opt/gpu-health \
- && /opt/gpu-health/bin/pip install --no-compile --require-hashes --only-binary=:all: -r webhook.lock \
+RUN case "$PROVIDERS" in \
+      none) lock=webhook.lock ;; \
+      aws|gcp|azure|all) lock=webhook-$PROVIDERS.lock ;; \
+      *) echo "PROVIDERS: one of all, aws, gcp, azure, none; got '$PROVIDERS'" >&2; exit 1 ;; \
+    esac \
+ && python -m venv /opt/gpu-health \
+ && /opt/gpu-health/bin/pip install --no-compile --require-hashes --only-binary=:all: -r "$lock" \
  && /opt/gpu-health/bin/pip install --no-compile --no-deps --no-build-isolation . \
  && /opt/gpu-health/bin/pip uninstall --yes pip setuptools
 
