@@ -39,6 +39,7 @@ ANN_NODE = "gpu-health.io/node"
 EXIT_BUSY, EXIT_MIG, EXIT_UUID, EXIT_RESET, EXIT_PLATFORM, EXIT_CHECK = 10, 11, 12, 13, 14, 15
 # The exporter's default --state-dir, a hostPath in deploy/kubernetes.
 EXPORTER_STATE_DIR = "/var/lib/gpu-health-exporter"
+
 RESET_SCRIPT = (resources.files(__package__) / "reset_gpu.sh").read_text(encoding="utf-8")
 # The host's /run, where the GPU Operator's driver container root appears (/run/nvidia/driver): the reset runs that
 # root's nvidia-smi. HostToContainer, so a driver root mounted after the pod started is seen too.
@@ -60,6 +61,10 @@ class ExecutorSettings:
     job_timeout: float = 600.0
     ttl_after_finished: int = 3600
     image_pull_secrets: tuple[str, ...] = field(default=())
+    # How long past its activeDeadlineSeconds, or its Failed condition, a Job's pod may take to end (its
+    # terminationGracePeriodSeconds, 30, and slack): the webhook waits that much longer than the Job's own deadline,
+    # and treats the Job as over only once its pod has ended.
+    termination_grace: float = 90.0
 
 
 def executor_settings(raw: object) -> ExecutorSettings | None:
@@ -71,7 +76,8 @@ def executor_settings(raw: object) -> ExecutorSettings | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a mapping")
     only_keys(raw, key, {"namespace", "image", "service_account", "priority_class", "runtime_class",
-                         "poll_interval", "job_timeout", "ttl_after_finished", "image_pull_secrets"})
+                         "poll_interval", "job_timeout", "ttl_after_finished", "image_pull_secrets",
+                         "termination_grace"})
     ns = opt(raw, key, "namespace", str, "")
     if not _NS.fullmatch(ns):
         raise ConfigError(f"{key}.namespace: required, a namespace name")
@@ -94,7 +100,8 @@ def executor_settings(raw: object) -> ExecutorSettings | None:
                             runtime_class=opt(raw, key, "runtime_class", str, ""),
                             poll_interval=duration(raw, key, "poll_interval", "5s"), job_timeout=timeout,
                             ttl_after_finished=opt(raw, key, "ttl_after_finished", int, 3600),
-                            image_pull_secrets=tuple(secrets))
+                            image_pull_secrets=tuple(secrets),
+                            termination_grace=duration(raw, key, "termination_grace", "90s"))
 
 
 def job_name(action: str, remediation_id: str) -> str:
@@ -241,6 +248,22 @@ class JobExecutor:
         except KubeNotFound:
             return None
 
+    async def over(self, name: str) -> bool:
+        """The Job is done and no pod of it still runs (a Failed condition comes while the pod is still being
+        killed: FailureTarget, a deadline). A Job that is gone is over. False when it cannot be read."""
+        try:
+            job = await self.api.read_job(self.settings.namespace, name)
+            if job_state(job)[0] == "running" or int((job.get("status") or {}).get("active") or 0) > 0 \
+                    or int((job.get("status") or {}).get("terminating") or 0) > 0:
+                return False
+            pods = await self.api.list_pods(self.settings.namespace, f"job-name={name}")
+        except KubeNotFound:
+            return True
+        except KubeApiError:
+            return False
+        return all((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods
+                   if ((p.get("metadata") or {}).get("labels") or {}).get("job-name") == name)
+
     async def report(self, name: str) -> str:
         """The termination message of the Job's pod; "" when there is none or it cannot be read (the Job's own
         state decides the step either way)."""
@@ -265,12 +288,14 @@ class JobExecutor:
 
 
 async def poll(ctx: ActionContext, check: Any, timeout: float, interval: float) -> bool:
-    """Call async `check()` until it is true or `timeout` passes."""
+    """Call async `check()` until it is true or `timeout` passes; False at once when the step is stopped."""
     deadline = ctx.clock() + timeout
     while True:
+        if ctx.should_stop():
+            return False
         if await check():
             return True
-        if ctx.clock() > deadline or ctx.should_stop():
+        if ctx.clock() > deadline:
             return False
         await ctx.sleep(interval)
 

@@ -4,9 +4,8 @@
 # reset failed. Every step, with its time, is printed and written to the termination log, which the webhook
 # journals. The paths come from the Job's environment so that the simulator can point them at its node.
 set -u
+set -f  # no pathname expansion of anything read (process names are any process's choice)
 uuid="${1:-}"
-case "$uuid" in GPU-*) ;; *) echo "not a GPU UUID" >&2; exit 2;; esac
-case "$uuid" in *[!A-Za-z0-9-]*) echo "not a GPU UUID" >&2; exit 2;; esac
 dev="${GPU_HEALTH_DEV:-/dev}"
 # /proc/<pid>/fd shows resolved paths: compare against the resolved directory.
 dev=$(cd "$dev" 2> /dev/null && pwd -P) || dev="${GPU_HEALTH_DEV:-/dev}"
@@ -29,15 +28,26 @@ step() {
 finish() {
   code=$1; shift
   step "$*"
-  printf '%s' "$report" | tail -c 3800 > "$tlog" 2>/dev/null || true
+  # Persistence mode back on before the log is written, so that a failure to do it is in the journal too.
+  if [ -n "$pm_off" ]; then
+    pm_off=""
+    if smi -pm 1 -i "$uuid" > /dev/null 2>&1; then
+      step "persistence mode on again"
+    else
+      step "could not turn persistence mode back on for $uuid: turn it on by hand (nvidia-smi -pm 1 -i $uuid)"
+      [ "$code" -ne 0 ] || code=15
+    fi
+  fi
+  { printf '%s' "$report" | tail -c 3800 > "$tlog"; } 2> /dev/null || true
   exit "$code"
 }
 cleanup() {
-  if [ -n "$pm_off" ]; then smi -pm 1 -i "$uuid" > /dev/null 2>&1 || echo "could not turn persistence mode back on" >&2; fi
   if [ -n "$released" ]; then rm -f "$st/release-nvml"; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+case "$uuid" in GPU-*) ;; *) finish 2 "not a GPU UUID";; esac
+case "$uuid" in *[!A-Za-z0-9-]*) finish 2 "not a GPU UUID";; esac
 
 # With the GPU Operator the driver and nvidia-smi live in the driver container's root.
 if [ -x "$drv/usr/bin/nvidia-smi" ]; then
@@ -59,18 +69,25 @@ field() {
     }'
 }
 running() {
-  for c in /proc/[0-9]*/comm; do
-    IFS= read -r n < "$c" 2> /dev/null && [ "$n" = "$1" ] && return 0
+  want=$1
+  set +f
+  set -- /proc/[0-9]*/comm
+  set -f
+  for c in "$@"; do
+    IFS= read -r n < "$c" 2> /dev/null && [ "$n" = "$want" ] && return 0
   done
   return 1
 }
 # pid:name of every process with the GPU's device file open, this script's own processes aside.
 holders() {
-  find /proc/[0-9]*/fd -maxdepth 1 -lname "$dev/nvidia$minor" 2> /dev/null | while IFS=/ read -r _ _ pid _; do
+  set +f
+  set -- /proc/[0-9]*/fd
+  set -f
+  find "$@" -maxdepth 1 -lname "$dev/nvidia$minor" 2> /dev/null | while IFS=/ read -r _ _ pid _; do
     [ "$pid" = "$$" ] && continue
     IFS= read -r name < "/proc/$pid/comm" 2> /dev/null || name="?"
     echo "$pid:$name"
-  done | sort -u | tr '\n' ' '
+  done | sort -u
 }
 
 bus=$(smi --query-gpu=pci.bus_id --format=csv,noheader -i "$uuid" 2> /dev/null)
@@ -86,9 +103,14 @@ major=${cc%%.*}
 case "$major" in ''|*[!0-9]*) major=0;; esac
 mig=$(smi --query-gpu=mig.mode.current --format=csv,noheader -i "$uuid" 2> /dev/null) || mig="[N/A]"
 nvswitch=""
+set +f
 for f in "$dev"/nvidia-nvswitch[0-9]*; do
   if [ -e "$f" ]; then nvswitch="yes"; break; fi
 done
+set -f
+# A GPU that registers with an NVLink fabric is on NVSwitches even where the switches have no device file here
+# (HGX B200/B300: NVLink Subnet Manager manages them through the baseboard's management NIC).
+case "$(field "Fabric/State")" in ""|N/A|*"Not Supported"*) ;; *) nvswitch="yes";; esac
 step "GPU $uuid at $bus, $dev/nvidia$minor, compute capability $cc, MIG $mig, NVSwitch ${nvswitch:-no}"
 
 if [ "$mig" = "Enabled" ]; then finish 11 "MIG is enabled on $uuid: its instances do not survive a reset; reboot instead"; fi
@@ -112,6 +134,7 @@ fi
 
 # Our exporter holds NVML (collection and its Xid event thread): ask it to let go and wait for its answer.
 if [ -d "$st" ]; then
+  rm -f "$st/nvml-released"  # an acknowledgement left from an earlier reset is no answer to this one
   if : > "$st/release-nvml"; then released="yes"; else step "cannot ask the exporter to release NVML"; fi
   i=0
   while [ -n "$released" ] && [ ! -e "$st/nvml-released" ] && [ "$i" -lt "$release_wait" ]; do
@@ -128,13 +151,17 @@ apps=$(smi --query-compute-apps=pid --format=csv,noheader -i "$uuid" 2> /dev/nul
 case "$apps" in *[0-9]*) finish 10 "compute processes still run on $uuid: $apps";; esac
 found=$(holders)
 blocking=""
-for h in $found; do
+while IFS= read -r h; do
+  [ -n "$h" ] || continue
   case "${h#*:}" in
     nvidia-persiste) ;;
     nv-fabricmanage) [ -n "$nvswitch" ] || blocking="$blocking $h" ;;
     *) blocking="$blocking $h" ;;
   esac
-done
+done << HOLDERS
+$found
+HOLDERS
+found=$(printf '%s' "$found" | tr '\n' ' ')
 if [ -n "$blocking" ]; then
   finish 10 "processes that nobody paused hold $dev/nvidia$minor (pid:name):$blocking; reboot instead"
 fi
@@ -150,13 +177,15 @@ if ! reset; then
   pm=$(smi --query-gpu=persistence_mode --format=csv,noheader -i "$uuid" 2> /dev/null)
   [ "$pm" = "Enabled" ] || finish 13 "nvidia-smi -r -i $bus failed (exit $rc): $out"
   step "reset refused (exit $rc: $out); persistence mode is on: nvidia-smi -pm 0, then again"
+  pm_off="yes"  # before the call: a -pm 0 that half-applied is put back too (-pm 1 when on is harmless)
   smi -pm 0 -i "$uuid" > /dev/null 2>&1 || finish 13 "nvidia-smi -pm 0 -i $uuid failed"
-  pm_off="yes"
   reset || finish 13 "nvidia-smi -r -i $bus failed with persistence mode off (exit $rc): $out"
 fi
 step "reset $bus: $out"
 if [ -n "$pm_off" ]; then
-  if smi -pm 1 -i "$uuid" > /dev/null 2>&1; then pm_off=""; step "persistence mode on again"; fi
+  pm_off=""
+  smi -pm 1 -i "$uuid" > /dev/null 2>&1 || finish 15 "could not turn persistence mode back on for $uuid after the reset"
+  step "persistence mode on again"
 fi
 
 back=$(smi --query-gpu=uuid --format=csv,noheader -i "$bus" 2> /dev/null) || finish 12 "no GPU answers at $bus after the reset"

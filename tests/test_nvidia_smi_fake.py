@@ -255,3 +255,18 @@ def test_reset_gpu_sh_turns_persistence_off_when_persistenced_alone_holds_the_gp
     assert "reset refused (exit 255:" in tlog and "persistence mode is on: nvidia-smi -pm 0, then again" in tlog
     assert "persistence mode on again" in tlog and tlog.rstrip().endswith("no pending remap or retirement")
     assert node.smi("--query-gpu=persistence_mode", "--format=csv,noheader", "-i", BUS0).stdout == "Enabled\n"
+
+
+def test_reset_gpu_sh_reports_persistence_it_could_not_turn_back_on(make_node: Any, holders: Any) -> None:
+    """The GPU was reset, but `-pm 1` fails: the step must not pass as repaired with persistence off and nobody
+    told. The script ends 15 and says what to do, in the termination log the webhook journals."""
+    node = make_node()
+    holders(node, "nvidia-persistenced")
+    shim = node.tmp / "bin" / "nvidia-smi"
+    real = shim.read_text()
+    shim.write_text('#!/bin/sh\nif [ "$1" = -pm ] && [ "$2" = 1 ]; then echo "Unable to set" >&2; exit 255; fi\n'
+                    + real.split("\n", 1)[1])
+    code, output, tlog = run_reset(node, node.uuids[0])
+    assert code == 15, output
+    assert "was successfully reset" in tlog
+    assert f"could not turn persistence mode back on for {node.uuids[0]} after the reset" in tlog

@@ -161,9 +161,16 @@ def test_nvswitch_systems_the_documentation_gives_no_single_gpu_reset_hand_over_
     before = done()
     (home / "bin").rename(home / "bin.real")
     wrapper.rename(home / "bin")
+    # Blackwell boards have no NVSwitch device file on the host (NVLink Subnet Manager runs the switches): the
+    # fabric registration alone must mark the system.
+    switches = sorted((home / "driver" / "dev").glob("nvidia-nvswitch*")) if cc == "10.0" else []
+    for f in switches:
+        f.rename(f.with_name("hidden-" + f.name))
     try:
         code, log = stack.run_executor_job("n1", job(uuid, f"cc-{cc}"))
     finally:
+        for f in switches:
+            f.with_name("hidden-" + f.name).rename(f)
         shutil.rmtree(home / "bin")
         (home / "bin.real").rename(home / "bin")
     assert code == EXIT_PLATFORM, log

@@ -112,25 +112,23 @@ def pause_patch(node: Mapping[str, Any], settings: OperandSettings, rid: str, gp
                          "annotations": {ANN_PAUSED: note}}}
 
 
-def restore_patch(node: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(PATCH, labels put back, labels left as someone else set them). Saved values unreadable: the labels we set
-    are removed, and the Operator labels a GPU node's missing deploy labels with its defaults again."""
+def restore_patch(node: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], list[str]] | None:
+    """(PATCH, labels put back, labels left as someone else set them); None when the saved values cannot be read
+    (someone edited our annotation): no label is touched then, since a "false" may be an administrator's own (a
+    host DCGM instead of the Operator's), and our mark stays, so that GPURemediationOperandsPausedTooLong names
+    the node for a person."""
     mark = paused(node)
+    if mark is None or not mark.readable:
+        return None
     labels = (node.get("metadata") or {}).get("labels") or {}
     patch_labels: dict[str, str | None] = {LABEL_PAUSED: None}
     back, kept = [], []
-    if mark is not None and mark.readable:
-        for k, v in sorted(mark.labels.items()):
-            if str(labels.get(k, "")) == "false":
-                patch_labels[k] = v
-                back.append(f"{k}={v}")
-            else:
-                kept.append(f"{k}={labels.get(k, '')}")
-    else:
-        for o in OPERANDS:
-            if str(labels.get(DEPLOY + o, "")) == "false":
-                patch_labels[DEPLOY + o] = None
-                back.append(f"{DEPLOY + o} removed for the Operator to set")
+    for k, v in sorted(mark.labels.items()):
+        if str(labels.get(k, "")) == "false":
+            patch_labels[k] = v
+            back.append(f"{k}={v}")
+        else:
+            kept.append(f"{k}={labels.get(k, '')}")
     return {"metadata": {"labels": patch_labels, "annotations": {ANN_PAUSED: None}}}, back, kept
 
 

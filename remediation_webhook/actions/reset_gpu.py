@@ -107,17 +107,36 @@ class ResetGpu:
             return StepResult(Outcome.DRY_RUN, f"would {paused_note}create job {self.executor.settings.namespace}/"
                                                f"{name} on {ctx.node.name} to reset {uuid}")
         parts = [f"paused {names}" if keys else "no GPU Operator operands to pause"]
-        if keys:
-            left = await self._operands_gone(ctx, keys)
-            if left:
+        try:
+            left = await self._operands_gone(ctx, keys) if keys else []
+            stop = ctx.should_stop()
+            if left and not stop:
                 parts.append(f"their pods did not leave within {self.operands.timeout:.0f}s: {', '.join(left)}")
                 return await self._restored(ctx, parts, ok=False)
-        await self.executor.start(ctx, body)
-        state, message = await self.executor.wait(ctx, name, self.executor.settings.job_timeout)
+            if stop:  # no Job yet: nothing runs that the operands could disturb
+                await self._restored(ctx, parts, ok=False)
+                return StepResult(Outcome.INTERRUPTED, f"reset stopped before its Job: {stop}; {'; '.join(parts)}")
+            await self.executor.start(ctx, body)
+        except KubeApiError:
+            if await self.executor.find(ctx, name) is None:
+                await self._restored(ctx, parts, ok=False)  # no Job: put them back now, not at the next sweep
+            raise
+        state, message = await self.executor.wait(ctx, name, self.executor.settings.job_timeout
+                                                  + self.executor.settings.termination_grace)
         if state == "interrupted":  # the Job may still run: the re-run (or the sweep, once it is over) restores
             return StepResult(Outcome.INTERRUPTED, f"reset stopped: {message}; {parts[0]}")
         report = await self.executor.report(name)
         parts.append(f"job {name} {state}" + (f": {message}" if message and state != "succeeded" else ""))
+        grace = self.executor.settings.termination_grace
+        if not await poll(ctx, lambda: self.executor.over(name), grace, self.verify_interval):
+            stop = ctx.should_stop()
+            if stop:
+                return _with(StepResult(Outcome.INTERRUPTED, f"reset stopped: {stop}; {'; '.join(parts)}"), report)
+            # A device plugin started now would take the GPU in the middle of the reset.
+            ctx.note("executor", self.name, "failed")
+            parts.append("its pod still runs: the operands stay paused until it ends (the engine's sweep puts "
+                         "them back)")
+            return _with(StepResult(Outcome.FAILURE, "; ".join(parts) + "; falling back", fallback=True), report)
         if state != "succeeded":
             ctx.note("executor", self.name, "failed")
             return _with(await self._restored(ctx, parts, ok=False), report)
@@ -142,7 +161,12 @@ class ResetGpu:
         """Put the operands back; SUCCESS (so far) only if `ok` and nothing went wrong here."""
         node = await ctx.kube.read_node(ctx.node.name)
         if paused(node) is not None:
-            patch, back, kept = restore_patch(node)
+            restore = restore_patch(node)
+            if restore is None:
+                parts.append("the saved operand labels cannot be read (our annotation was changed): they stay as "
+                             "they are for a person to set")
+                return StepResult(Outcome.FAILURE, "; ".join(parts))
+            patch, back, kept = restore
             await ctx.kube.patch_node(ctx.node.name, patch)
             parts.append("restored " + ", ".join(back) if back else "no operand label to restore")
             if kept:
@@ -164,17 +188,26 @@ class ResetGpu:
         if not done and not ctx.should_stop():
             pods = selected(await ctx.kube.list_pods_on_node(ctx.node.name), self.operands.namespace,
                             self.operands.device_plugin_selector)
+            restarted, refused = [], []
             for pod in pods:
-                await ctx.kube.delete_pod(self.operands.namespace, pod["metadata"]["name"], None)
-            parts.append(f"allocatable not back after {first:.0f}s: restarted device plugin pod "
-                         + ", ".join(p["metadata"]["name"] for p in pods) if pods else
-                         f"allocatable not back after {first:.0f}s and no device plugin pod "
-                         f"({self.operands.device_plugin_selector}) on the node to restart")
+                try:
+                    await ctx.kube.delete_pod(self.operands.namespace, pod["metadata"]["name"], None)
+                    restarted.append(pod["metadata"]["name"])
+                except KubeApiError as exc:  # 403 without components/device-plugin-restart; 404 if replaced
+                    refused.append(f"{pod['metadata']['name']} ({exc})")
+            parts.append(f"allocatable not back after {first:.0f}s: "
+                         + (f"restarted device plugin pod {', '.join(restarted)}" if restarted else "")
+                         + (f"{'; ' if restarted else ''}could not restart {', '.join(refused)}" if refused else "")
+                         + ("" if pods else f"no device plugin pod ({self.operands.device_plugin_selector}) on "
+                                            f"the node to restart"))
             done = await poll(ctx, back, max(0.0, self.verify_timeout - first), self.verify_interval)
         last = seen[-1] if seen else (gpus, -1)
         if done:
             parts.append(f"nvidia.com/gpu allocatable {last[1]} of {gpus}")
             return StepResult(Outcome.SUCCESS, "; ".join(parts))
+        stop = ctx.should_stop()
+        if stop:  # the Job is over and the operands are back: the re-run only verifies again
+            return StepResult(Outcome.INTERRUPTED, f"verification stopped: {stop}; {'; '.join(parts)}")
         ctx.note("executor", self.name, "failed")
         parts.append(f"nvidia.com/gpu allocatable {last[1]} of {gpus} within {self.verify_timeout:.0f}s; "
                      f"falling back")

@@ -38,10 +38,11 @@ async def sweep(engine: Engine) -> None:
             continue
         name = str(node["metadata"]["name"])
         why = "its remediation is running" if engine.busy(name) else await _leave(engine, mark)
-        if why:
-            still[name] = mark.at
+        restore = restore_patch(node)
+        if why or restore is None or engine.busy(name):
+            still[name] = mark.at  # 0 when unreadable: the alert names the node at once
             continue
-        patch, back, kept = restore_patch(node)
+        patch, back, kept = restore
         try:
             await engine.kube.patch_node(name, patch)
         except KubeApiError as exc:

@@ -38,7 +38,8 @@ REPORT = ("[0.1 s] GPU GPU-1111 at 00000000:18:00.0, /dev/nvidia3\n"
 def config(tmp_path, kube, ladder, **reset):
     return base_config(tmp_path, kube.url,
                        executor={"namespace": "gpu-health", "image": "registry.example/gpu-health-executor@sha256:"
-                                 + "0" * 64, "poll_interval": "20ms", "job_timeout": "5s"},
+                                 + "0" * 64, "poll_interval": "20ms", "job_timeout": "5s",
+                                 "termination_grace": "1s"},
                        engine={"tick": "50ms", "pool_refresh": "100ms"},
                        policy={"dry_run": False, "rules": [{"name": "gpu", "match_re": {"alertname": "GPU.*"},
                                                             "ladder": ladder}]},
@@ -188,6 +189,89 @@ async def test_the_device_plugin_pod_is_restarted_when_allocatable_does_not_come
         await close_harness(h)
 
 
+async def test_a_failed_job_whose_pod_still_runs_keeps_the_operands_paused_until_it_ends(tmp_path, kube, operator):
+    """A Job is marked Failed (a deadline, FailureTarget) while its pod is still being killed, perhaps in the middle
+    of nvidia-smi -r: a device plugin started then would take the GPU mid-reset. The step falls back with the
+    operands still paused; the engine's sweep puts them back once the pod has ended."""
+    operator("gr-1")
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu", "reboot"]), tmp_path, kube.url,
+                           FakeAlertmanager())
+    try:
+        await h.post(notification(alert("gr-1", remediation="reset_gpu", gpu="0", uuid=UUID)))
+        rid = await rid_of(h, "gr-1")
+        name = job_name("reset_gpu", rid)
+        await await_for(lambda: job(kube, name), what="reset job")
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{name}-x1", "namespace": "gpu-health", "labels": {"job-name": name}},
+               "spec": {"nodeName": "gr-1", "containers": [{"name": "executor"}]}, "status": {"phase": "Running"}}
+        kube._post("/api/v1/namespaces/gpu-health/pods", pod)
+        kube.finish_job("gpu-health", name, succeeded=False, message="DeadlineExceeded")
+        await await_for(lambda: job(kube, job_name("reboot", rid)), what="the reboot rung")
+        state, detail = h.sql("SELECT state, detail FROM step WHERE remediation_id=? AND action='reset_gpu'", rid)[0]
+        assert state == "FAILED" and "its pod still runs: the operands stay paused" in detail
+        await h.engine._refresh_pool(force=True)  # a sweep while the pod runs: they stay
+        assert deploy(kube, "gr-1")["device-plugin"] == "false"
+        kube._patch(f"/api/v1/namespaces/gpu-health/pods/{name}-x1", {"status": {"phase": "Failed"}})
+        await await_for(lambda: deploy(kube, "gr-1")["device-plugin"] == "true", what="restored by the sweep")
+        assert await await_for(lambda: h.sql("SELECT remediation_id FROM audit WHERE event='operands_restored'"),
+                               what="audit") == [(rid,)]
+    finally:
+        await close_harness(h)
+
+
+async def test_a_refused_device_plugin_restart_falls_back_with_the_reason(tmp_path, kube, operator):
+    """Without components/device-plugin-restart the DELETE answers 403: the step says so and the ladder goes on to
+    the reboot, as the component's comment promises, instead of handing the node to a person."""
+    import kmock
+
+    # GPU 2 stays unhealthy to any plugin (kmock applies a DELETE before a reaction answers it, so the pod does go).
+    gpu = operator("dp-2", managed=False, healthy=lambda _node, g: g != 2)
+    gpu.xid("dp-2", 2)
+
+    def forbidden(request: kmock.Request) -> kmock.Response | None:
+        if not str(request.headers.get("User-Agent", "")).startswith("OpenAPI-Generator"):
+            return None
+        return kmock.Response(status=403, payload={"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                   "reason": "Forbidden", "code": 403,
+                                                   "message": "pods is forbidden: cannot delete"})
+
+    kube.km["delete", kmock.resource("", "v1", "pods")] << forbidden
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu", "reboot"],
+                                  restart_device_plugin_after="300ms", verify_timeout="1s"),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("dp-2", remediation="reset_gpu", gpu="2", uuid=UUID)))
+        rid = await rid_of(h, "dp-2")
+        name = job_name("reset_gpu", rid)
+        await await_for(lambda: job(kube, name), what="reset job")
+        kube.finish_job("gpu-health", name)
+        await await_for(lambda: job(kube, job_name("reboot", rid)), what="the reboot rung")
+        state, detail = h.sql("SELECT state, detail FROM step WHERE remediation_id=? AND action='reset_gpu'", rid)[0]
+        assert state == "FAILED" and "could not restart nvidia-device-plugin-daemonset-dp-2" in detail
+        assert "403" in detail and "allocatable 7 of 8" in detail
+    finally:
+        await close_harness(h)
+
+
+async def test_a_cancel_while_the_operands_leave_starts_no_job_and_puts_them_back(tmp_path, kube, operator):
+    operator("cx-1")
+    kube.add_pod(NAMESPACE, "stuck-dcgm-cx-1", "cx-1", daemonset=True, labels={"app": "nvidia-dcgm"})  # never goes
+    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu"], operands_timeout="30s"),
+                           tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert("cx-1", remediation="reset_gpu", gpu="0", uuid=UUID)))
+        rid = await rid_of(h, "cx-1")
+        await await_for(lambda: deploy(kube, "cx-1")["device-plugin"] == "false", what="paused")
+        r = await h.admin.post(f"/v1/remediations/{rid}/cancel", json={"reason": "wrong node"})
+        assert r.status == 200
+        await await_for(lambda: h.states().get("cx-1") == "CANCELLED", what="cancelled")
+        await await_for(lambda: deploy(kube, "cx-1")["device-plugin"] == "true", what="put back")
+        assert job(kube, job_name("reset_gpu", rid)) is None
+        assert h.sql("SELECT state FROM step WHERE remediation_id=? AND action='reset_gpu'", rid) == [("CANCELLED",)]
+    finally:
+        await close_harness(h)
+
+
 async def test_a_driver_upgrade_in_progress_refuses_the_reset_untouched(tmp_path, kube, operator):
     operator("up-1")
     kube.label_node("up-1", {DEPLOY + "device-plugin": "paused-for-driver-upgrade"})
@@ -235,6 +319,13 @@ async def test_the_sweep_puts_back_a_pause_whose_reset_will_not(tmp_path, kube, 
         kube.finish_job("gpu-health", job_name("reset_gpu", "b" * 32), succeeded=False)
         await await_for(lambda: deploy(kube, "sw-2")["device-plugin"] == "true", what="sw-2 restored")
         await await_for(lambda: h.metric("gpu_remediation_operands_paused") == 0, what="gauge back to 0")
+        # Our annotation edited beyond reading: a "false" may be an administrator's own, so nothing is touched and
+        # the node is reported paused since 0 (GPURemediationOperandsPausedTooLong fires at once).
+        kube.label_node("sw-1", {DEPLOY + "dcgm": "false", LABEL_PAUSED: "c" * 16})
+        kube._patch("/api/v1/nodes/sw-1", {"metadata": {"annotations": {ANN_PAUSED: "{not json"}}})
+        await await_for(lambda: h.metric("gpu_remediation_operands_paused") == 1, what="the unreadable pause counted")
+        assert h.metric("gpu_remediation_operands_paused_since_timestamp_seconds", node="sw-1") == 0
+        assert deploy(kube, "sw-1")["dcgm"] == "false" and labels(kube, "sw-1")[LABEL_PAUSED] == "c" * 16
     finally:
         await close_harness(h)
 
