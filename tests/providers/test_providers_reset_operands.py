@@ -4,6 +4,7 @@ is restarted when allocatable does not come back, and a pause nobody will undo i
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -47,6 +48,20 @@ def config(tmp_path, kube, ladder, **reset):
                                 "reset_gpu": {"verify_timeout": "3s", "verify_interval": "20ms",
                                               "operands_timeout": "3s", **reset},
                                 "reboot": {"using": "executor", "verify_timeout": "3s", "verify_interval": "20ms"}})
+
+
+@contextlib.asynccontextmanager
+async def resetting(tmp_path, kube, node, ladder, gpu="0", **reset):
+    """A webhook whose remediation of `node` has created its reset Job: (harness, remediation id, Job name)."""
+    h = await make_harness(config(tmp_path, kube, ladder, **reset), tmp_path, kube.url, FakeAlertmanager())
+    try:
+        await h.post(notification(alert(node, remediation="reset_gpu", gpu=gpu, uuid=UUID)))
+        rid = await rid_of(h, node)
+        name = job_name("reset_gpu", rid)
+        await await_for(lambda: job(kube, name), what="reset job")
+        yield h, rid, name
+    finally:
+        await close_harness(h)
 
 
 def labels(kube, node):
@@ -114,13 +129,7 @@ async def test_operands_are_paused_for_the_reset_and_put_back(tmp_path, kube, op
 
 async def test_operands_are_put_back_when_the_reset_fails(tmp_path, kube, operator):
     operator("op-2")
-    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu", "reboot"]), tmp_path, kube.url,
-                           FakeAlertmanager())
-    try:
-        await h.post(notification(alert("op-2", remediation="reset_gpu", gpu="0", uuid=UUID)))
-        rid = await rid_of(h, "op-2")
-        name = job_name("reset_gpu", rid)
-        await await_for(lambda: job(kube, name), what="reset job")
+    async with resetting(tmp_path, kube, "op-2", ["cordon", "drain", "reset_gpu", "reboot"]) as (h, rid, name):
         kube.finish_job("gpu-health", name, succeeded=False, exit_code=10, message="BackoffLimitExceeded",
                         report="[1.2 s] processes that nobody paused hold /dev/nvidia0 (pid:name): 4242:nv-hostengine;"
                                " reboot instead")
@@ -129,8 +138,6 @@ async def test_operands_are_put_back_when_the_reset_fails(tmp_path, kube, operat
         assert LABEL_PAUSED not in labels(kube, "op-2")
         state, detail = h.sql("SELECT state, detail FROM step WHERE remediation_id=? AND action='reset_gpu'", rid)[0]
         assert state == "FAILED" and "4242:nv-hostengine" in detail and "restored" in detail
-    finally:
-        await close_harness(h)
 
 
 async def test_a_webhook_crash_mid_reset_leaves_the_pause_to_its_re_run(tmp_path, kube, operator):
@@ -194,13 +201,7 @@ async def test_a_failed_job_whose_pod_still_runs_keeps_the_operands_paused_until
     of nvidia-smi -r: a device plugin started then would take the GPU mid-reset. The step falls back with the
     operands still paused; the engine's sweep puts them back once the pod has ended."""
     operator("gr-1")
-    h = await make_harness(config(tmp_path, kube, ["cordon", "drain", "reset_gpu", "reboot"]), tmp_path, kube.url,
-                           FakeAlertmanager())
-    try:
-        await h.post(notification(alert("gr-1", remediation="reset_gpu", gpu="0", uuid=UUID)))
-        rid = await rid_of(h, "gr-1")
-        name = job_name("reset_gpu", rid)
-        await await_for(lambda: job(kube, name), what="reset job")
+    async with resetting(tmp_path, kube, "gr-1", ["cordon", "drain", "reset_gpu", "reboot"]) as (h, rid, name):
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": f"{name}-x1", "namespace": "gpu-health", "labels": {"job-name": name}},
                "spec": {"nodeName": "gr-1", "containers": [{"name": "executor"}]}, "status": {"phase": "Running"}}
@@ -215,8 +216,6 @@ async def test_a_failed_job_whose_pod_still_runs_keeps_the_operands_paused_until
         await await_for(lambda: deploy(kube, "gr-1")["device-plugin"] == "true", what="restored by the sweep")
         assert await await_for(lambda: h.sql("SELECT remediation_id FROM audit WHERE event='operands_restored'"),
                                what="audit") == [(rid,)]
-    finally:
-        await close_harness(h)
 
 
 async def test_a_refused_device_plugin_restart_falls_back_with_the_reason(tmp_path, kube, operator):
