@@ -1,7 +1,6 @@
 """AWS (boto3): EC2 and EC2 Auto Scaling, for nodes whose providerID is aws:///<zone>/i-<hex>.
 
   reboot          ec2:RebootInstances                     same host; no client token (journal first)
-  move            ec2:StopInstances + ec2:StartInstances  EBS-backed only: the instance starts on a new host
   replace         autoscaling:TerminateInstanceInAutoScalingGroup(ShouldDecrementDesiredCapacity=False)
                   (replace_mode: terminate, the default) or autoscaling:SetInstanceHealth(Unhealthy)
                   (replace_mode: unhealthy); verified: the old instance leaves service, a replacement
@@ -230,29 +229,6 @@ class AwsProvider:
         await self.tag(ref, {"id": rid, "action": "reboot"})
         await self.call("ec2", "reboot_instances", InstanceIds=[iid])
         return ProviderResult(f"RebootInstances accepted for {iid} (same host)")
-
-    async def move(self, ref: InstanceRef, rid: str, reason: str) -> ProviderResult:
-        iid = self._check(ref)
-        inst = await self._instance(iid)
-        if inst.get("RootDeviceType") != "ebs" or inst.get("InstanceLifecycle") == "spot":
-            raise ProviderError("unsupported", f"{iid} is not an EBS-backed on-demand instance: stop/start would "
-                                               f"lose it; use replace")
-        await self.tag(ref, {"id": rid, "action": "move"})
-        await self.call("ec2", "stop_instances", InstanceIds=[iid])
-        await self._wait_state(iid, "stopped")
-        await self.call("ec2", "start_instances", InstanceIds=[iid])
-        await self._wait_state(iid, "running")
-        return ProviderResult(f"stopped and started {iid}: it runs on a new host", new_host=True)
-
-    async def _wait_state(self, iid: str, state: str) -> None:
-        deadline = time.monotonic() + self.replacement_timeout
-        while True:
-            inst = await self._instance(iid)
-            if inst.get("State", {}).get("Name") == state:
-                return
-            if time.monotonic() > deadline:
-                raise ProviderError("failed", f"{iid} did not reach {state} within {self.replacement_timeout:.0f}s")
-            await asyncio.sleep(self.poll_interval)
 
     async def _membership(self, iid: str) -> dict[str, Any] | None:
         out = await self.call("autoscaling", "describe_auto_scaling_instances", InstanceIds=[iid])

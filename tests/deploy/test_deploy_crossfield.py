@@ -4,6 +4,10 @@ each overlay with each combination of components, and the executor Jobs the webh
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +17,7 @@ from remediation_webhook.actions.reboot import Reboot
 from remediation_webhook.actions.reset_gpu import ResetGpu
 from remediation_webhook.executor import REBOOT_ARGV, executor_settings, job_spec
 from tests.deploy.podspec_rules import problems
-from tests.deploy.test_deploy_kubernetes import K8S, OVERLAYS, needs_kustomize, render
+from tests.deploy.test_deploy_kubernetes import K8S, OVERLAYS, ROOT, _render_dir, needs_kustomize, render
 
 COMPONENTS = ("components/kmsg", "components/executor", "components/device-plugin-restart")
 # Namespaces the renderings use but do not create: `default` (Events only, no pods) and the GPU Operator's.
@@ -86,3 +90,24 @@ def test_the_rules_find_what_a_cluster_refuses() -> None:
                      service_accounts=[("gpu-health", "gpu-health-webhook")])
     assert "StatefulSet/gpu-health-webhook: uses hostPID, which this project does not mean it to" in found
     assert "StatefulSet/gpu-health-webhook: `selector` does not match template `labels`" in found
+
+
+@needs_kustomize
+def test_the_install_docs_apply_only_an_overlay_that_names_a_registry() -> None:
+    """docs/install/kubernetes.md once offered `kubectl apply -k deploy/kubernetes/overlays/gpu-operator` as a
+    shortcut: its images are the unqualified gpu-health-*:0.1.0, which no registry serves (ImagePullBackOff). The
+    docs' own overlay, rendered against this checkout, must name a registry for every container."""
+    text = (ROOT / "docs" / "install" / "kubernetes.md").read_text(encoding="utf-8")
+    assert not re.search(r"kubectl apply -k deploy/kubernetes", text)
+    block = re.search(r"```yaml\n(# my-cluster/gpu-health/kustomization.yaml\n.*?)```", text, re.S)
+    assert block is not None
+    overlay = yaml.safe_load(block.group(1))
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        overlay["resources"] = [os.path.relpath(K8S / re.sub(r"^.*//deploy/kubernetes/|\?ref=.*$", "", r), tmp)
+                                for r in overlay["resources"]]
+        (tmp / "kustomization.yaml").write_text(yaml.safe_dump(overlay), encoding="utf-8")
+        objs = _render_dir(str(tmp))
+    images = [c["image"] for o in objs if o["kind"] in ("DaemonSet", "StatefulSet")
+              for c in o["spec"]["template"]["spec"]["containers"]]
+    assert images and all(re.match(r"[a-z0-9.-]+[.:][a-z0-9]+[^/]*/", i) for i in images), images

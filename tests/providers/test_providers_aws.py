@@ -146,3 +146,21 @@ async def test_private_dns_name_lookup(aws):
     with pytest.raises(ProviderError) as err:
         await p.resolve(NodeIdentity(dns, "u"))
     assert err.value.kind == "invalid" and "2 instances" in err.value.detail  # ambiguous is not "gone"
+
+
+def test_the_iam_policy_grants_exactly_the_calls_the_provider_makes() -> None:
+    """Least privilege both ways: a call the policy lacks fails at the first remediation; an action the policy grants
+    that no code calls (ec2:StopInstances and StartInstances were, for a move nothing reached) is a right to take
+    away."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "remediation_webhook" / "providers" / "aws.py").read_text(encoding="utf-8")
+    called = {f"{svc}:{''.join(w.capitalize() for w in op.split('_'))}"
+              for svc, op in re.findall(r'self\.call\("(ec2|autoscaling)", "(\w+)"', source)}
+    policy = json.loads((root / "deploy" / "iam" / "aws-policy.json").read_text(encoding="utf-8"))
+    granted = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str)
+                                                         else st["Action"])}
+    assert called and called == granted, (sorted(called - granted), sorted(granted - called))
