@@ -9,11 +9,13 @@ Naming (deterministic, so a re-run or a restart finds the same Job instead of st
 
 The pod is pinned with spec.nodeName (it bypasses the scheduler, so it runs on the cordoned node), tolerates
 every taint, runs privileged with hostPID, never restarts (backoffLimit 0), and has an activeDeadlineSeconds.
-The container's command is a fixed argument list: the script is a constant in this module and the only
-variable input (a validated GPU UUID) is passed as a positional argument, never interpolated.
+The container's command is a fixed argument list: the reset's script is remediation_webhook/reset_gpu.sh (package
+data, read once here) and the only variable input (a validated GPU UUID) is passed as a positional argument, never
+interpolated.
 
 A Job is done when status.succeeded >= 1 or a Complete condition is True; failed when status.failed >= 1 or a
-Failed condition is True (its message is journaled).
+Failed condition is True (its message is journaled). It is over (over()) only once its pod has ended too: a Failed
+condition comes while the pod is still being killed. Its container's termination log is read back (report()).
 """
 
 from __future__ import annotations

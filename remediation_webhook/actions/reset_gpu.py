@@ -118,8 +118,12 @@ class ResetGpu:
                 return StepResult(Outcome.INTERRUPTED, f"reset stopped before its Job: {stop}; {'; '.join(parts)}")
             await self.executor.start(ctx, body)
         except KubeApiError:
-            if await self.executor.find(ctx, name) is None:
-                await self._restored(ctx, parts, ok=False)  # no Job: put them back now, not at the next sweep
+            try:
+                no_job = await self.executor.find(ctx, name) is None
+            except KubeApiError:
+                no_job = False  # cannot tell: the sweep restores once it can read the Job
+            if no_job:
+                await self._restored(ctx, parts, ok=False)  # put them back now, not at the next sweep
             raise
         state, message = await self.executor.wait(ctx, name, self.executor.settings.job_timeout
                                                   + self.executor.settings.termination_grace)
